@@ -1,0 +1,156 @@
+"""The job request: what a producer submits and a worker receives, validated on both sides."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.prompts import TaskType, build_prompt, find_control_token, find_varco_tag
+
+SUPPORTED_SCHEMES = ("http", "https", "s3", "file", "data")
+CALLBACK_EVENTS = ("job.started", "job.succeeded", "job.failed")
+MAX_PROMPT_CHARS = 8000
+MAX_LABEL_CHARS = 200
+MAX_METADATA_BYTES = 16 * 1024
+
+
+class InvalidRequest(ValueError):
+    """A request that can never succeed; raised at submit time, before anything is enqueued."""
+
+
+class JobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image_uri: str
+    task: TaskType
+    prompt: str | None = None
+    region: tuple[float, float, float, float] | None = None
+    label: str | None = None
+    callback_url: str | None = None
+    callback_events: tuple[str, ...] | None = None
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    priority: int | None = Field(default=None, ge=0, le=9, description="0..9, higher runs sooner")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    max_new_tokens: int | None = Field(default=None, ge=1, le=8192)
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _known_task(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in TaskType._value2member_map_:
+            raise ValueError(f"unknown task {value!r}; expected one of {', '.join(t.value for t in TaskType)}")
+        return value
+
+    @field_validator("image_uri")
+    @classmethod
+    def _supported_uri(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme.lower() if ":" in value else ""
+        if scheme not in SUPPORTED_SCHEMES:
+            raise ValueError(
+                f"unsupported URI scheme {scheme or '(none)'!r}; expected one of {', '.join(SUPPORTED_SCHEMES)}"
+            )
+        if scheme in ("http", "https", "s3") and not urlsplit(value).netloc:
+            raise ValueError(f"{scheme} URI has no host or bucket: {value[:100]!r}")
+        if scheme == "s3" and not urlsplit(value).path.strip("/"):
+            raise ValueError(f"s3 URI has no object key: {value[:100]!r}")
+        if scheme == "file" and (urlsplit(value).netloc not in ("", "localhost") or not urlsplit(value).path):
+            raise ValueError("file URI must hold an absolute path: file:///abs/path.jpg")
+        if scheme == "data" and "," not in value:
+            raise ValueError("data URI must look like data:image/png;base64,<payload>")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _safe_prompt(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if len(value) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt is {len(value)} characters; the limit is {MAX_PROMPT_CHARS}")
+        if (token := find_control_token(value)) is not None:
+            raise ValueError(f"prompt contains the control token {token!r}, which is not allowed")
+        return value
+
+    @field_validator("label")
+    @classmethod
+    def _safe_label(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if len(value) > MAX_LABEL_CHARS:
+            raise ValueError(f"label is {len(value)} characters; the limit is {MAX_LABEL_CHARS}")
+        if (token := find_control_token(value) or find_varco_tag(value)) is not None:
+            raise ValueError(f"label contains the tag {token!r}, which is not allowed")
+        return value
+
+    @field_validator("region")
+    @classmethod
+    def _region_in_unit_square(cls, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if value is None:
+            return None
+        if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in value):
+            raise ValueError(f"region {list(value)} must be four numbers in 0..1 (x1, y1, x2, y2)")
+        x1, y1, x2, y2 = value
+        if not (x1 < x2 and y1 < y2):
+            raise ValueError(f"region {list(value)} needs x1 < x2 and y1 < y2 (top-left, then bottom-right)")
+        return value
+
+    @field_validator("callback_url")
+    @classmethod
+    def _http_callback(cls, value: str | None) -> str | None:
+        if value is not None and (urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).netloc):
+            raise ValueError(f"callback_url must be an http(s) URL, got {value[:100]!r}")
+        return value
+
+    @field_validator("callback_events")
+    @classmethod
+    def _known_events(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and (unknown := set(value) - set(CALLBACK_EVENTS)):
+            raise ValueError(f"unknown callback events {sorted(unknown)}; expected some of {list(CALLBACK_EVENTS)}")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _small_json_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            size = len(json.dumps(value, ensure_ascii=False).encode())
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"metadata must be JSON-serialisable: {exc}") from None
+        if size > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata is {size} bytes as JSON; the limit is {MAX_METADATA_BYTES}")
+        return value
+
+    @model_validator(mode="after")
+    def _task_arguments(self) -> JobRequest:
+        if self.task is TaskType.VQA and not (self.prompt and self.prompt.strip()):
+            raise ValueError("task 'vqa' needs a prompt (the question to ask about the image)")
+        if self.task is TaskType.REFERRING and self.region is None:
+            raise ValueError("task 'referring' needs a region [x1, y1, x2, y2] in 0..1")
+        if self.task is not TaskType.REFERRING and (self.region is not None or self.label is not None):
+            raise ValueError(f"region and label are only used by 'referring', not by {self.task.value!r}")
+        if self.task is TaskType.OCR and self.prompt is not None:
+            raise ValueError("task 'ocr' takes no prompt (the model is asked with <ocr> alone)")
+        return self
+
+    @property
+    def model_prompt(self) -> str:
+        """The user text sent to the model for this request."""
+        return build_prompt(self.task, self.prompt, self.region, self.label)
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors(include_url=False):
+        where = ".".join(str(p) for p in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)
+
+
+def validate_request(**fields: Any) -> JobRequest:
+    """Build a JobRequest or raise InvalidRequest (a ValueError) saying what is wrong."""
+    try:
+        return JobRequest(**fields)
+    except ValidationError as exc:
+        raise InvalidRequest(f"invalid job request: {_describe(exc)}") from None

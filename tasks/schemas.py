@@ -1,0 +1,119 @@
+"""Pydantic models at the boundaries: what the model's output parses into, and what a job is.
+
+These are the public contracts of DESIGN.md; producers and workers both import them from here.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Normalised box (x1, y1, x2, y2) in 0..1, (x1, y1) top-left; pixel box in original-image pixels.
+Box = tuple[float, float, float, float]
+PixelBox = tuple[int, int, int, int]
+
+
+class ParsedObject(BaseModel):
+    """A phrase the model tied to one or more regions: `<obj>label</obj><bbox>…</bbox>`."""
+
+    label: str
+    span: tuple[int, int] = Field(description="[start, end) of the phrase in output.text")
+    boxes: list[Box] = Field(default_factory=list)
+    boxes_px: list[PixelBox] | None = None
+
+
+class OcrItem(BaseModel):
+    """One recognised text: `<char>text</char><bbox>…</bbox>` (one item per box)."""
+
+    text: str
+    box: Box
+    box_px: PixelBox | None = None
+
+
+class ParsedOutput(BaseModel):
+    """The `output` object of a result: the raw model text and what the tag parser made of it."""
+
+    raw: str
+    text: str
+    objects: list[ParsedObject] = Field(default_factory=list)
+    ocr: list[OcrItem] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    STARTED = "started"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class ErrorInfo(BaseModel):
+    """A failure as users see it: the error's type name and a message that says what went wrong."""
+
+    type: str
+    message: str
+
+
+class JobStatus(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    job_id: str
+    state: JobState
+    task: str | None = None
+    error: ErrorInfo | None = None
+    attempts: int = 0
+    result_uri: str | None = None
+    worker: str | None = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class ImageInfo(BaseModel):
+    uri: str
+    width: int
+    height: int
+    sha256: str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+
+
+class Timings(BaseModel):
+    queued_s: float = 0.0
+    fetch_s: float = 0.0
+    inference_s: float = 0.0
+    total_s: float = 0.0
+
+
+class JobResult(BaseModel):
+    """The result object stored as JSON at `{VARCO_RESULT_STORE}{job_id}.json`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    job_id: str
+    task: str
+    state: JobState
+    model: str
+    prompt: str
+    image: ImageInfo
+    output: ParsedOutput
+    usage: Usage = Field(default_factory=Usage)
+    timings: Timings = Field(default_factory=Timings)
+    worker: str | None = None
+    created_at: datetime | None = None
+    finished_at: datetime | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    error: ErrorInfo | None = None

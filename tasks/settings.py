@@ -1,0 +1,53 @@
+"""Settings: one pydantic-settings class, every name read from the environment with prefix VARCO_."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_result_store() -> str:
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return (base / "varco-queue" / "results").as_uri() + "/"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VARCO_", extra="ignore")
+
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_store: str = Field(default_factory=_default_result_store)
+    s3_endpoint_url: str | None = None
+    model: str = "NCSOFT/VARCO-VISION-14B-HF"
+    # auto: bfloat16 on CUDA, float32 on CPU (CPU half precision is slow and lossy).
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    max_batch_size: int = Field(default=8, ge=1, le=256)
+    max_wait_ms: int = Field(default=20, ge=0, le=60_000)
+    max_new_tokens: int = Field(default=1024, ge=1, le=8192)
+    callback_secret: SecretStr | None = None
+    allow_private_urls: bool = False
+    file_root: Path | None = None
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(default=64_000_000, ge=1)
+    max_data_uri_bytes: int = Field(default=256 * 1024, ge=1)
+    fetch_timeout_s: float = Field(default=15.0, gt=0)
+    visibility_timeout: int = Field(default=3600, ge=10)
+    max_attempts: int = Field(default=3, ge=1)
+    status_ttl: int = Field(default=7 * 24 * 3600, ge=60)
+
+    @field_validator("result_store")
+    @classmethod
+    def _store_is_a_prefix(cls, value: str) -> str:
+        if not value.startswith(("s3://", "file://")):
+            raise ValueError("VARCO_RESULT_STORE must be s3://bucket/prefix/ or file:///abs/dir/")
+        return value if value.endswith("/") else value + "/"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once; tests build their own `Settings(...)` instead."""
+    return Settings()

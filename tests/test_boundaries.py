@@ -1,0 +1,16 @@
+"""The producer side installs without torch: importing it must not pull torch or workers in."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_producer_and_tasks_never_import_torch_or_workers() -> None:
+    code = (
+        "import sys, tasks.tags, tasks.requests, tasks.settings, tasks.schemas, producer, producer.cli; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'workers', 'PIL')); "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr

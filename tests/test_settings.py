@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import pytest
+
+from tasks.settings import Settings
+
+
+def test_every_design_setting_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {
+        "VARCO_BROKER_URL": "redis://10.0.0.5:6380/2",
+        "VARCO_RESULT_STORE": "s3://results/varco",
+        "VARCO_S3_ENDPOINT_URL": "http://minio:9000",
+        "VARCO_MODEL": "/models/varco",
+        "VARCO_DTYPE": "float16",
+        "VARCO_MAX_BATCH_SIZE": "16",
+        "VARCO_MAX_WAIT_MS": "50",
+        "VARCO_CALLBACK_SECRET": "whsec_c2VjcmV0",
+        "VARCO_ALLOW_PRIVATE_URLS": "true",
+        "VARCO_FILE_ROOT": "/srv/images",
+        "VARCO_MAX_IMAGE_BYTES": "1000",
+        "VARCO_MAX_IMAGE_PIXELS": "2000",
+        "VARCO_VISIBILITY_TIMEOUT": "7200",
+        "VARCO_MAX_ATTEMPTS": "5",
+        "VARCO_STATUS_TTL": "600",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    s = Settings()
+    assert s.broker_url == "redis://10.0.0.5:6380/2"
+    assert s.result_store == "s3://results/varco/"  # normalised to a prefix
+    assert s.s3_endpoint_url == "http://minio:9000"
+    assert (s.model, s.dtype, s.max_batch_size, s.max_wait_ms) == ("/models/varco", "float16", 16, 50)
+    assert s.callback_secret is not None and s.callback_secret.get_secret_value() == "whsec_c2VjcmV0"
+    assert s.allow_private_urls is True and str(s.file_root) == "/srv/images"
+    assert (s.max_image_bytes, s.max_image_pixels) == (1000, 2000)
+    assert (s.visibility_timeout, s.max_attempts, s.status_ttl) == (7200, 5, 600)
+
+
+def test_defaults() -> None:
+    s = Settings(_env_file=None)
+    assert s.broker_url == "redis://127.0.0.1:6379/0"
+    assert s.model == "NCSOFT/VARCO-VISION-14B-HF"
+    assert s.result_store.startswith("file:///") and s.result_store.endswith("/")
+    assert s.allow_private_urls is False
+
+
+def test_bad_store_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VARCO_RESULT_STORE", "ftp://x/")
+    with pytest.raises(ValueError, match="VARCO_RESULT_STORE"):
+        Settings()
