@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # torch is pinned to the release this machine serves from disk (pip is capped at 2.14.1).
 TORCH := torch==2.14.1 torchvision==0.29.1
 # pip warns about every missing local index directory; keep real errors, drop that noise.
-PIP_QUIET := grep -v "is ignored: it is neither a file nor a directory" || true
+PIP_QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 .PHONY: install demo test lint format bench tiny-model clean
 

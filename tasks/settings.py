@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(default=3600, ge=10)
     max_attempts: int = Field(default=3, ge=1)
     status_ttl: int = Field(default=7 * 24 * 3600, ge=60)
+    # Task type -> queue, e.g. VARCO_TASK_ROUTES='{"ocr": "varco.ocr"}'; unlisted types use "varco".
+    task_routes: dict[str, str] = Field(default_factory=dict)
+    callback_max_retries: int = Field(default=8, ge=0)
 
     @field_validator("result_store")
     @classmethod

@@ -1,0 +1,207 @@
+"""The client a web backend imports: submit jobs, poll or wait for them, read results, cancel.
+
+It talks to Redis (the Celery broker and the status records) and reads results from the store;
+it never imports torch or `workers/`: tasks are sent by name.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+import redis
+
+from tasks.celery_app import INFER_TASK, broker_priority, create_app, infer_queue
+from tasks.requests import InvalidRequest, JobRequest, validate_request
+from tasks.results_store import ResultStore, result_store
+from tasks.schemas import ErrorInfo, JobResult, JobState, JobStatus
+from tasks.settings import Settings, get_settings
+from tasks.status import EVENTS_CHANNEL, StatusStore, now_iso, parse_event
+
+# A pub/sub message can be missed (reconnects); `wait` re-reads the records this often regardless.
+_POLL_INTERVAL_S = 1.0
+
+
+class JobNotFound(KeyError):
+    """No status record for this job id (never submitted, or expired after VARCO_STATUS_TTL)."""
+
+
+class JobFailed(RuntimeError):
+    """`result()` of a job that ended `failed`; `.error` holds its type and message."""
+
+    def __init__(self, job_id: str, error: ErrorInfo | None) -> None:
+        self.job_id, self.error = job_id, error
+        detail = f"{error.type}: {error.message}" if error else "no error recorded"
+        super().__init__(f"job {job_id} failed: {detail}")
+
+
+class JobCancelled(RuntimeError):
+    """`result()` of a job that was cancelled."""
+
+
+def data_uri_size(uri: str) -> int:
+    """Decoded size of a data URI's payload; InvalidRequest when it cannot be decoded."""
+    header, _, payload = uri.partition(",")
+    try:
+        if header.endswith(";base64"):
+            return len(base64.b64decode(payload, validate=False))
+        return len(unquote_to_bytes(payload))
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidRequest(f"invalid job request: image_uri: broken data URI ({exc})") from None
+
+
+class Client:
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.redis = redis.Redis.from_url(self.settings.broker_url, decode_responses=True)
+        self.statuses = StatusStore(self.redis, self.settings.status_ttl)
+        self.app = create_app(self.settings)
+        self._store: ResultStore | None = None
+
+    @property
+    def store(self) -> ResultStore:
+        if self._store is None:
+            self._store = result_store(self.settings)
+        return self._store
+
+    # --- submitting -----------------------------------------------------------------------
+    def validate(self, image_uri: str, task: str, **fields: Any) -> JobRequest:
+        """Everything submit checks before enqueueing; raises InvalidRequest (a ValueError)."""
+        request = validate_request(image_uri=image_uri, task=task, **{k: v for k, v in fields.items() if v is not None})
+        # Broker messages stay small: an inline image has its own cap, and results never travel through Redis.
+        if request.image_uri.startswith("data:"):
+            size = data_uri_size(request.image_uri)
+            if size > self.settings.max_data_uri_bytes:
+                raise InvalidRequest(
+                    f"invalid job request: image_uri: data URI holds {size} bytes; the limit is "
+                    f"{self.settings.max_data_uri_bytes} (VARCO_MAX_DATA_URI_BYTES): upload it and send a URL"
+                )
+        return request
+
+    def submit(
+        self,
+        image_uri: str,
+        task: str,
+        *,
+        prompt: str | None = None,
+        region: Sequence[float] | None = None,
+        label: str | None = None,
+        callback_url: str | None = None,
+        callback_events: Sequence[str] | None = None,
+        idempotency_key: str | None = None,
+        priority: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        max_new_tokens: int | None = None,
+    ) -> str:
+        """Validate and enqueue one job; returns its id. Same idempotency key -> same id, one run."""
+        request = self.validate(
+            image_uri, task, prompt=prompt, region=region, label=label, callback_url=callback_url,
+            callback_events=callback_events, idempotency_key=idempotency_key, priority=priority,
+            metadata=metadata, max_new_tokens=max_new_tokens,
+        )  # fmt: skip
+        return self._enqueue(request)
+
+    def submit_many(self, requests: Iterable[Mapping[str, Any]]) -> list[str]:
+        """Validate every request first (nothing is enqueued if one is bad), then enqueue them in order."""
+        validated = []
+        for index, fields in enumerate(requests):
+            fields = dict(fields)
+            try:
+                validated.append(self.validate(fields.pop("image_uri", None), fields.pop("task", None), **fields))
+            except (InvalidRequest, TypeError) as exc:
+                raise InvalidRequest(f"request #{index}: {exc}") from None
+        return [self._enqueue(r) for r in validated]
+
+    def _enqueue(self, request: JobRequest) -> str:
+        job_id = uuid.uuid4().hex
+        if request.idempotency_key:
+            owner = self.statuses.claim_idempotency_key(request.idempotency_key, job_id)
+            if owner != job_id:
+                return owner
+        self.statuses.create(job_id, request.task.value)
+        try:
+            self.app.send_task(
+                INFER_TASK,
+                args=[job_id, request.model_dump(mode="json", exclude_none=True)],
+                kwargs={"enqueued_at": now_iso()},
+                task_id=job_id,
+                queue=infer_queue(request.task, self.settings.task_routes),
+                priority=broker_priority(request.priority),
+            )
+        except Exception:
+            # Not enqueued: leave no record behind that would wait forever.
+            self.statuses.delete(job_id)
+            if request.idempotency_key:
+                self.statuses.release_idempotency_key(request.idempotency_key, job_id)
+            raise
+        return job_id
+
+    # --- reading --------------------------------------------------------------------------
+    def status(self, job_id: str) -> JobStatus:
+        status = self.statuses.get(job_id)
+        if status is None:
+            raise JobNotFound(job_id)
+        return status
+
+    def wait(self, job_ids: str | Iterable[str], timeout: float | None = None) -> Iterator[JobStatus]:
+        """Yield each job's final status as it finishes (in finishing order); TimeoutError past `timeout`."""
+        pending = {job_ids} if isinstance(job_ids, str) else set(job_ids)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(EVENTS_CHANNEL)  # subscribe before reading records, so no finish slips between
+        try:
+            next_poll = 0.0
+            while pending:
+                if time.monotonic() >= next_poll:
+                    for job_id in sorted(pending):
+                        status = self.status(job_id)
+                        if status.state.finished:
+                            pending.discard(job_id)
+                            yield status
+                    next_poll = time.monotonic() + _POLL_INTERVAL_S
+                    continue
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"{len(pending)} job(s) not finished after {timeout}s")
+                wait_s = next_poll - time.monotonic()
+                if deadline is not None:
+                    wait_s = min(wait_s, deadline - time.monotonic())
+                message = pubsub.get_message(timeout=max(0.0, wait_s))
+                if message is None:
+                    continue
+                event = parse_event(message["data"])
+                if event is not None and event.job_id in pending and event.state.finished:
+                    pending.discard(event.job_id)
+                    yield event
+        finally:
+            pubsub.close()
+
+    def result(self, job_id: str, timeout: float | None = None) -> JobResult:
+        """Wait for the job (up to `timeout`), then read its result JSON from the store."""
+        status = next(self.wait(job_id, timeout=timeout))
+        if status.state is JobState.FAILED:
+            raise JobFailed(job_id, status.error)
+        if status.state is JobState.CANCELLED:
+            raise JobCancelled(f"job {job_id} was cancelled")
+        uri = status.result_uri or self.store.uri_for(job_id)
+        return JobResult.model_validate_json(self.store.read(uri))
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued, retrying or running job. False when it had already finished."""
+        state = self.statuses.request_cancel(job_id)
+        if state is None:
+            raise JobNotFound(job_id)
+        return state is JobState.CANCELLED or not state.finished
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

@@ -1,0 +1,56 @@
+"""The Celery app both sides build from Settings: JSON only, late acks, two queues, tasks by name."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from tasks.prompts import TaskType
+from tasks.settings import Settings
+
+INFER_TASK = "varco.infer"
+CALLBACK_TASK = "varco.callback"
+INFER_QUEUE = "varco"
+CALLBACK_QUEUE = "varco.callbacks"
+# Redis lists per priority; kombu consumes lane 0 first, so API priority p (higher = sooner) maps to 9 - p.
+PRIORITY_STEPS = list(range(10))
+DEFAULT_PRIORITY = 4
+
+
+def broker_priority(priority: int | None) -> int:
+    return 9 - (DEFAULT_PRIORITY if priority is None else priority)
+
+
+def infer_queue(task: TaskType | str, routes: dict[str, str] | None = None) -> str:
+    """Queue for an inference job: `varco` unless VARCO_TASK_ROUTES sends this task type elsewhere."""
+    return (routes or {}).get(str(task), INFER_QUEUE)
+
+
+def create_app(settings: Settings) -> Celery:
+    app = Celery("varco", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],  # pickle refused
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,  # status lives in our own Redis records, results in the store
+        result_expires=settings.status_ttl,
+        task_default_queue=INFER_QUEUE,
+        task_queues=[Queue(INFER_QUEUE), Queue(CALLBACK_QUEUE)],
+        task_routes={CALLBACK_TASK: {"queue": CALLBACK_QUEUE}},
+        task_default_priority=broker_priority(None),
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            "priority_steps": PRIORITY_STEPS,
+            "sep": ":",
+            "queue_order_strategy": "priority",
+        },
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+    )
+    return app

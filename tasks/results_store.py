@@ -1,0 +1,78 @@
+"""Result store: `{VARCO_RESULT_STORE}{job_id}.json` on S3-compatible storage or a local directory.
+
+Both sides use it: workers write results, `Client.result()` reads them. Writing the same job twice
+writes the same key, so a redelivered job that completes again changes nothing for readers.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlsplit
+
+from tasks.settings import Settings
+
+
+class ResultStore(Protocol):
+    prefix: str
+
+    def uri_for(self, job_id: str) -> str: ...
+    def write(self, job_id: str, data: bytes) -> str: ...
+    def read(self, uri: str) -> bytes: ...
+
+
+class FileResultStore:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.root = Path(unquote(urlsplit(prefix).path))
+
+    def uri_for(self, job_id: str) -> str:
+        return f"{self.prefix}{job_id}.json"
+
+    def write(self, job_id: str, data: bytes) -> str:
+        self.root.mkdir(parents=True, exist_ok=True)
+        target = self.root / f"{job_id}.json"
+        # Write-then-rename: a reader never sees half a result.
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{job_id}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, target)
+        return self.uri_for(job_id)
+
+    def read(self, uri: str) -> bytes:
+        return Path(unquote(urlsplit(uri).path)).read_bytes()
+
+
+class S3ResultStore:
+    def __init__(self, prefix: str, endpoint_url: str | None) -> None:
+        import boto3  # lazily: a file store needs no boto3
+        from botocore.config import Config
+
+        self.prefix = prefix
+        parts = urlsplit(prefix)
+        self.bucket, self.key_prefix = parts.netloc, parts.path.lstrip("/")
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=endpoint_url,
+            config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=30),
+        )
+
+    def uri_for(self, job_id: str) -> str:
+        return f"{self.prefix}{job_id}.json"
+
+    def write(self, job_id: str, data: bytes) -> str:
+        key = f"{self.key_prefix}{job_id}.json"
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="application/json")
+        return self.uri_for(job_id)
+
+    def read(self, uri: str) -> bytes:
+        parts = urlsplit(uri)
+        return self.client.get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))["Body"].read()
+
+
+def result_store(settings: Settings) -> ResultStore:
+    if settings.result_store.startswith("s3://"):
+        return S3ResultStore(settings.result_store, settings.s3_endpoint_url)
+    return FileResultStore(settings.result_store)

@@ -1,0 +1,74 @@
+"""Webhook delivery from the `varco.callbacks` queue, so a GPU never waits on HTTP.
+
+Each event is POSTed as JSON, signed the Standard Webhooks way (a fresh timestamp per attempt,
+the same `webhook-id` across retries so receivers can deduplicate), and retried with exponential
+backoff on network errors, 5xx, 408 and 429. A dead receiver never blocks or fails the job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from typing import Any
+
+import httpx
+from celery import Celery, Task
+
+from tasks.celery_app import CALLBACK_QUEUE, CALLBACK_TASK
+from tasks.errors import ImageFetchError
+from tasks.settings import Settings
+from tasks.signing import sign_headers
+from workers.netguard import check_public_url
+
+log = logging.getLogger(__name__)
+_RETRY_STATUS = {408, 425, 429}
+
+
+def backoff_s(retries: int, base: float = 1.0, cap: float = 600.0) -> float:
+    """Exponential backoff with full jitter: up to base * 2**retries seconds, at most `cap`."""
+    return random.uniform(0.5, 1.0) * min(cap, base * 2**retries)
+
+
+def event_payload(event: str, job_id: str, state: str, result_uri: str | None, error: dict | None, ts: str) -> dict:
+    return {"type": event, "job_id": job_id, "state": state, "result_uri": result_uri, "error": error,
+            "timestamp": ts}  # fmt: skip
+
+
+def send_event(app: Celery, url: str, payload: dict[str, Any]) -> None:
+    """Queue one webhook; never raises into the job that caused it."""
+    try:
+        app.send_task(
+            CALLBACK_TASK, args=[url, payload, f"{payload['job_id']}.{payload['type']}"], queue=CALLBACK_QUEUE
+        )
+    except Exception:  # a broker hiccup must not fail a finished job
+        log.exception("could not queue %s callback for job %s", payload["type"], payload["job_id"])
+
+
+def register_callback_task(app: Celery, settings: Settings) -> Task:
+    secret = settings.callback_secret.get_secret_value() if settings.callback_secret else None
+    if secret is None:
+        log.warning("VARCO_CALLBACK_SECRET is not set: webhooks are sent unsigned")
+    http = httpx.Client(timeout=httpx.Timeout(10.0, connect=5.0), follow_redirects=False)
+
+    @app.task(name=CALLBACK_TASK, bind=True, max_retries=settings.callback_max_retries, acks_late=True)
+    def deliver(self: Task, url: str, payload: dict[str, Any], msg_id: str) -> int:
+        body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            check_public_url(url, settings.allow_private_urls)
+        except ImageFetchError as exc:
+            log.error("callback %s to %s refused: %s", msg_id, url, exc)
+            return 0
+        try:
+            response = http.post(url, content=body, headers=sign_headers(secret, msg_id, body))
+        except httpx.HTTPError as exc:
+            log.info("callback %s to %s failed (%r); retry %d", msg_id, url, exc, self.request.retries + 1)
+            raise self.retry(countdown=backoff_s(self.request.retries), exc=exc) from None
+        if response.status_code >= 500 or response.status_code in _RETRY_STATUS:
+            log.info("callback %s got HTTP %d; retry %d", msg_id, response.status_code, self.request.retries + 1)
+            raise self.retry(countdown=backoff_s(self.request.retries))
+        if response.status_code >= 300:
+            log.warning("callback %s to %s refused with HTTP %d; not retried", msg_id, url, response.status_code)
+        return response.status_code
+
+    return deliver

@@ -1,0 +1,186 @@
+"""Fetch and decode a job's image from http(s), s3, file or data URIs, within limits.
+
+Every failure is a typed JobError on the job (never a dead worker): permanent ones (404, not an
+image, forbidden address) fail the job at once, transient ones (timeouts, 5xx, S3 unreachable)
+are marked `transient` so the task retries them with backoff.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, unquote_to_bytes, urljoin, urlsplit
+
+import httpx
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from tasks.errors import ForbiddenURLError, ImageDecodeError, ImageFetchError, ImageTooLargeError
+from tasks.settings import Settings
+from workers.netguard import check_public_url
+
+MAX_REDIRECTS = 5
+_PERMANENT_HTTP = {400, 401, 403, 404, 405, 410, 414, 451}
+
+
+@dataclass(frozen=True)
+class FetchedImage:
+    image: Image.Image  # RGB, EXIF orientation applied
+    sha256: str  # of the bytes as fetched
+    size_bytes: int
+
+    @property
+    def width(self) -> int:
+        return self.image.width
+
+    @property
+    def height(self) -> int:
+        return self.image.height
+
+
+class ImageFetcher:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        timeout = httpx.Timeout(settings.fetch_timeout_s, connect=min(5.0, settings.fetch_timeout_s))
+        # Redirects are followed by hand so every hop's address is checked.
+        self.http = httpx.Client(timeout=timeout, follow_redirects=False, headers={"user-agent": "varco-queue"})
+        self._s3 = None
+
+    def close(self) -> None:
+        self.http.close()
+
+    # --- entry point ----------------------------------------------------------------------
+    def fetch(self, uri: str) -> FetchedImage:
+        data = self.fetch_bytes(uri)
+        return FetchedImage(self.decode(data), hashlib.sha256(data).hexdigest(), len(data))
+
+    def fetch_bytes(self, uri: str) -> bytes:
+        scheme = urlsplit(uri).scheme.lower()
+        if scheme in ("http", "https"):
+            return self._http(uri)
+        if scheme == "s3":
+            return self._s3_get(uri)
+        if scheme == "file":
+            return self._file(uri)
+        if scheme == "data":
+            return self._data(uri)
+        raise ImageFetchError(f"unsupported URI scheme {scheme!r}")
+
+    def decode(self, data: bytes) -> Image.Image:
+        limit = self.settings.max_image_pixels
+        try:
+            with Image.open(io.BytesIO(data)) as opened:
+                width, height = opened.size  # read from the header, before any pixel is decoded
+                if width * height > limit:
+                    raise ImageTooLargeError(
+                        f"image is {width}x{height} = {width * height} pixels; the limit is {limit}"
+                    )
+                opened.load()
+                image = ImageOps.exif_transpose(opened)
+                return image.convert("RGB")
+        except ImageTooLargeError:
+            raise
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLargeError(f"image rejected as a decompression bomb: {exc}") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            raise ImageDecodeError(f"not a decodable image ({len(data)} bytes): {exc}") from None
+
+    # --- sources --------------------------------------------------------------------------
+    def _http(self, url: str) -> bytes:
+        limit = self.settings.max_image_bytes
+        for _ in range(MAX_REDIRECTS + 1):
+            check_public_url(url, self.settings.allow_private_urls)
+            try:
+                with self.http.stream("GET", url) as response:
+                    if response.is_redirect:
+                        url = urljoin(url, response.headers.get("location", ""))
+                        continue
+                    self._raise_for_status(url, response.status_code)
+                    declared = int(response.headers.get("content-length") or 0)
+                    if declared > limit:
+                        raise ImageTooLargeError(f"image is {declared} bytes; the limit is {limit}")
+                    chunks, total = [], 0
+                    for chunk in response.iter_bytes():
+                        total += len(chunk)
+                        if total > limit:
+                            raise ImageTooLargeError(f"image is over the {limit}-byte limit")
+                        chunks.append(chunk)
+                    return b"".join(chunks)
+            except httpx.TimeoutException as exc:
+                raise ImageFetchError(f"timed out fetching {url}: {exc!r}", transient=True) from None
+            except httpx.HTTPError as exc:
+                raise ImageFetchError(f"cannot fetch {url}: {exc!r}", transient=True) from None
+        raise ImageFetchError(f"more than {MAX_REDIRECTS} redirects fetching {url}")
+
+    @staticmethod
+    def _raise_for_status(url: str, status: int) -> None:
+        if status < 300:
+            return
+        transient = status not in _PERMANENT_HTTP and (status >= 500 or status in (408, 425, 429))
+        raise ImageFetchError(f"HTTP {status} fetching {url}", transient=transient)
+
+    def _s3_get(self, uri: str) -> bytes:
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if self._s3 is None:
+            self._s3 = boto3.client(
+                "s3",
+                endpoint_url=self.settings.s3_endpoint_url,
+                config=Config(
+                    retries={"max_attempts": 2, "mode": "standard"},
+                    connect_timeout=min(5.0, self.settings.fetch_timeout_s),
+                    read_timeout=self.settings.fetch_timeout_s,
+                ),
+            )
+        parts = urlsplit(uri)
+        bucket, key = parts.netloc, unquote(parts.path.lstrip("/"))
+        limit = self.settings.max_image_bytes
+        try:
+            obj = self._s3.get_object(Bucket=bucket, Key=key)
+            if obj.get("ContentLength", 0) > limit:
+                raise ImageTooLargeError(f"image is {obj['ContentLength']} bytes; the limit is {limit}")
+            return obj["Body"].read(limit + 1)[: limit + 1]
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            transient = status >= 500 or code in ("SlowDown", "RequestTimeout", "InternalError")
+            raise ImageFetchError(f"cannot read {uri}: {code or status}", transient=transient) from None
+        except BotoCoreError as exc:
+            raise ImageFetchError(f"cannot reach S3 for {uri}: {exc}", transient=True) from None
+
+    def _file(self, uri: str) -> bytes:
+        root = self.settings.file_root
+        if root is None:
+            raise ImageFetchError("file:// URIs are disabled: set VARCO_FILE_ROOT to the directory they may read")
+        path = Path(unquote(urlsplit(uri).path)).resolve()
+        if not path.is_relative_to(root.resolve()):
+            raise ForbiddenURLError(f"{path} is outside VARCO_FILE_ROOT ({root})")
+        limit = self.settings.max_image_bytes
+        try:
+            if path.stat().st_size > limit:
+                raise ImageTooLargeError(f"image is {path.stat().st_size} bytes; the limit is {limit}")
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise ImageFetchError(f"no such file: {path}") from None
+        except (IsADirectoryError, PermissionError) as exc:
+            raise ImageFetchError(f"cannot read {path}: {exc.strerror}") from None
+
+    def _data(self, uri: str) -> bytes:
+        header, sep, payload = uri.partition(",")
+        if not sep:
+            raise ImageDecodeError("broken data URI: no ',' before the payload")
+        try:
+            if header.lower().endswith(";base64"):
+                data = base64.b64decode(payload, validate=True)
+            else:
+                data = unquote_to_bytes(payload)
+        except (binascii.Error, ValueError) as exc:
+            raise ImageDecodeError(f"broken data URI: {exc}") from None
+        if len(data) > self.settings.max_image_bytes:
+            raise ImageTooLargeError(f"image is {len(data)} bytes; the limit is {self.settings.max_image_bytes}")
+        return data

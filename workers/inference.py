@@ -1,0 +1,197 @@
+"""The `varco.infer` task: one job from message to stored result, status and callbacks.
+
+Runs in a task thread of the worker process: fetch and decode the image here (threads overlap
+their I/O), hand it to the batcher, wait for this job's own output, parse, store, report. Every
+failure ends the job with a typed error; nothing here may take the worker down.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from celery import Celery, Task
+from pydantic import ValidationError
+
+from tasks.celery_app import INFER_TASK
+from tasks.errors import InferenceError, JobError, ResultStoreError, error_info
+from tasks.requests import JobRequest
+from tasks.results_store import ResultStore
+from tasks.schemas import ErrorInfo, ImageInfo, JobResult, JobState, Timings, Usage
+from tasks.settings import Settings
+from tasks.status import StatusStore, now_iso
+from tasks.tags import parse
+from workers.batcher import Batcher, Cancelled
+from workers.callbacks import backoff_s, event_payload, send_event
+from workers.cancels import CancelWatcher
+from workers.engine import GenerationRequest
+from workers.fetch import ImageFetcher
+
+log = logging.getLogger(__name__)
+
+SCRIPTS_FILE = "varco_scripts.json"
+
+
+def load_scripts(model: str) -> dict[str, str]:
+    """Scripted answers of the tiny test model, keyed "{image sha256}:{task}"; a real model has none."""
+    path = Path(model) / SCRIPTS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+@dataclass
+class Runtime:
+    """What a worker process holds for its whole life: loaded once, shared by all task threads."""
+
+    settings: Settings
+    hostname: str
+    batcher: Batcher
+    fetcher: ImageFetcher
+    store: ResultStore
+    statuses: StatusStore
+    cancels: CancelWatcher
+    app: Celery
+    scripts: dict[str, str] = field(default_factory=dict)
+
+
+def _parse_time(value: str | None) -> float | None:
+    try:
+        return datetime.fromisoformat(value).timestamp() if value else None
+    except ValueError:
+        return None
+
+
+class _Job:
+    def __init__(self, rt: Runtime, job_id: str, request: JobRequest, enqueued_at: str | None) -> None:
+        self.rt, self.job_id, self.request = rt, job_id, request
+        self.enqueued_at = enqueued_at or now_iso()
+
+    def notify(
+        self, event: str, state: JobState, result_uri: str | None = None, error: ErrorInfo | None = None
+    ) -> None:
+        url, wanted = self.request.callback_url, self.request.callback_events
+        if url and (wanted is None or event in wanted):
+            payload = event_payload(
+                event, self.job_id, state.value, result_uri, error.model_dump() if error else None, now_iso()
+            )
+            send_event(self.rt.app, url, payload)
+
+    def fail(self, error: ErrorInfo) -> None:
+        log.info("job %s failed: %s: %s", self.job_id, error.type, error.message)
+        if self.rt.statuses.transition(self.job_id, JobState.FAILED, error=error):
+            self.notify("job.failed", JobState.FAILED, error=error)
+
+    def run(self) -> None:
+        rt, request = self.rt, self.request
+        started = time.time()
+        t0 = time.perf_counter()
+        fetched = rt.fetcher.fetch(request.image_uri)
+        fetch_s = time.perf_counter() - t0
+        generation = GenerationRequest(
+            image=fetched.image,
+            prompt=request.model_prompt,
+            max_new_tokens=request.max_new_tokens or rt.settings.max_new_tokens,
+            script=rt.scripts.get(f"{fetched.sha256}:{request.task.value}"),
+        )
+        t1 = time.perf_counter()
+        try:
+            output = rt.batcher.generate(generation, is_cancelled=lambda: rt.cancels.is_cancelled(self.job_id))
+        except Cancelled:
+            raise
+        except Exception as exc:
+            raise InferenceError(f"generation failed: {exc!r}") from exc
+        inference_s = time.perf_counter() - t1
+        parsed = parse(output.text, (fetched.width, fetched.height))
+        if output.finish_reason == "length":
+            parsed.warnings.append(f"output stopped at max_new_tokens={generation.max_new_tokens}; it may be cut")
+        finished = now_iso()
+        queued_at = _parse_time(self.enqueued_at)
+        result = JobResult(
+            job_id=self.job_id,
+            task=request.task.value,
+            state=JobState.SUCCEEDED,
+            model=rt.settings.model,
+            prompt=generation.prompt,
+            image=ImageInfo(
+                uri=_uri_for_result(request.image_uri),
+                width=fetched.width,
+                height=fetched.height,
+                sha256=fetched.sha256,
+            ),
+            output=parsed,
+            usage=Usage(prompt_tokens=output.prompt_tokens, output_tokens=output.output_tokens),
+            timings=Timings(
+                queued_s=round(max(0.0, started - queued_at), 4) if queued_at else 0.0,
+                fetch_s=round(fetch_s, 4),
+                inference_s=round(inference_s, 4),
+                total_s=round(max(0.0, time.time() - queued_at), 4) if queued_at else 0.0,
+            ),
+            worker=rt.hostname,
+            created_at=self.enqueued_at,
+            finished_at=finished,
+            metadata=request.metadata,
+        )
+        try:
+            uri = rt.store.write(self.job_id, result.model_dump_json().encode())
+        except Exception as exc:
+            raise ResultStoreError(f"cannot write the result: {exc!r}") from exc
+        if rt.statuses.transition(self.job_id, JobState.SUCCEEDED, result_uri=uri):
+            self.notify("job.succeeded", JobState.SUCCEEDED, result_uri=uri)
+
+
+def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> Task:
+    @app.task(name=INFER_TASK, bind=True, acks_late=True, max_retries=None)
+    def infer(self: Task, job_id: str, request: dict, enqueued_at: str | None = None) -> str:
+        rt: Runtime = get_runtime()
+        state, attempts = rt.statuses.begin_attempt(job_id, rt.hostname, rt.settings.max_attempts)
+        if state is not JobState.STARTED:
+            log.info("job %s not run: it is %s (delivery %d)", job_id, state.value, attempts)
+            if state is JobState.FAILED and attempts > rt.settings.max_attempts:
+                status = rt.statuses.get(job_id)
+                _notify_poison(rt, job_id, request, status.error if status else None)
+            return state.value
+        try:
+            job_request = JobRequest.model_validate(request)
+        except ValidationError as exc:
+            rt.statuses.transition(job_id, JobState.FAILED, error=ErrorInfo(type="InvalidRequest", message=str(exc)))
+            return JobState.FAILED.value
+        job = _Job(rt, job_id, job_request, enqueued_at)
+        rt.cancels.watch(job_id, already_cancelled=rt.statuses.cancel_requested(job_id))
+        if attempts == 1:
+            job.notify("job.started", JobState.STARTED)
+        try:
+            job.run()
+        except Cancelled:
+            rt.statuses.transition(job_id, JobState.CANCELLED)
+        except JobError as exc:
+            if exc.transient and attempts < rt.settings.max_attempts:
+                log.info("job %s: %s (attempt %d); retrying", job_id, exc, attempts)
+                rt.statuses.transition(job_id, JobState.RETRYING, error=exc.info())
+                raise self.retry(countdown=backoff_s(attempts - 1), max_retries=None) from None
+            job.fail(exc.info())
+        except Exception as exc:
+            log.exception("job %s failed unexpectedly", job_id)
+            job.fail(error_info(exc))
+        finally:
+            rt.cancels.forget(job_id)
+        status = rt.statuses.get(job_id)
+        return status.state.value if status else "unknown"
+
+    return infer
+
+
+def _notify_poison(rt: Runtime, job_id: str, request: dict, error: ErrorInfo | None) -> None:
+    try:
+        job_request = JobRequest.model_validate(request)
+    except ValidationError:
+        return
+    _Job(rt, job_id, job_request, None).notify("job.failed", JobState.FAILED, error=error)
+
+
+def _uri_for_result(uri: str) -> str:
+    """Results name their image; an inline data URI is named by its header only, not copied whole."""
+    return uri.split(",", 1)[0] + ",…" if uri.startswith("data:") else uri

@@ -1,0 +1,115 @@
+"""One worker process: `python -m workers.process --hostname gpu0@host [--queues varco]`.
+
+Started by the supervisor with CUDA_VISIBLE_DEVICES already set, so torch sees exactly one GPU.
+Loads the model before consuming the first message, starts the engine thread, then runs a Celery
+worker with a thread pool: threads fetch images concurrently and feed the batcher. SIGTERM is a
+Celery warm shutdown: in-flight jobs finish, then the process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+
+import redis
+from celery import Celery
+
+from tasks.celery_app import INFER_QUEUE, create_app
+from tasks.results_store import result_store
+from tasks.settings import Settings
+from tasks.status import StatusStore
+
+log = logging.getLogger("varco.worker")
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def run_inference_worker(hostname: str, queues: list[str], concurrency: int | None = None) -> None:
+    configure_logging()
+    from workers.batcher import Batcher
+    from workers.cancels import CancelWatcher
+    from workers.engine import Engine
+    from workers.fetch import ImageFetcher
+    from workers.inference import Runtime, load_scripts, register_inference_task
+
+    settings = Settings()
+    engine = Engine(settings.model, dtype=settings.dtype).load()  # before any message is taken
+    log.info(
+        "%s: model %s loaded on %s (%s) in %.2fs; CUDA_VISIBLE_DEVICES=%r",
+        hostname, settings.model, engine.device, engine.dtype, engine.load_seconds,
+        os.environ.get("CUDA_VISIBLE_DEVICES"),
+    )  # fmt: skip
+    client = redis.Redis.from_url(settings.broker_url, decode_responses=True)
+    app = create_app(settings)
+    runtime = Runtime(
+        settings=settings,
+        hostname=hostname,
+        batcher=Batcher(engine, settings.max_batch_size, settings.max_wait_ms).start(),
+        fetcher=ImageFetcher(settings),
+        store=result_store(settings),
+        statuses=StatusStore(client, settings.status_ttl),
+        cancels=CancelWatcher(client).start(),
+        app=app,
+        scripts=load_scripts(settings.model),
+    )
+    register_inference_task(app, lambda: runtime)
+    # Enough task threads to fill a batch while the previous one runs, each fetching its own image.
+    threads = concurrency or max(4, 2 * settings.max_batch_size)
+    try:
+        _run_celery(app, hostname, queues, threads)
+    finally:
+        runtime.batcher.stop()
+        runtime.cancels.stop()
+        runtime.fetcher.close()
+
+
+def run_callback_worker(hostname: str, concurrency: int = 8) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [callbacks] %(name)s: %(message)s")
+    from tasks.celery_app import CALLBACK_QUEUE
+    from workers.callbacks import register_callback_task
+
+    settings = Settings()
+    app = create_app(settings)
+    register_callback_task(app, settings)
+    _run_celery(app, hostname, [CALLBACK_QUEUE], concurrency)
+
+
+def _run_celery(app: Celery, hostname: str, queues: list[str], concurrency: int) -> None:
+    worker = app.Worker(
+        hostname=hostname,
+        pool="threads",
+        concurrency=concurrency,
+        queues=queues,
+        loglevel="INFO",
+        without_gossip=True,
+        without_mingle=True,
+        without_heartbeat=True,
+        optimization="fair",
+    )
+    worker.start()
+    raise SystemExit(worker.exitcode or 0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m workers.process")
+    parser.add_argument("--hostname", default=f"cpu0@{socket.gethostname()}")
+    parser.add_argument("--queues", default=INFER_QUEUE, help="comma-separated inference queues")
+    parser.add_argument("--concurrency", type=int, default=None)
+    parser.add_argument("--callbacks", action="store_true", help="run the webhook delivery worker instead")
+    args = parser.parse_args()
+    if args.callbacks:
+        run_callback_worker(args.hostname, args.concurrency or 8)
+    else:
+        run_inference_worker(args.hostname, args.queues.split(","), args.concurrency)
+
+
+if __name__ == "__main__":
+    main()

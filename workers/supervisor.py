@@ -1,0 +1,120 @@
+"""`varco worker --gpus 0,1 | all | cpu`: one child process per GPU, plus one for webhooks.
+
+Each child is a fresh interpreter started with CUDA_VISIBLE_DEVICES set, so torch in it sees one
+GPU and the parent never touches CUDA. A child that dies is restarted (with growing backoff if it
+keeps dying); SIGTERM/SIGINT are passed on as SIGTERM (Celery's warm shutdown: in-flight jobs
+finish) and the supervisor exits when the children have.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger("varco.supervisor")
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.argv, env=self.env)
+        self.started_at = time.monotonic()
+        log.info("started %s (pid %d)", self.name, self.process.pid)
+
+
+def gpu_ids(spec: str) -> list[str] | None:
+    """ "0,1" -> ["0", "1"]; "all" -> every visible GPU; "cpu" -> None (CPU mode)."""
+    spec = spec.strip().lower()
+    if spec == "cpu":
+        return None
+    if spec == "all":
+        out = subprocess.run(
+            [sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        count = int(out.stdout.strip() or 0)
+        if count == 0:
+            raise SystemExit("--gpus all: no CUDA device is visible; use --gpus cpu")
+        return [str(i) for i in range(count)]
+    ids = [part.strip() for part in spec.split(",") if part.strip()]
+    if not ids or not all(i.isdigit() for i in ids):
+        raise SystemExit(f"--gpus takes 0,1,… | all | cpu, not {spec!r}")
+    return ids
+
+
+def plan_children(gpus: str, queues: str, callbacks: bool, concurrency: int | None) -> list[Child]:
+    host = socket.gethostname()
+    ids = gpu_ids(gpus)
+    base = [sys.executable, "-m", "workers.process", "--queues", queues]
+    if concurrency:
+        base += ["--concurrency", str(concurrency)]
+    children = []
+    for index, gpu in enumerate(ids or [None]):
+        name = f"gpu{gpu}@{host}" if gpu is not None else f"cpu{index}@{host}"
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu if gpu is not None else ""}
+        children.append(Child(name, [*base, "--hostname", name], env))
+    if callbacks:
+        name = f"callbacks@{host}"
+        argv = [sys.executable, "-m", "workers.process", "--callbacks", "--hostname", name]
+        children.append(Child(name, argv, {**os.environ, "CUDA_VISIBLE_DEVICES": ""}))
+    return children
+
+
+def supervise(children: list[Child], grace_s: float = 120.0) -> int:
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            log.info("received signal %d: stopping children (in-flight jobs finish first)", signum)
+        stopping = True
+        for child in children:
+            if child.process and child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for child in children:
+        child.start()
+    while not stopping:
+        time.sleep(0.5)
+        for child in children:
+            code = child.process.poll() if child.process else 0
+            if code is None or stopping:
+                continue
+            # A child that lived a while restarts at once; one that keeps dying backs off up to 30 s.
+            child.restarts = 0 if time.monotonic() - child.started_at > 60 else child.restarts + 1
+            delay = min(30.0, 2.0 ** max(0, child.restarts - 1)) if child.restarts else 0.0
+            log.warning("%s exited with %s; restarting in %.0fs", child.name, code, delay)
+            time.sleep(delay)
+            if not stopping:
+                child.start()
+    deadline = time.monotonic() + grace_s
+    for child in children:
+        if child.process is None:
+            continue
+        try:
+            child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0fs; killing it", child.name, grace_s)
+            child.process.kill()
+            child.process.wait()
+    return 0
+
+
+def run(gpus: str, queues: str, callbacks: bool = True, concurrency: int | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [supervisor] %(message)s")
+    return supervise(plan_children(gpus, queues, callbacks, concurrency))
