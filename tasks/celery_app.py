@@ -47,6 +47,12 @@ def create_app(settings: Settings) -> Celery:
             "priority_steps": PRIORITY_STEPS,
             "sep": ":",
             "queue_order_strategy": "priority",
+            # Unacked messages of a dead worker come back after visibility_timeout; sweep often enough
+            # that "after" means seconds, not kombu's default of up to 100 s more.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 5)),
+            "unacked_restore_throttle": 1,
+            "socket_connect_timeout": 5,
+            "health_check_interval": 25,
         },
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,

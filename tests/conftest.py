@@ -4,14 +4,6 @@ from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-
-
-def card_output(name: str) -> str:
-    """A model-card example output; the fixture's final newline is not part of it (fixtures/README)."""
-    text = (FIXTURES / f"card_{name}_output.txt").read_text(encoding="utf-8")
-    return text[:-1] if text.endswith("\n") else text
-
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import card_output
+from helpers import card_output
 
 pytest.importorskip("torch")
 

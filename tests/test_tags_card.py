@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import card_output
+from helpers import card_output
 
 from tasks.tags import parse
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import card_output
+from helpers import card_output
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -1,0 +1,135 @@
+"""Small real servers for tests: an HTTP image server and a webhook receiver, both on loopback."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+
+def card_output(name: str) -> str:
+    """A model-card example output; the fixture's final newline is not part of it (fixtures/README)."""
+    text = (FIXTURES / f"card_{name}_output.txt").read_text(encoding="utf-8")
+    return text[:-1] if text.endswith("\n") else text
+
+
+def png(width: int, height: int, colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def jpeg_rotated(width: int, height: int) -> bytes:
+    """A JPEG stored width x height with EXIF orientation 6: it displays as height x width."""
+    image = Image.new("RGB", (width, height), (10, 120, 200))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+@dataclass
+class Route:
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    # Status codes to answer before the real response, one per request (to test retries).
+    failures: list[int] = field(default_factory=list)
+    hits: int = 0
+
+
+class ServedFiles:
+    """A threaded HTTP server on 127.0.0.1 answering from a dict of routes."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        routes = self.routes
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                route = routes.get(self.path)
+                if route is None:
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                route.hits += 1
+                status = route.failures.pop(0) if route.failures else route.status
+                self.send_response(status)
+                for name, value in route.headers.items():
+                    self.send_header(name, value)
+                body = route.body if status < 300 else b"error"
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}"
+
+    def add(self, path: str, body: bytes = b"", **kwargs: Any) -> str:
+        self.routes[path] = Route(body=body, **kwargs)
+        return self.base + path
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class WebhookReceiver:
+    """Records every POST; answers with `status_for(path)` (default 204)."""
+
+    def __init__(self) -> None:
+        self.received: list[Received] = []
+        self.status_for: Callable[[str], int] = lambda path: 204
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                outer.received.append(Received(self.path, dict(self.headers.items()), body))
+                self.send_response(outer.status_for(self.path))
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}{path}"
+
+    def wait_for(self, predicate: Callable[[list[Received]], bool], timeout: float = 30.0) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(list(self.received)):
+                return list(self.received)
+            time.sleep(0.1)
+        raise AssertionError(f"webhooks never arrived as expected; got {[r.path for r in self.received]}")
+
+    def close(self) -> None:
+        self.server.shutdown()

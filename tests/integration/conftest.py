@@ -1,0 +1,167 @@
+"""Integration fixtures: a private redis-server, a moto S3 server over HTTP, local HTTP servers,
+and a worker started through the `varco worker` CLI as a subprocess. All on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+from helpers import ServedFiles, WebhookReceiver, card_output, jpeg_rotated, png
+from moto.server import ThreadedMotoServer
+
+from producer import Client
+from tasks.settings import Settings
+from workers.inference import SCRIPTS_FILE
+from workers.local_redis import LocalRedis, free_port, start_redis
+
+pytest.importorskip("torch")
+
+SECRET = "whsec_dGVzdC1zZWNyZXQtZm9yLXZhcmNvLXF1ZXVl"
+RESULTS_BUCKET, IMAGES_BUCKET = "varco-results", "varco-images"
+CAT = png(640, 480, (180, 40, 40))
+SIGN = png(800, 400, (30, 110, 60))
+LONG = png(48, 48, (1, 2, 3))  # scripted with a very long answer: the job to cancel while running
+ROTATED = jpeg_rotated(300, 200)
+LONG_ANSWER_TOKENS = 6000
+
+SCRIPTS = {
+    (CAT, "caption"): "A red picture.",
+    (CAT, "grounding"): card_output("grounding"),
+    (CAT, "referring"): card_output("referring"),
+    (CAT, "vqa"): "It is <obj>red</obj><bbox>0.0, 0.0, 1.0, 1.0</bbox>.",
+    (CAT, "ocr"): card_output("ocr"),
+    (SIGN, "ocr"): card_output("ocr"),
+    (LONG, "caption"): "a" * LONG_ANSWER_TOKENS,
+}
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    os.environ.update(
+        {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    )
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    s3 = boto3.client("s3", endpoint_url=url)
+    for bucket in (RESULTS_BUCKET, IMAGES_BUCKET):
+        s3.create_bucket(Bucket=bucket)
+    yield url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(s3_server: str):
+    return boto3.client("s3", endpoint_url=s3_server)
+
+
+@pytest.fixture(scope="session")
+def http_files() -> Iterator[ServedFiles]:
+    served = ServedFiles()
+    served.add("/cat.png", CAT, headers={"content-type": "image/png"})
+    served.add("/rotated.jpg", ROTATED)
+    served.add("/not-an-image.txt", b"hello, I am text")
+    served.add("/redirect", status=302, headers={"location": "/cat.png"})
+    yield served
+    served.close()
+
+
+@pytest.fixture(scope="session")
+def receiver() -> Iterator[WebhookReceiver]:
+    r = WebhookReceiver()
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="session")
+def file_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    (root / "sign.png").write_bytes(SIGN)
+    (root / "cat.png").write_bytes(CAT)
+    return root
+
+
+@pytest.fixture(scope="session")
+def worker_env(redis_server: LocalRedis, s3_server: str, s3, tiny_model_dir: Path, file_root: Path) -> dict[str, str]:
+    scripts = {f"{sha(data)}:{task}": text for (data, task), text in SCRIPTS.items()}
+    (tiny_model_dir / SCRIPTS_FILE).write_text(json.dumps(scripts), encoding="utf-8")
+    s3.put_object(Bucket=IMAGES_BUCKET, Key="in/sign.png", Body=SIGN)
+    s3.put_object(Bucket=IMAGES_BUCKET, Key="in/cat.png", Body=CAT)
+    return {
+        "VARCO_BROKER_URL": redis_server.url,
+        "VARCO_RESULT_STORE": f"s3://{RESULTS_BUCKET}/jobs/",
+        "VARCO_S3_ENDPOINT_URL": s3_server,
+        "VARCO_MODEL": str(tiny_model_dir),
+        "VARCO_FILE_ROOT": str(file_root),
+        "VARCO_ALLOW_PRIVATE_URLS": "true",  # every test server is on loopback
+        "VARCO_CALLBACK_SECRET": SECRET,
+        "VARCO_MAX_ATTEMPTS": "3",
+        "VARCO_MAX_BATCH_SIZE": "8",
+        "VARCO_MAX_WAIT_MS": "30",
+        "VARCO_MAX_NEW_TOKENS": "16",
+        "VARCO_MAX_DATA_URI_BYTES": "65536",
+        "VARCO_STATUS_TTL": "3600",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+@pytest.fixture(scope="session")
+def settings(worker_env: dict[str, str]) -> Settings:
+    return Settings(**{k.removeprefix("VARCO_").lower(): v for k, v in worker_env.items() if k.startswith("VARCO_")})
+
+
+@pytest.fixture(scope="session")
+def worker(worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen]:
+    log_path = tmp_path_factory.mktemp("logs") / "worker.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "producer.cli", "worker", "--gpus", "cpu"],
+            env={**os.environ, **worker_env}, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    yield process
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    if os.environ.get("VARCO_SHOW_WORKER_LOG"):
+        print(log_path.read_text())
+
+
+@pytest.fixture(scope="session")
+def client(settings: Settings, worker: subprocess.Popen) -> Iterator[Client]:
+    c = Client(settings)
+    yield c
+    c.close()
+
+
+def wait_for_state(client: Client, job_id: str, states: set[str], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.status(job_id).state.value in states:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} never reached {states}; it is {client.status(job_id).state.value}")

@@ -1,0 +1,43 @@
+"""Cancelling queued and running jobs."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import LONG, RESULTS_BUCKET, wait_for_state
+
+from producer import Client, JobCancelled
+from tasks.settings import Settings
+
+
+def test_cancel_a_queued_job(settings: Settings, worker, http_files) -> None:
+    # Route captions to a queue no worker consumes, so the job stays queued.
+    parked = Client(settings.model_copy(update={"task_routes": {"caption": "varco.parked"}}))
+    job_id = parked.submit(http_files.base + "/cat.png", "caption")
+    assert parked.status(job_id).state.value == "queued"
+    assert parked.cancel(job_id) is True
+    status = parked.status(job_id)
+    assert status.state.value == "cancelled" and status.finished_at is not None
+    with pytest.raises(JobCancelled):
+        parked.result(job_id, timeout=5)
+    assert parked.cancel(job_id) is True  # cancelling again is harmless
+
+
+def test_cancel_a_running_job_stops_generation(client: Client, http_files, s3) -> None:
+    url = http_files.add("/long.png", LONG)
+    job_id = client.submit(url, "caption", max_new_tokens=6500)  # scripted: 6000 tokens, no EOS before
+    wait_for_state(client, job_id, {"started"})
+    assert client.cancel(job_id) is True
+    [status] = client.wait(job_id, timeout=60)
+    assert status.state.value == "cancelled"
+    listing = s3.list_objects_v2(Bucket=RESULTS_BUCKET, Prefix=f"jobs/{job_id}")
+    assert listing.get("KeyCount", 0) == 0  # no result written
+    # The engine is free again.
+    ok = client.submit(http_files.base + "/cat.png", "caption")
+    assert next(client.wait(ok, timeout=60)).state.value == "succeeded"
+
+
+def test_cancel_a_finished_job_returns_false(client: Client, http_files) -> None:
+    job_id = client.submit(http_files.base + "/cat.png", "caption")
+    assert next(client.wait(job_id, timeout=60)).state.value == "succeeded"
+    assert client.cancel(job_id) is False
+    assert client.status(job_id).state.value == "succeeded"

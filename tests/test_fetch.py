@@ -1,0 +1,125 @@
+"""Image fetching against a real local HTTP server: limits, address rules, typed errors."""
+
+from __future__ import annotations
+
+import base64
+import re
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import ServedFiles, jpeg_rotated, png
+
+from tasks.errors import ForbiddenURLError, ImageDecodeError, ImageFetchError, ImageTooLargeError
+from tasks.settings import Settings
+from workers.fetch import ImageFetcher
+
+IMAGE = png(64, 48)
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[ServedFiles]:
+    s = ServedFiles()
+    s.add("/ok.png", IMAGE)
+    s.add("/text", b"plain text")
+    s.add("/big.png", png(400, 400))
+    s.add("/rotated.jpg", jpeg_rotated(30, 20))
+    s.add("/gone", status=410)
+    s.add("/busy", status=503)
+    s.add("/loop", status=302, headers={"location": "/loop"})
+    yield s
+    s.close()
+
+
+def fetcher(tmp_path: Path | None = None, **overrides: object) -> ImageFetcher:
+    return ImageFetcher(Settings(allow_private_urls=True, file_root=tmp_path, **overrides))
+
+
+def test_http_image(served: ServedFiles) -> None:
+    got = fetcher().fetch(served.base + "/ok.png")
+    assert (got.width, got.height, got.image.mode) == (64, 48, "RGB")
+    assert got.size_bytes == len(IMAGE)
+
+
+def test_loopback_is_refused_unless_private_urls_are_allowed(served: ServedFiles) -> None:
+    with pytest.raises(ForbiddenURLError, match=r"non-public address 127\.0\.0\.1"):
+        ImageFetcher(Settings(allow_private_urls=False)).fetch(served.base + "/ok.png")
+    with pytest.raises(ForbiddenURLError):
+        ImageFetcher(Settings(allow_private_urls=False)).fetch(
+            served.base.replace("127.0.0.1", "localhost") + "/ok.png"
+        )
+
+
+@pytest.mark.parametrize("address", ["10.1.2.3", "192.168.0.7", "169.254.169.254", "172.16.5.5", "::1", "fe80::1"])
+def test_private_and_link_local_after_dns_resolution(monkeypatch: pytest.MonkeyPatch, address: str) -> None:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [(family, socket.SOCK_STREAM, 6, "", (address, 0))])
+    with pytest.raises(ForbiddenURLError, match=re.escape(address)):
+        ImageFetcher(Settings(allow_private_urls=False)).fetch("http://images.example.com/cat.png")
+
+
+def test_permanent_and_transient_http_errors(served: ServedFiles) -> None:
+    with pytest.raises(ImageFetchError, match="HTTP 410") as gone:
+        fetcher().fetch(served.base + "/gone")
+    assert gone.value.transient is False
+    with pytest.raises(ImageFetchError, match="HTTP 503") as busy:
+        fetcher().fetch(served.base + "/busy")
+    assert busy.value.transient is True
+    with pytest.raises(ImageFetchError, match="redirects"):
+        fetcher().fetch(served.base + "/loop")
+
+
+def test_unreachable_host_is_transient() -> None:
+    from workers.local_redis import free_port
+
+    with pytest.raises(ImageFetchError) as info:
+        fetcher().fetch(f"http://127.0.0.1:{free_port()}/x.png")
+    assert info.value.transient is True
+
+
+def test_not_an_image(served: ServedFiles) -> None:
+    with pytest.raises(ImageDecodeError, match="not a decodable image"):
+        fetcher().fetch(served.base + "/text")
+
+
+def test_byte_and_pixel_limits(served: ServedFiles) -> None:
+    with pytest.raises(ImageTooLargeError, match="bytes"):
+        fetcher(max_image_bytes=100).fetch(served.base + "/big.png")
+    with pytest.raises(ImageTooLargeError, match="pixels"):
+        fetcher(max_image_pixels=10_000).fetch(served.base + "/big.png")
+
+
+def test_exif_orientation(served: ServedFiles) -> None:
+    got = fetcher().fetch(served.base + "/rotated.jpg")
+    assert (got.width, got.height) == (20, 30)
+
+
+def test_file_uris_only_under_the_root(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(IMAGE)
+    assert fetcher(tmp_path).fetch((tmp_path / "a.png").as_uri()).width == 64
+    with pytest.raises(ForbiddenURLError, match="outside VARCO_FILE_ROOT"):
+        fetcher(tmp_path).fetch((tmp_path / ".." / "x.png").as_uri())
+    with pytest.raises(ImageFetchError, match="no such file"):
+        fetcher(tmp_path).fetch((tmp_path / "nope.png").as_uri())
+    with pytest.raises(ImageFetchError, match="VARCO_FILE_ROOT"):
+        fetcher(None).fetch((tmp_path / "a.png").as_uri())
+
+
+def test_symlink_escaping_the_root_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(IMAGE)
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "link.png").symlink_to(outside)
+    with pytest.raises(ForbiddenURLError):
+        fetcher(root).fetch((root / "link.png").as_uri())
+
+
+def test_data_uris() -> None:
+    got = fetcher().fetch("data:image/png;base64," + base64.b64encode(IMAGE).decode())
+    assert (got.width, got.height) == (64, 48)
+    with pytest.raises(ImageDecodeError, match="broken data URI"):
+        fetcher().fetch("data:image/png;base64,@@@")
+    with pytest.raises(ImageDecodeError, match="not a decodable image"):
+        fetcher().fetch("data:image/png;base64," + base64.b64encode(b"not a png").decode())

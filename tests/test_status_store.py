@@ -1,0 +1,99 @@
+"""Status records on a real redis-server: forward-only transitions, attempts, cancels, events, TTL."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from tasks.schemas import ErrorInfo, JobState
+from tasks.status import EVENTS_CHANNEL, StatusStore
+from workers.local_redis import LocalRedis, start_redis
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
+    s = start_redis(tmp_path_factory.mktemp("redis-status"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def store(server: LocalRedis) -> StatusStore:
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    client.flushdb()
+    return StatusStore(client, ttl=120)
+
+
+def test_forward_only(store: StatusStore) -> None:
+    store.create("j1", "caption")
+    assert store.begin_attempt("j1", "gpu0@a", max_attempts=3) == (JobState.STARTED, 1)
+    assert store.transition("j1", JobState.SUCCEEDED, result_uri="s3://b/j1.json")
+    # A redelivered message can never take the finished job back.
+    assert not store.transition("j1", JobState.STARTED)
+    assert not store.transition("j1", JobState.FAILED, error=ErrorInfo(type="X", message="late"))
+    assert store.begin_attempt("j1", "gpu1@b", max_attempts=3) == (JobState.SUCCEEDED, 1)
+    status = store.get("j1")
+    assert status.state is JobState.SUCCEEDED and status.error is None and status.worker == "gpu0@a"
+    assert status.result_uri == "s3://b/j1.json" and status.finished_at is not None
+
+
+def test_started_and_retrying_alternate_but_never_return_to_queued(store: StatusStore) -> None:
+    store.create("j2", "ocr")
+    store.begin_attempt("j2", "w", 5)
+    assert store.transition("j2", JobState.RETRYING, error=ErrorInfo(type="ImageFetchError", message="503"))
+    assert store.begin_attempt("j2", "w", 5) == (JobState.STARTED, 2)
+    assert not store.transition("j2", JobState.QUEUED)
+    assert store.get("j2").error.type == "ImageFetchError"
+
+
+def test_poison_after_max_attempts(store: StatusStore) -> None:
+    store.create("j3", "caption")
+    for n in (1, 2):
+        assert store.begin_attempt("j3", "w", 2) == (JobState.STARTED, n)
+    state, attempts = store.begin_attempt("j3", "w", 2)
+    assert (state, attempts) == (JobState.FAILED, 3)
+    assert store.get("j3").error.type == "PoisonMessageError"
+
+
+def test_cancel_queued_and_running(store: StatusStore) -> None:
+    store.create("q", "caption")
+    assert store.request_cancel("q") is JobState.CANCELLED
+    assert store.begin_attempt("q", "w", 3)[0] is JobState.CANCELLED  # never runs
+    store.create("r", "caption")
+    store.begin_attempt("r", "w", 3)
+    assert store.request_cancel("r") is JobState.STARTED and store.cancel_requested("r")
+    assert store.transition("r", JobState.CANCELLED)
+    assert store.request_cancel("missing") is None
+
+
+def test_cancel_before_first_delivery_wins(store: StatusStore) -> None:
+    store.create("c", "caption")
+    store.redis.hset(store.key("c"), "cancel_requested", "1")
+    assert store.begin_attempt("c", "w", 3)[0] is JobState.CANCELLED
+
+
+def test_every_change_is_published_and_records_expire(store: StatusStore) -> None:
+    pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(EVENTS_CHANNEL)
+    store.create("e", "vqa")
+    store.begin_attempt("e", "w", 3)
+    store.transition("e", JobState.SUCCEEDED, result_uri="file:///r/e.json")
+    states = []
+    for _ in range(20):
+        message = pubsub.get_message(timeout=1)
+        if message:
+            states.append(json.loads(message["data"])["state"])
+        if states[-1:] == ["succeeded"]:
+            break
+    assert states == ["started", "succeeded"]
+    assert 0 < store.redis.ttl(store.key("e")) <= 120
+
+
+def test_idempotency_key_binds_once(store: StatusStore) -> None:
+    assert store.claim_idempotency_key("k", "a") == "a"
+    assert store.claim_idempotency_key("k", "b") == "a"
+    store.release_idempotency_key("k", "b")  # not the owner: no effect
+    assert store.claim_idempotency_key("k", "c") == "a"
