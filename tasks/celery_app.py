@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import redis
 from celery import Celery
 from kombu import Queue
 
@@ -60,3 +61,13 @@ def create_app(settings: Settings) -> Celery:
         task_send_sent_event=False,
     )
     return app
+
+
+def queue_lanes(queue: str) -> list[str]:
+    """The Redis lists kombu keeps for one queue: one per priority step ("varco", "varco:1", …)."""
+    return [queue if step == 0 else f"{queue}:{step}" for step in PRIORITY_STEPS]
+
+
+def queue_depth(client: redis.Redis, queue: str = INFER_QUEUE) -> int:
+    """Jobs waiting in a queue, all priority lanes together (what autoscaling should watch)."""
+    return sum(client.llen(lane) for lane in queue_lanes(queue))

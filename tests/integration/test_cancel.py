@@ -6,14 +6,18 @@ import pytest
 from conftest import LONG, RESULTS_BUCKET, wait_for_state
 
 from producer import Client, JobCancelled
+from tasks.celery_app import queue_depth
 from tasks.settings import Settings
 
 
 def test_cancel_a_queued_job(settings: Settings, worker, http_files) -> None:
     # Route captions to a queue no worker consumes, so the job stays queued.
     parked = Client(settings.model_copy(update={"task_routes": {"caption": "varco.parked"}}))
-    job_id = parked.submit(http_files.base + "/cat.png", "caption")
+    depth = queue_depth(parked.redis, "varco.parked")
+    job_id = parked.submit(http_files.base + "/cat.png", "caption", priority=9)
     assert parked.status(job_id).state.value == "queued"
+    assert queue_depth(parked.redis, "varco.parked") == depth + 1
+    assert parked.redis.llen("varco.parked") >= 1  # priority 9 is served first: lane 0
     assert parked.cancel(job_id) is True
     status = parked.status(job_id)
     assert status.state.value == "cancelled" and status.finished_at is not None

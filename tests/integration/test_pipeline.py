@@ -11,6 +11,7 @@ from helpers import card_output
 
 from producer import Client, InvalidRequest, JobFailed
 from producer.webhooks import WebhookVerificationError, verify
+from tasks.celery_app import queue_depth
 
 
 def stored_result(s3, job_id: str) -> dict:
@@ -190,7 +191,7 @@ def test_idempotency_key_gives_one_job(client: Client, http_files) -> None:
 
 
 def test_bad_requests_are_refused_before_enqueueing(client: Client, http_files) -> None:
-    queued_before = client.redis.llen("varco")
+    queued_before = queue_depth(client.redis)
     with pytest.raises(ValueError, match="needs a prompt"):
         client.submit(http_files.base + "/cat.png", "vqa")
     with pytest.raises(InvalidRequest, match="request #1"):
@@ -198,4 +199,4 @@ def test_bad_requests_are_refused_before_enqueueing(client: Client, http_files) 
                             {"image_uri": "gopher://x", "task": "caption"}])  # fmt: skip
     with pytest.raises(InvalidRequest, match="VARCO_MAX_DATA_URI_BYTES"):
         client.submit("data:image/png;base64," + base64.b64encode(b"x" * 70_000).decode(), "caption")
-    assert client.redis.llen("varco") == queued_before
+    assert queue_depth(client.redis) == queued_before

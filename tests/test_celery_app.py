@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import pytest
+from kombu.exceptions import ContentDisallowed
+
+from tasks.celery_app import CALLBACK_QUEUE, CALLBACK_TASK, INFER_QUEUE, broker_priority, create_app, infer_queue
+from tasks.settings import Settings
+
+
+def test_json_only_late_acks_and_visibility_timeout() -> None:
+    app = create_app(Settings(visibility_timeout=7200, broker_url="redis://127.0.0.1:1/0"))
+    conf = app.conf
+    assert conf.task_serializer == "json" and list(conf.accept_content) == ["json"]
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
+    assert conf.broker_transport_options["visibility_timeout"] == 7200
+    assert {q.name for q in conf.task_queues} == {INFER_QUEUE, CALLBACK_QUEUE}
+    assert conf.task_routes[CALLBACK_TASK] == {"queue": CALLBACK_QUEUE}
+
+
+def test_pickle_is_refused() -> None:
+    import pickle
+
+    from kombu.serialization import loads
+
+    payload = pickle.dumps({"evil": True})
+    with pytest.raises(ContentDisallowed):
+        loads(payload, "application/x-python-serialize", "binary", accept=["application/json"])
+
+
+def test_priority_and_routing() -> None:
+    assert broker_priority(9) == 0 and broker_priority(0) == 9  # Redis serves lane 0 first
+    assert broker_priority(None) == broker_priority(4)
+    assert infer_queue("ocr", {"ocr": "varco.ocr"}) == "varco.ocr"
+    assert infer_queue("caption", {"ocr": "varco.ocr"}) == INFER_QUEUE

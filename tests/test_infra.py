@@ -1,0 +1,51 @@
+"""Deployment files parse and keep the worker rules (no Docker engine here to run them)."""
+
+from __future__ import annotations
+
+import configparser
+from pathlib import Path
+
+import yaml
+
+from tasks.settings import Settings
+
+INFRA = Path(__file__).resolve().parents[1] / "infra"
+
+
+def load_all(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def test_compose_runs_redis_storage_and_gpu_workers() -> None:
+    compose = yaml.safe_load((INFRA / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) >= {"redis", "minio", "worker"}
+    worker = services["worker"]
+    assert worker["command"][:2] == ["varco", "worker"]
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert "--appendonly" in services["redis"]["command"]
+    assert set(worker["environment"]) - {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_HOME"} <= {
+        "VARCO_" + name.upper() for name in Settings.model_fields
+    }
+
+
+def test_kubernetes_one_gpu_per_pod_and_queue_autoscaling() -> None:
+    docs = [d for f in sorted((INFRA / "k8s").glob("*.yaml")) for d in load_all(f)]
+    by_kind = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    worker = by_kind[("Deployment", "varco-worker")]["spec"]["template"]["spec"]
+    container = worker["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert worker["terminationGracePeriodSeconds"] >= 120
+    scaled = by_kind[("ScaledObject", "varco-worker")]["spec"]
+    assert scaled["scaleTargetRef"]["name"] == "varco-worker"
+    lanes = {t["metadata"]["listName"] for t in scaled["triggers"] if t["type"] == "redis"}
+    assert lanes == {"varco"} | {f"varco:{i}" for i in range(1, 10)}
+    config = by_kind[("ConfigMap", "varco-config")]["data"]
+    assert {k.removeprefix("VARCO_").lower() for k in config} <= set(Settings.model_fields)
+
+
+def test_systemd_unit() -> None:
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.read(INFRA / "systemd" / "varco-worker.service")
+    assert "varco worker --gpus all" in unit["Service"]["ExecStart"]
+    assert unit["Service"]["Restart"] == "always" and unit["Service"]["KillSignal"] == "SIGTERM"
