@@ -154,8 +154,9 @@ class Client:
             next_poll = 0.0
             while pending:
                 if time.monotonic() >= next_poll:
-                    for job_id in sorted(pending):
-                        status = self.status(job_id)
+                    for job_id, status in self.statuses.get_many(sorted(pending)).items():
+                        if status is None:
+                            raise JobNotFound(job_id)
                         if status.state.finished:
                             pending.discard(job_id)
                             yield status

@@ -149,6 +149,14 @@ class StatusStore:
         record = self.record(job_id)
         return record_to_status(record) if record else None
 
+    def get_many(self, job_ids: list[str]) -> dict[str, JobStatus | None]:
+        """Several records in one round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hgetall(self.key(job_id))
+            records = pipe.execute()
+        return {j: record_to_status(r) if r else None for j, r in zip(job_ids, records, strict=True)}
+
     def transition(self, job_id: str, state: JobState, *, error: ErrorInfo | None = None, **fields: str) -> bool:
         """Move forward to `state`; False (and nothing written) when that would go backwards."""
         if error is not None:

@@ -30,6 +30,7 @@ RESULTS_BUCKET, IMAGES_BUCKET = "varco-results", "varco-images"
 CAT = png(640, 480, (180, 40, 40))
 SIGN = png(800, 400, (30, 110, 60))
 LONG = png(48, 48, (1, 2, 3))  # scripted with a very long answer: the job to cancel while running
+MEDIUM = png(40, 40, (4, 5, 6))  # scripted with ~1500 tokens: in flight for a few seconds
 ROTATED = jpeg_rotated(300, 200)
 LONG_ANSWER_TOKENS = 6000
 
@@ -41,6 +42,7 @@ SCRIPTS = {
     (CAT, "ocr"): card_output("ocr"),
     (SIGN, "ocr"): card_output("ocr"),
     (LONG, "caption"): "a" * LONG_ANSWER_TOKENS,
+    (MEDIUM, "caption"): "b" * 1500,
 }
 
 

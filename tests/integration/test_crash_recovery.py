@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CAT, LONG, wait_for_state
+from conftest import CAT, LONG, MEDIUM, wait_for_state
 
 from producer import Client
 from tasks.settings import Settings
@@ -109,3 +109,25 @@ def test_a_job_that_keeps_killing_workers_fails_as_poison(crash_client: Client, 
     [status] = crash_client.wait(job_id, timeout=90)
     assert status.state.value == "failed"
     assert status.error.type == "PoisonMessageError" and status.attempts == 3
+
+
+def test_sigterm_finishes_in_flight_work_then_exits(
+    crash_env: dict[str, str],
+    crash_client: Client,
+    http_files,
+    tmp_path: Path,
+) -> None:
+    # A second worker on a queue of its own, so the job surely runs there.
+    with open(tmp_path / "worker.log", "w") as log:
+        second = subprocess.Popen(
+            [sys.executable, "-m", "producer.cli", "worker", "--gpus", "cpu", "--no-callbacks", "--queues", "drain"],
+            env={**os.environ, **crash_env}, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    client = Client(crash_client.settings.model_copy(update={"task_routes": {"caption": "drain"}}))
+    job_id = client.submit(http_files.add("/medium.png", MEDIUM), "caption", max_new_tokens=2000)
+    wait_for_state(client, job_id, {"started"}, timeout=90)
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(timeout=120) == 0
+    status = client.status(job_id)
+    assert status.state.value == "succeeded" and status.attempts == 1  # finished before the exit
+    assert client.result(job_id).output.text == "b" * 1500
