@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from producer import Client
-from tasks.settings import Settings
+from tasks.settings import settings_from_env
 from workers.local_redis import start_redis
 from workers.tiny_model import make_tiny_model
 
@@ -53,7 +53,7 @@ def main() -> None:
             env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
-            client = Client(Settings(**{k.removeprefix("VARCO_").lower(): v for k, v in env.items()}))
+            client = Client(settings_from_env(env))
             # Warm-up: the worker has loaded the model once this job is done.
             next(client.wait(client.submit((images / "a.png").as_uri(), "caption", max_new_tokens=1), timeout=120))
             uri = (images / "a.png").as_uri()

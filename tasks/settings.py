@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -48,6 +49,12 @@ class Settings(BaseSettings):
         if not value.startswith(("s3://", "file://")):
             raise ValueError("VARCO_RESULT_STORE must be s3://bucket/prefix/ or file:///abs/dir/")
         return value if value.endswith("/") else value + "/"
+
+
+def settings_from_env(env: Mapping[str, str]) -> Settings:
+    """Settings from a mapping shaped like the environment (the VARCO_* keys of a child's env)."""
+    prefix = "VARCO_"
+    return Settings(**{k.removeprefix(prefix).lower(): v for k, v in env.items() if k.startswith(prefix)})
 
 
 @lru_cache(maxsize=1)

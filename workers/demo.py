@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tasks.prompts import TaskType
-from tasks.settings import Settings
+from tasks.settings import Settings, settings_from_env
 from workers.inference import SCRIPTS_FILE
 from workers.local_redis import LocalRedis, answers, start_redis
 from workers.samples import Sample, samples
@@ -100,7 +100,7 @@ def run_demo(console: Console, jobs_per_task: int = 1) -> int:
         "VARCO_RESULT_STORE": env.get("VARCO_RESULT_STORE", result_dir.resolve().as_uri() + "/"),
         "VARCO_MAX_NEW_TOKENS": env.get("VARCO_MAX_NEW_TOKENS", "512"),
     }
-    settings = Settings(**{k.removeprefix("VARCO_").lower(): v for k, v in env.items() if k.startswith("VARCO_")})
+    settings = settings_from_env(env)
     log_path = DEMO_DIR / "worker.log"
     console.print(f"model: {settings.model}\nworker: `varco worker --gpus cpu` (log: {log_path})")
     with open(log_path, "w") as log_file:

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from celery import Celery, Task
+from celery.exceptions import Retry
 from pydantic import ValidationError
 
 from tasks.celery_app import INFER_TASK
@@ -171,7 +172,12 @@ def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> 
             if exc.transient and attempts < rt.settings.max_attempts:
                 log.info("job %s: %s (attempt %d); retrying", job_id, exc, attempts)
                 rt.statuses.transition(job_id, JobState.RETRYING, error=exc.info())
-                raise self.retry(countdown=backoff_s(attempts - 1), max_retries=None) from None
+                try:
+                    raise self.retry(countdown=backoff_s(attempts - 1), max_retries=None) from None
+                except Retry:
+                    raise
+                except Exception:  # the retry could not be queued: fail now rather than hang in retrying
+                    log.exception("job %s: could not schedule its retry", job_id)
             job.fail(exc.info())
         except Exception as exc:
             log.exception("job %s failed unexpectedly", job_id)

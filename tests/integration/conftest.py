@@ -19,7 +19,7 @@ from helpers import ServedFiles, WebhookReceiver, card_output, jpeg_rotated, png
 from moto.server import ThreadedMotoServer
 
 from producer import Client
-from tasks.settings import Settings
+from tasks.settings import Settings, settings_from_env
 from workers.inference import SCRIPTS_FILE
 from workers.local_redis import LocalRedis, free_port, start_redis
 
@@ -132,7 +132,7 @@ def worker_env(redis_server: LocalRedis, s3_server: str, s3, tiny_model_dir: Pat
 
 @pytest.fixture(scope="session")
 def settings(worker_env: dict[str, str]) -> Settings:
-    return Settings(**{k.removeprefix("VARCO_").lower(): v for k, v in worker_env.items() if k.startswith("VARCO_")})
+    return settings_from_env(worker_env)
 
 
 @pytest.fixture(scope="session")

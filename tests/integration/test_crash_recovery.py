@@ -15,7 +15,7 @@ import pytest
 from conftest import CAT, LONG, MEDIUM, wait_for_state
 
 from producer import Client
-from tasks.settings import Settings
+from tasks.settings import settings_from_env
 from workers.local_redis import LocalRedis, start_redis
 
 
@@ -73,7 +73,7 @@ def supervisor(crash_env: dict[str, str], tmp_path_factory: pytest.TempPathFacto
 
 @pytest.fixture(scope="module")
 def crash_client(crash_env: dict[str, str], supervisor: subprocess.Popen) -> Client:
-    return Client(Settings(**{k.removeprefix("VARCO_").lower(): v for k, v in crash_env.items() if "VARCO_" in k}))
+    return Client(settings_from_env(crash_env))
 
 
 def test_killed_worker_is_restarted_and_the_job_is_not_lost(crash_client: Client, supervisor, http_files) -> None:
