@@ -55,20 +55,27 @@ class GenerationOutput:
 
 
 class RowBudget(LogitsProcessor):
-    """Forces EOS on each row once it has generated its own `max_new_tokens`."""
+    """Forces EOS on each row once it has generated its own `max_new_tokens`.
+
+    Runs every decode step, so it avoids anything that makes the GPU wait: no `nonzero()`, and
+    nothing at all before the smallest budget is reached.
+    """
 
     def __init__(self, budgets: Sequence[int], prompt_length: int, eos_token_id: int) -> None:
         self.budgets = torch.tensor(list(budgets))
+        self.smallest = min(budgets)
         self.prompt_length = prompt_length
         self.eos_token_id = eos_token_id
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         step = input_ids.shape[1] - self.prompt_length
-        done = (self.budgets.to(scores.device) <= step).nonzero().flatten()
-        if done.numel():
-            scores[done] = float("-inf")
-            scores[done, self.eos_token_id] = 0.0
-        return scores
+        if step < self.smallest:
+            return scores
+        if self.budgets.device != scores.device:
+            self.budgets = self.budgets.to(scores.device)
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.eos_token_id] = 0.0
+        return torch.where((self.budgets <= step)[:, None], forced, scores)
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
