@@ -109,7 +109,7 @@ class Client:
             fields = dict(fields)
             try:
                 validated.append(self.validate(fields.pop("image_uri", None), fields.pop("task", None), **fields))
-            except (InvalidRequest, TypeError) as exc:
+            except InvalidRequest as exc:
                 raise InvalidRequest(f"request #{index}: {exc}") from None
         return [self._enqueue(r) for r in validated]
 

@@ -123,10 +123,6 @@ class StatusStore:
         self._begin = client.register_script(_BEGIN)
         self._cancel = client.register_script(_CANCEL)
 
-    @classmethod
-    def from_url(cls, url: str, ttl: int) -> StatusStore:
-        return cls(redis.Redis.from_url(url, decode_responses=True), ttl)
-
     def key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
 

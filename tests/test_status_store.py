@@ -15,9 +15,8 @@ from workers.local_redis import LocalRedis, start_redis
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    s = start_redis(tmp_path_factory.mktemp("redis-status"))
-    yield s
-    s.stop()
+    with start_redis(tmp_path_factory.mktemp("redis-status")) as s:
+        yield s
 
 
 @pytest.fixture

@@ -146,7 +146,7 @@ class _Job:
 
 def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> Task:
     @app.task(name=INFER_TASK, bind=True, acks_late=True, max_retries=None)
-    def infer(self: Task, job_id: str, request: dict, enqueued_at: str | None = None) -> str:
+    def infer(self: Task, job_id: str, request: dict, enqueued_at: str | None = None) -> None:
         rt: Runtime = get_runtime()
         state, attempts = rt.statuses.begin_attempt(job_id, rt.hostname, rt.settings.max_attempts)
         if state is not JobState.STARTED:
@@ -154,12 +154,12 @@ def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> 
             if state is JobState.FAILED and attempts > rt.settings.max_attempts:
                 status = rt.statuses.get(job_id)
                 _notify_poison(rt, job_id, request, status.error if status else None)
-            return state.value
+            return
         try:
             job_request = JobRequest.model_validate(request)
         except ValidationError as exc:
             rt.statuses.transition(job_id, JobState.FAILED, error=ErrorInfo(type="InvalidRequest", message=str(exc)))
-            return JobState.FAILED.value
+            return
         job = _Job(rt, job_id, job_request, enqueued_at)
         rt.cancels.watch(job_id, already_cancelled=rt.statuses.cancel_requested(job_id))
         if attempts == 1:
@@ -184,8 +184,6 @@ def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> 
             job.fail(error_info(exc))
         finally:
             rt.cancels.forget(job_id)
-        status = rt.statuses.get(job_id)
-        return status.state.value if status else "unknown"
 
     return infer
 

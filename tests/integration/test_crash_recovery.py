@@ -47,9 +47,8 @@ def inference_child(supervisor: subprocess.Popen, timeout: float = 60.0) -> int:
 
 @pytest.fixture(scope="module")
 def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    server = start_redis(tmp_path_factory.mktemp("redis-crash"))
-    yield server
-    server.stop()
+    with start_redis(tmp_path_factory.mktemp("redis-crash")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
