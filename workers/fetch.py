@@ -144,7 +144,10 @@ class ImageFetcher:
             obj = self._s3.get_object(Bucket=bucket, Key=key)
             if obj.get("ContentLength", 0) > limit:
                 raise ImageTooLargeError(f"image is {obj['ContentLength']} bytes; the limit is {limit}")
-            return obj["Body"].read(limit + 1)[: limit + 1]
+            data = obj["Body"].read(limit + 1)  # never more than the limit, whatever the header said
+            if len(data) > limit:
+                raise ImageTooLargeError(f"image is over the {limit}-byte limit")
+            return data
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
