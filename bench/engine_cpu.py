@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from workers.engine import Engine, GenerationRequest
-from workers.tiny_model import make_tiny_model
+from varco.workers.engine import Engine, GenerationRequest
+from varco.workers.tiny_model import make_tiny_model
 
 
 def main() -> None:

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
-from workers.engine import Engine, GenerationRequest, attention_implementation
-from workers.tiny_model import CHAT_TEMPLATE, build_tokenizer
+from varco.workers.engine import Engine, GenerationRequest, attention_implementation
+from varco.workers.tiny_model import CHAT_TEMPLATE, build_tokenizer
 
 REAL_PINPOINTS = [[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)]
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from producer import Client
-from tasks.settings import settings_from_env
-from workers.local_redis import start_redis
-from workers.tiny_model import make_tiny_model
+from varco.producer import Client
+from varco.tasks.settings import settings_from_env
+from varco.workers.local_redis import start_redis
+from varco.workers.tiny_model import make_tiny_model
 
 
 def main() -> None:
@@ -49,7 +49,7 @@ def main() -> None:
             "VARCO_MAX_WAIT_MS": str(args.wait_ms),
         }
         worker = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "worker", "--gpus", "cpu", "--no-callbacks"],
+            [sys.executable, "-m", "varco.producer.cli", "worker", "--gpus", "cpu", "--no-callbacks"],
             env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:

@@ -21,13 +21,13 @@ err = Console(stderr=True)
 def _worker_module(name: str) -> ModuleType:
     """Import a workers/ module lazily: the producer side must run without torch installed."""
     try:
-        return importlib.import_module(f"workers.{name}")
+        return importlib.import_module(f"varco.workers.{name}")
     except ImportError as exc:
         raise SystemExit(f"this command needs the worker extra: pip install 'varco-queue[worker]' ({exc})") from None
 
 
 def _client():
-    from producer.client import Client
+    from varco.producer.client import Client
 
     return Client()
 
@@ -85,7 +85,7 @@ def wait_with_progress(client: Any, job_ids: list[str], timeout: float | None) -
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from tasks.requests import InvalidRequest
+    from varco.tasks.requests import InvalidRequest
 
     client = _client()
     defaults = {k: v for k, v in {
@@ -115,7 +115,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from producer.client import JobNotFound
+    from varco.producer.client import JobNotFound
 
     try:
         _print(_client().status(args.job_id).model_dump(mode="json"), args.json)
@@ -126,7 +126,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_result(args: argparse.Namespace) -> int:
-    from producer.client import JobCancelled, JobFailed, JobNotFound
+    from varco.producer.client import JobCancelled, JobFailed, JobNotFound
 
     try:
         _print(_client().result(args.job_id, timeout=args.timeout).model_dump(mode="json"), args.json)
@@ -146,7 +146,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from producer.client import JobNotFound
+    from varco.producer.client import JobNotFound
 
     try:
         cancelled = _client().cancel(args.job_id)

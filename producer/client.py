@@ -14,12 +14,12 @@ from urllib.parse import unquote_to_bytes
 
 import redis
 
-from tasks.celery_app import INFER_TASK, broker_priority, create_app, infer_queue
-from tasks.requests import InvalidRequest, JobRequest, validate_request
-from tasks.results_store import ResultStore, result_store
-from tasks.schemas import ErrorInfo, JobResult, JobState, JobStatus
-from tasks.settings import Settings, get_settings
-from tasks.status import EVENTS_CHANNEL, StatusStore, now_iso, parse_event
+from varco.tasks.celery_app import INFER_TASK, broker_priority, create_app, infer_queue
+from varco.tasks.requests import InvalidRequest, JobRequest, validate_request
+from varco.tasks.results_store import ResultStore, result_store
+from varco.tasks.schemas import ErrorInfo, JobResult, JobState, JobStatus
+from varco.tasks.settings import Settings, get_settings
+from varco.tasks.status import EVENTS_CHANNEL, StatusStore, now_iso, parse_event
 
 # A pub/sub message can be missed (reconnects); `wait` re-reads the records this often regardless.
 _POLL_INTERVAL_S = 1.0

@@ -1,5 +1,5 @@
 """For webhook receivers: `verify(secret, headers, body)` returns the event or raises."""
 
-from tasks.signing import WebhookVerificationError, verify
+from varco.tasks.signing import WebhookVerificationError, verify
 
 __all__ = ["WebhookVerificationError", "verify"]

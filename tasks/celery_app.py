@@ -6,8 +6,8 @@ import redis
 from celery import Celery
 from kombu import Queue
 
-from tasks.prompts import TaskType
-from tasks.settings import Settings
+from varco.tasks.prompts import TaskType
+from varco.tasks.settings import Settings
 
 INFER_TASK = "varco.infer"
 CALLBACK_TASK = "varco.callback"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.schemas import ErrorInfo
+from varco.tasks.schemas import ErrorInfo
 
 
 class JobError(Exception):

@@ -6,7 +6,7 @@ import re
 from collections.abc import Sequence
 from enum import StrEnum
 
-from tasks.tags import render_box
+from varco.tasks.tags import render_box
 
 # The model's tag vocabulary (special tokens of VARCO's tokenizer).
 VARCO_TAGS = ("<gro>", "<ocr>", "<char>", "</char>", "<obj>", "</obj>", "<bbox>", "</bbox>", "<delim>")

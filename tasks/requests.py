@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.prompts import TaskType, build_prompt, find_control_token, find_varco_tag
+from varco.tasks.prompts import TaskType, build_prompt, find_control_token, find_varco_tag
 
 SUPPORTED_SCHEMES = ("http", "https", "s3", "file", "data")
 CALLBACK_EVENTS = ("job.started", "job.succeeded", "job.failed")

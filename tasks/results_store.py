@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
-from tasks.settings import Settings
+from varco.tasks.settings import Settings
 
 
 class ResultStore(Protocol):

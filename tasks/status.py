@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from tasks.schemas import ErrorInfo, JobState, JobStatus
+from varco.tasks.schemas import ErrorInfo, JobState, JobStatus
 
 EVENTS_CHANNEL = "varco:events"
 CANCEL_CHANNEL = "varco:cancel"

@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from tasks.schemas import Box, OcrItem, ParsedObject, ParsedOutput, PixelBox
+from varco.tasks.schemas import Box, OcrItem, ParsedObject, ParsedOutput, PixelBox
 
 __all__ = ["TAG_RE", "parse", "render_box", "render_object", "to_pixels"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -13,6 +14,8 @@ from typing import Any
 
 from PIL import Image
 
+# The `varco` console script as a module run by this interpreter (works without the venv on PATH).
+VARCO_CLI = [sys.executable, "-m", "varco.producer.cli"]
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
 

@@ -12,8 +12,8 @@ pytest.importorskip("torch")
 from helpers import card_output
 from PIL import Image
 
-from workers.batcher import Batcher, Cancelled
-from workers.engine import Engine, GenerationRequest
+from varco.workers.batcher import Batcher, Cancelled
+from varco.workers.engine import Engine, GenerationRequest
 
 
 def request(size: tuple[int, int], script: str | None = None, tokens: int = 32) -> GenerationRequest:

@@ -8,8 +8,10 @@ import sys
 
 def test_producer_and_tasks_never_import_torch_or_workers() -> None:
     code = (
-        "import sys, tasks.tags, tasks.requests, tasks.settings, tasks.schemas, producer, producer.cli; "
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'workers', 'PIL')); "
+        "import sys, varco.tasks.tags, varco.tasks.requests, varco.tasks.settings, varco.tasks.schemas, "
+        "varco.producer, varco.producer.cli; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'PIL') "
+        "or m.startswith('varco.workers')); "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

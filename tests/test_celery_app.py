@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 from kombu.exceptions import ContentDisallowed
 
-from tasks.celery_app import CALLBACK_QUEUE, CALLBACK_TASK, INFER_QUEUE, broker_priority, create_app, infer_queue
-from tasks.settings import Settings
+from varco.tasks.celery_app import CALLBACK_QUEUE, CALLBACK_TASK, INFER_QUEUE, broker_priority, create_app, infer_queue
+from varco.tasks.settings import Settings
 
 
 def test_json_only_late_acks_and_visibility_timeout() -> None:

@@ -13,8 +13,8 @@ pytest.importorskip("torch")
 
 from PIL import Image
 
-from tasks.tags import parse
-from workers.engine import Engine, GenerationRequest
+from varco.tasks.tags import parse
+from varco.workers.engine import Engine, GenerationRequest
 
 GROUNDING = card_output("grounding")
 OCR = card_output("ocr")

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from helpers import ServedFiles, jpeg_rotated, png
 
-from tasks.errors import ForbiddenURLError, ImageDecodeError, ImageFetchError, ImageTooLargeError
-from tasks.settings import Settings
-from workers.fetch import ImageFetcher
+from varco.tasks.errors import ForbiddenURLError, ImageDecodeError, ImageFetchError, ImageTooLargeError
+from varco.tasks.settings import Settings
+from varco.workers.fetch import ImageFetcher
 
 IMAGE = png(64, 48)
 
@@ -71,7 +71,7 @@ def test_permanent_and_transient_http_errors(served: ServedFiles) -> None:
 
 
 def test_unreachable_host_is_transient() -> None:
-    from workers.local_redis import free_port
+    from varco.workers.local_redis import free_port
 
     with pytest.raises(ImageFetchError) as info:
         fetcher().fetch(f"http://127.0.0.1:{free_port()}/x.png")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.settings import Settings
+from varco.tasks.settings import Settings
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.prompts import TaskType, build_prompt
-from tasks.requests import InvalidRequest, validate_request
+from varco.tasks.prompts import TaskType, build_prompt
+from varco.tasks.requests import InvalidRequest, validate_request
 
 IMG = "https://example.com/cat.jpg"
 

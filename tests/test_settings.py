@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.settings import Settings
+from varco.tasks.settings import Settings
 
 
 def test_every_design_setting_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

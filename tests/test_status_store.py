@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from tasks.schemas import ErrorInfo, JobState
-from tasks.status import EVENTS_CHANNEL, StatusStore
-from workers.local_redis import LocalRedis, start_redis
+from varco.tasks.schemas import ErrorInfo, JobState
+from varco.tasks.status import EVENTS_CHANNEL, StatusStore
+from varco.workers.local_redis import LocalRedis, start_redis
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from helpers import card_output
 
-from tasks.tags import parse
+from varco.tasks.tags import parse
 
 
 def test_grounding_example_with_delim() -> None:

@@ -9,8 +9,8 @@ from helpers import card_output
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks.schemas import ParsedOutput
-from tasks.tags import TAG_RE, parse, render_object
+from varco.tasks.schemas import ParsedOutput
+from varco.tasks.tags import TAG_RE, parse, render_object
 
 
 def assert_invariants(out: ParsedOutput) -> None:

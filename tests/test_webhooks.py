@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from producer.webhooks import WebhookVerificationError, verify
-from tasks.signing import sign_headers
+from varco.producer.webhooks import WebhookVerificationError, verify
+from varco.tasks.signing import sign_headers
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 BODY = json.dumps({"type": "job.succeeded", "job_id": "j"}).encode()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from workers.engine import Engine, GenerationOutput, GenerationRequest
+from varco.workers.engine import Engine, GenerationOutput, GenerationRequest
 
 log = logging.getLogger(__name__)
 

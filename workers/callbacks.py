@@ -15,11 +15,11 @@ from typing import Any
 import httpx
 from celery import Celery, Task
 
-from tasks.celery_app import CALLBACK_QUEUE, CALLBACK_TASK
-from tasks.errors import ImageFetchError
-from tasks.settings import Settings
-from tasks.signing import sign_headers
-from workers.netguard import check_public_url
+from varco.tasks.celery_app import CALLBACK_QUEUE, CALLBACK_TASK
+from varco.tasks.errors import ImageFetchError
+from varco.tasks.settings import Settings
+from varco.tasks.signing import sign_headers
+from varco.workers.netguard import check_public_url
 
 log = logging.getLogger(__name__)
 _RETRY_STATUS = {408, 425, 429}

@@ -8,7 +8,7 @@ import time
 
 import redis
 
-from tasks.status import CANCEL_CHANNEL
+from varco.tasks.status import CANCEL_CHANNEL
 
 log = logging.getLogger(__name__)
 

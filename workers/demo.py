@@ -23,11 +23,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from tasks.prompts import TaskType
-from tasks.settings import Settings, settings_from_env
-from workers.inference import SCRIPTS_FILE
-from workers.local_redis import LocalRedis, answers, start_redis
-from workers.samples import Sample, samples
+from varco.tasks.prompts import TaskType
+from varco.tasks.settings import Settings, settings_from_env
+from varco.workers.inference import SCRIPTS_FILE
+from varco.workers.local_redis import LocalRedis, answers, start_redis
+from varco.workers.samples import Sample, samples
 
 DEMO_DIR = Path(".demo")
 TINY_DIR = Path(".models/tiny-varco")
@@ -42,7 +42,7 @@ def png_bytes(sample: Sample) -> bytes:
 def prepare_model(drawn: list[tuple[Sample, bytes]]) -> str:
     if os.environ.get("VARCO_MODEL"):
         return os.environ["VARCO_MODEL"]
-    from workers.tiny_model import make_tiny_model
+    from varco.workers.tiny_model import make_tiny_model
 
     if not (TINY_DIR / "config.json").exists():
         make_tiny_model(TINY_DIR)
@@ -74,8 +74,8 @@ def demo_requests(drawn: list[tuple[Sample, bytes]], image_dir: Path) -> list[di
 
 
 def run_demo(console: Console, jobs_per_task: int = 1) -> int:
-    from producer.cli import wait_with_progress
-    from producer.client import Client
+    from varco.producer.cli import wait_with_progress
+    from varco.producer.client import Client
 
     DEMO_DIR.mkdir(exist_ok=True)
     image_dir, result_dir = DEMO_DIR / "images", DEMO_DIR / "results"
@@ -105,7 +105,7 @@ def run_demo(console: Console, jobs_per_task: int = 1) -> int:
     console.print(f"model: {settings.model}\nworker: `varco worker --gpus cpu` (log: {log_path})")
     with open(log_path, "w") as log_file:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "worker", "--gpus", "cpu"],
+            [sys.executable, "-m", "varco.producer.cli", "worker", "--gpus", "cpu"],
             env=env, stdout=log_file, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:

@@ -30,7 +30,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from workers.scripted import ScriptedLogits
+from varco.workers.scripted import ScriptedLogits
 
 log = logging.getLogger(__name__)
 

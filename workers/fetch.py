@@ -18,9 +18,9 @@ from urllib.parse import unquote, unquote_to_bytes, urljoin, urlsplit
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from tasks.errors import ForbiddenURLError, ImageDecodeError, ImageFetchError, ImageTooLargeError
-from tasks.settings import Settings
-from workers.netguard import check_public_url
+from varco.tasks.errors import ForbiddenURLError, ImageDecodeError, ImageFetchError, ImageTooLargeError
+from varco.tasks.settings import Settings
+from varco.workers.netguard import check_public_url
 
 MAX_REDIRECTS = 5
 _PERMANENT_HTTP = {400, 401, 403, 404, 405, 410, 414, 451}

@@ -19,19 +19,19 @@ from celery import Celery, Task
 from celery.exceptions import Retry
 from pydantic import ValidationError
 
-from tasks.celery_app import INFER_TASK
-from tasks.errors import InferenceError, JobError, ResultStoreError, error_info
-from tasks.requests import JobRequest
-from tasks.results_store import ResultStore
-from tasks.schemas import ErrorInfo, ImageInfo, JobResult, JobState, Timings, Usage
-from tasks.settings import Settings
-from tasks.status import StatusStore, now_iso
-from tasks.tags import parse
-from workers.batcher import Batcher, Cancelled
-from workers.callbacks import backoff_s, event_payload, send_event
-from workers.cancels import CancelWatcher
-from workers.engine import GenerationRequest
-from workers.fetch import ImageFetcher
+from varco.tasks.celery_app import INFER_TASK
+from varco.tasks.errors import InferenceError, JobError, ResultStoreError, error_info
+from varco.tasks.requests import JobRequest
+from varco.tasks.results_store import ResultStore
+from varco.tasks.schemas import ErrorInfo, ImageInfo, JobResult, JobState, Timings, Usage
+from varco.tasks.settings import Settings
+from varco.tasks.status import StatusStore, now_iso
+from varco.tasks.tags import parse
+from varco.workers.batcher import Batcher, Cancelled
+from varco.workers.callbacks import backoff_s, event_payload, send_event
+from varco.workers.cancels import CancelWatcher
+from varco.workers.engine import GenerationRequest
+from varco.workers.fetch import ImageFetcher
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import ipaddress
 import socket
 from urllib.parse import urlsplit
 
-from tasks.errors import ForbiddenURLError, ImageFetchError
+from varco.tasks.errors import ForbiddenURLError, ImageFetchError
 
 
 def check_public_url(url: str, allow_private: bool) -> None:

@@ -1,4 +1,4 @@
-"""One worker process: `python -m workers.process --hostname gpu0@host [--queues varco]`.
+"""One worker process: `python -m varco.workers.process --hostname gpu0@host [--queues varco]`.
 
 Started by the supervisor with CUDA_VISIBLE_DEVICES already set, so torch sees exactly one GPU.
 Loads the model before consuming the first message, starts the engine thread, then runs a Celery
@@ -16,10 +16,10 @@ import socket
 import redis
 from celery import Celery
 
-from tasks.celery_app import INFER_QUEUE, create_app
-from tasks.results_store import result_store
-from tasks.settings import Settings
-from tasks.status import StatusStore
+from varco.tasks.celery_app import INFER_QUEUE, create_app
+from varco.tasks.results_store import result_store
+from varco.tasks.settings import Settings
+from varco.tasks.status import StatusStore
 
 log = logging.getLogger("varco.worker")
 
@@ -34,11 +34,11 @@ def configure_logging() -> None:
 
 def run_inference_worker(hostname: str, queues: list[str], concurrency: int | None = None) -> None:
     configure_logging()
-    from workers.batcher import Batcher
-    from workers.cancels import CancelWatcher
-    from workers.engine import Engine
-    from workers.fetch import ImageFetcher
-    from workers.inference import Runtime, load_scripts, register_inference_task
+    from varco.workers.batcher import Batcher
+    from varco.workers.cancels import CancelWatcher
+    from varco.workers.engine import Engine
+    from varco.workers.fetch import ImageFetcher
+    from varco.workers.inference import Runtime, load_scripts, register_inference_task
 
     settings = Settings()
     engine = Engine(settings.model, dtype=settings.dtype).load()  # before any message is taken
@@ -73,8 +73,8 @@ def run_inference_worker(hostname: str, queues: list[str], concurrency: int | No
 
 def run_callback_worker(hostname: str, concurrency: int = 8) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [callbacks] %(name)s: %(message)s")
-    from tasks.celery_app import CALLBACK_QUEUE
-    from workers.callbacks import register_callback_task
+    from varco.tasks.celery_app import CALLBACK_QUEUE
+    from varco.workers.callbacks import register_callback_task
 
     settings = Settings()
     app = create_app(settings)
@@ -99,7 +99,7 @@ def _run_celery(app: Celery, hostname: str, queues: list[str], concurrency: int)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m workers.process")
+    parser = argparse.ArgumentParser(prog="python -m varco.workers.process")
     parser.add_argument("--hostname", default=f"cpu0@{socket.gethostname()}")
     parser.add_argument("--queues", default=INFER_QUEUE, help="comma-separated inference queues")
     parser.add_argument("--concurrency", type=int, default=None)

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
 
-from tasks.prompts import TaskType
-from tasks.tags import render_object
+from varco.tasks.prompts import TaskType
+from varco.tasks.tags import render_object
 
 Box = tuple[float, float, float, float]
 

@@ -58,7 +58,7 @@ def gpu_ids(spec: str) -> list[str] | None:
 def plan_children(gpus: str, queues: str, callbacks: bool, concurrency: int | None) -> list[Child]:
     host = socket.gethostname()
     ids = gpu_ids(gpus)
-    base = [sys.executable, "-m", "workers.process", "--queues", queues]
+    base = [sys.executable, "-m", "varco.workers.process", "--queues", queues]
     if concurrency:
         base += ["--concurrency", str(concurrency)]
     children = []
@@ -68,7 +68,7 @@ def plan_children(gpus: str, queues: str, callbacks: bool, concurrency: int | No
         children.append(Child(name, [*base, "--hostname", name], env))
     if callbacks:
         name = f"callbacks@{host}"
-        argv = [sys.executable, "-m", "workers.process", "--callbacks", "--hostname", name]
+        argv = [sys.executable, "-m", "varco.workers.process", "--callbacks", "--hostname", name]
         children.append(Child(name, argv, {**os.environ, "CUDA_VISIBLE_DEVICES": ""}))
     return children
 

@@ -26,7 +26,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from tasks.prompts import CONTROL_TOKENS, VARCO_TAGS
+from varco.tasks.prompts import CONTROL_TOKENS, VARCO_TAGS
 
 EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"

@@ -8,20 +8,19 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import pytest
-from helpers import ServedFiles, WebhookReceiver, card_output, jpeg_rotated, png
+from helpers import VARCO_CLI, ServedFiles, WebhookReceiver, card_output, jpeg_rotated, png
 from moto.server import ThreadedMotoServer
 
-from producer import Client
-from tasks.settings import Settings, settings_from_env
-from workers.inference import SCRIPTS_FILE
-from workers.local_redis import LocalRedis, free_port, start_redis
+from varco.producer import Client
+from varco.tasks.settings import Settings, settings_from_env
+from varco.workers.inference import SCRIPTS_FILE
+from varco.workers.local_redis import LocalRedis, free_port, start_redis
 
 pytest.importorskip("torch")
 
@@ -139,7 +138,7 @@ def worker(worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory)
     log_path = tmp_path_factory.mktemp("logs") / "worker.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "worker", "--gpus", "cpu"],
+            [*VARCO_CLI, "worker", "--gpus", "cpu"],
             env={**os.environ, **worker_env}, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     yield process

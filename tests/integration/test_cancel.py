@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import LONG, RESULTS_BUCKET, wait_for_state
 
-from producer import Client, JobCancelled
-from tasks.celery_app import queue_depth
-from tasks.settings import Settings
+from varco.producer import Client, JobCancelled
+from varco.tasks.celery_app import queue_depth
+from varco.tasks.settings import Settings
 
 
 def test_cancel_a_queued_job(settings: Settings, worker, http_files) -> None:

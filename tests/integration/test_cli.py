@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-from producer import Client
+from helpers import VARCO_CLI
+
+from varco.producer import Client
 
 
 def varco(env: dict[str, str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "producer.cli", *args],
+        [*VARCO_CLI, *args],
         env={**os.environ, **env, "COLUMNS": "200"}, input=stdin, capture_output=True, text=True, timeout=180,
     )  # fmt: skip
 

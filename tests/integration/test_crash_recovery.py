@@ -6,17 +6,17 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import CAT, LONG, MEDIUM, wait_for_state
+from helpers import VARCO_CLI
 
-from producer import Client
-from tasks.settings import settings_from_env
-from workers.local_redis import LocalRedis, start_redis
+from varco.producer import Client
+from varco.tasks.settings import settings_from_env
+from varco.workers.local_redis import LocalRedis, start_redis
 
 
 def children_of(pid: int) -> list[tuple[int, str]]:
@@ -61,7 +61,7 @@ def crash_env(worker_env: dict[str, str], own_redis: LocalRedis) -> dict[str, st
 def supervisor(crash_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen]:
     log = open(tmp_path_factory.mktemp("logs") / "crash-worker.log", "w")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", "worker", "--gpus", "cpu", "--no-callbacks"],
+        [*VARCO_CLI, "worker", "--gpus", "cpu", "--no-callbacks"],
         env={**os.environ, **crash_env}, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     yield process
@@ -119,7 +119,7 @@ def test_sigterm_finishes_in_flight_work_then_exits(
     # A second worker on a queue of its own, so the job surely runs there.
     with open(tmp_path / "worker.log", "w") as log:
         second = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "worker", "--gpus", "cpu", "--no-callbacks", "--queues", "drain"],
+            [*VARCO_CLI, "worker", "--gpus", "cpu", "--no-callbacks", "--queues", "drain"],
             env={**os.environ, **crash_env}, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     client = Client(crash_client.settings.model_copy(update={"task_routes": {"caption": "drain"}}))

@@ -9,9 +9,9 @@ import pytest
 from conftest import CAT, IMAGES_BUCKET, RESULTS_BUCKET, ROTATED, SECRET, SIGN, sha
 from helpers import card_output
 
-from producer import Client, InvalidRequest, JobFailed
-from producer.webhooks import WebhookVerificationError, verify
-from tasks.celery_app import queue_depth
+from varco.producer import Client, InvalidRequest, JobFailed
+from varco.producer.webhooks import WebhookVerificationError, verify
+from varco.tasks.celery_app import queue_depth
 
 
 def stored_result(s3, job_id: str) -> dict:
