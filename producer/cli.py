@@ -162,13 +162,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    out = _worker_module("tiny_model").make_tiny_model(args.directory)
+    out = _worker_module("devtools.tiny_model").make_tiny_model(args.directory)
     console.print(f"tiny model saved to {out}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return _worker_module("demo").run_demo(console, jobs_per_task=args.repeat)
+    return _worker_module("devtools.demo").run_demo(console, jobs_per_task=args.repeat)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def _default_result_store() -> str:
@@ -26,8 +27,20 @@ class Settings(BaseSettings):
     model: str = "NCSOFT/VARCO-VISION-14B-HF"
     # auto: bfloat16 on CUDA, float32 on CPU (CPU half precision is slow and lossy).
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # auto: vllm when it is importable and CUDA is available, else hf.
+    engine: Literal["auto", "hf", "vllm"] = "auto"
+    # "module:function" callables run on the engine before it loads (the dev tooling scripts the tiny model).
+    engine_plugins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # hf backend: batch size, gathering window, and the padded-token cap of one generate call.
     max_batch_size: int = Field(default=8, ge=1, le=256)
     max_wait_ms: int = Field(default=20, ge=0, le=60_000)
+    max_batch_tokens: int = Field(default=65_536, ge=1)
+    # vllm backend: KV-cache share of GPU memory (of RAM on CPU), concurrent sequences, context length,
+    # and any other vLLM EngineArgs as JSON (e.g. '{"enforce_eager": true}').
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    max_num_seqs: int = Field(default=64, ge=1)
+    max_model_len: int | None = Field(default=None, ge=1)
+    vllm_engine_args: dict[str, Any] = Field(default_factory=dict)
     max_new_tokens: int = Field(default=1024, ge=1, le=8192)
     callback_secret: SecretStr | None = None
     allow_private_urls: bool = False
@@ -42,6 +55,18 @@ class Settings(BaseSettings):
     # Task type -> queue, e.g. VARCO_TASK_ROUTES='{"ocr": "varco.ocr"}'; unlisted types use "varco".
     task_routes: dict[str, str] = Field(default_factory=dict)
     callback_max_retries: int = Field(default=8, ge=0)
+
+    @field_validator("engine_plugins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("vllm_engine_args", "task_routes", mode="before")
+    @classmethod
+    def _json_object(cls, value: object) -> object:
+        return json.loads(value) if isinstance(value, str) else value  # settings_from_env passes raw strings
 
     @field_validator("result_store")
     @classmethod

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -7,14 +11,67 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("torch")
-    from varco.workers.tiny_model import make_tiny_model
+    from varco.workers.devtools.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-varco")
 
 
 @pytest.fixture(scope="session")
-def engine(tiny_model_dir: Path):
-    from varco.workers.engine import Engine
+def script_book():
+    """Scripted answers shared by the engines under test: tests add "{image_id}:{prompt}" keys."""
+    from varco.workers.devtools.scripted import ScriptBook
 
-    return Engine(str(tiny_model_dir)).load()
+    return ScriptBook({})
+
+
+@pytest.fixture(scope="session")
+def hf_engine(tiny_model_dir: Path, script_book) -> Iterator:
+    from varco.workers.devtools.scripted import install
+    from varco.workers.engines.hf import HFEngine
+
+    engine = HFEngine(str(tiny_model_dir), max_batch_size=8, max_wait_ms=50)
+    install(engine, script_book)
+    yield engine.load()
+    engine.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tiny_model_dir: Path, script_book) -> Iterator:
+    """vLLM's CPU build on the tiny model: in-process engine core, no compile step (start-up in seconds)."""
+    from varco.workers.devtools.scripted import install
+    from varco.workers.engines.vllm import VLLMEngine, configure_cpu_defaults
+
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(tiny_model_dir.parent / "vllm-cache"))
+    configure_cpu_defaults()
+    engine = VLLMEngine(
+        str(tiny_model_dir),
+        gpu_memory_utilization=0.1,
+        max_num_seqs=16,
+        max_model_len=8192,
+        engine_args={"enforce_eager": True},
+    )
+    install(engine, script_book)
+    with _flask_request_context():
+        engine.load()
+    yield engine
+    engine.stop()
+
+
+@contextlib.contextmanager
+def _flask_request_context() -> Iterator[None]:
+    """vLLM's CPU start-up scans every loaded module's globals with `hasattr`, which raises on Flask's
+    `current_app`/`request` proxies outside a request. moto's server (other tests) loads Flask into this
+    process; a worker process never has it. Inside a request context the proxies answer normally."""
+    if "flask" not in sys.modules:
+        yield
+        return
+    import flask
+
+    with flask.Flask("vllm-start").test_request_context():
+        yield
+
+
+@pytest.fixture(params=["hf", "vllm"])
+def engine(request: pytest.FixtureRequest):
+    """Each engine backend in turn, behind the one interface."""
+    return request.getfixturevalue(f"{request.param}_engine")

@@ -71,7 +71,7 @@ def test_permanent_and_transient_http_errors(served: ServedFiles) -> None:
 
 
 def test_unreachable_host_is_transient() -> None:
-    from varco.workers.local_redis import free_port
+    from varco.workers.devtools.local_redis import free_port
 
     with pytest.raises(ImageFetchError) as info:
         fetcher().fetch(f"http://127.0.0.1:{free_port()}/x.png")

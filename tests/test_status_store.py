@@ -10,7 +10,7 @@ import redis
 
 from varco.tasks.schemas import ErrorInfo, JobState
 from varco.tasks.status import EVENTS_CHANNEL, StatusStore
-from varco.workers.local_redis import LocalRedis, start_redis
+from varco.workers.devtools.local_redis import LocalRedis, start_redis
 
 
 @pytest.fixture(scope="module")

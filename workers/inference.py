@@ -1,19 +1,17 @@
 """The `varco.infer` task: one job from message to stored result, status and callbacks.
 
 Runs in a task thread of the worker process: fetch and decode the image here (threads overlap
-their I/O), hand it to the batcher, wait for this job's own output, parse, store, report. Every
+their I/O) and preprocess it, hand it to the engine, wait for this job's own output, parse, store, report. Every
 failure ends the job with a typed error; nothing here may take the worker down.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 from celery import Celery, Task
 from celery.exceptions import Retry
@@ -27,22 +25,12 @@ from varco.tasks.schemas import ErrorInfo, ImageInfo, JobResult, JobState, Timin
 from varco.tasks.settings import Settings
 from varco.tasks.status import StatusStore, now_iso
 from varco.tasks.tags import parse
-from varco.workers.batcher import Batcher, Cancelled
 from varco.workers.callbacks import backoff_s, event_payload, send_event
 from varco.workers.cancels import CancelWatcher
-from varco.workers.engine import GenerationRequest
+from varco.workers.engines.base import Cancelled, EngineBackend, GenerationRequest
 from varco.workers.fetch import ImageFetcher
 
 log = logging.getLogger(__name__)
-
-SCRIPTS_FILE = "varco_scripts.json"
-
-
-def load_scripts(model: str) -> dict[str, str]:
-    """Scripted answers of the tiny test model, keyed "{image sha256}:{task}"; a real model has none."""
-    path = Path(model) / SCRIPTS_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
 
 @dataclass
 class Runtime:
@@ -50,13 +38,12 @@ class Runtime:
 
     settings: Settings
     hostname: str
-    batcher: Batcher
+    engine: EngineBackend
     fetcher: ImageFetcher
     store: ResultStore
     statuses: StatusStore
     cancels: CancelWatcher
     app: Celery
-    scripts: dict[str, str] = field(default_factory=dict)
 
 
 def _parse_time(value: str | None) -> float | None:
@@ -96,11 +83,13 @@ class _Job:
             image=fetched.image,
             prompt=request.model_prompt,
             max_new_tokens=request.max_new_tokens or rt.settings.max_new_tokens,
-            script=rt.scripts.get(f"{fetched.sha256}:{request.task.value}"),
+            image_id=fetched.sha256,
         )
         t1 = time.perf_counter()
         try:
-            output = rt.batcher.generate(generation, is_cancelled=lambda: rt.cancels.is_cancelled(self.job_id))
+            prepared = rt.engine.prepare(generation)  # here, in the task thread: the device's thread only generates
+            future = rt.engine.submit(prepared, is_cancelled=lambda: rt.cancels.is_cancelled(self.job_id))
+            output = future.result()
         except Cancelled:
             raise
         except Exception as exc:

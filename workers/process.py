@@ -2,7 +2,7 @@
 
 Started by the supervisor with CUDA_VISIBLE_DEVICES already set, so torch sees exactly one GPU.
 Loads the model before consuming the first message, starts the engine thread, then runs a Celery
-worker with a thread pool: threads fetch images concurrently and feed the batcher. SIGTERM is a
+worker with a thread pool: threads fetch and preprocess images concurrently and feed the engine. SIGTERM is a
 Celery warm shutdown: in-flight jobs finish, then the process exits.
 """
 
@@ -34,17 +34,16 @@ def configure_logging() -> None:
 
 def run_inference_worker(hostname: str, queues: list[str], concurrency: int | None = None) -> None:
     configure_logging()
-    from varco.workers.batcher import Batcher
     from varco.workers.cancels import CancelWatcher
-    from varco.workers.engine import Engine
+    from varco.workers.engines import create_engine
     from varco.workers.fetch import ImageFetcher
-    from varco.workers.inference import Runtime, load_scripts, register_inference_task
+    from varco.workers.inference import Runtime, register_inference_task
 
     settings = Settings()
-    engine = Engine(settings.model, dtype=settings.dtype).load()  # before any message is taken
+    engine = create_engine(settings).load()  # before any message is taken
     log.info(
-        "%s: model %s loaded on %s (%s) in %.2fs; CUDA_VISIBLE_DEVICES=%r",
-        hostname, settings.model, engine.device, engine.dtype, engine.load_seconds,
+        "%s: model %s loaded by the %s engine on %s in %.2fs; CUDA_VISIBLE_DEVICES=%r",
+        hostname, settings.model, engine.name, engine.device, engine.load_seconds,
         os.environ.get("CUDA_VISIBLE_DEVICES"),
     )  # fmt: skip
     client = redis.Redis.from_url(settings.broker_url, decode_responses=True)
@@ -52,21 +51,23 @@ def run_inference_worker(hostname: str, queues: list[str], concurrency: int | No
     runtime = Runtime(
         settings=settings,
         hostname=hostname,
-        batcher=Batcher(engine, settings.max_batch_size, settings.max_wait_ms).start(),
+        engine=engine,
         fetcher=ImageFetcher(settings),
         store=result_store(settings),
         statuses=StatusStore(client, settings.status_ttl),
         cancels=CancelWatcher(client).start(),
         app=app,
-        scripts=load_scripts(settings.model),
     )
     register_inference_task(app, lambda: runtime)
-    # Enough task threads to fill a batch while the previous one runs, each fetching its own image.
-    threads = concurrency or max(4, 2 * settings.max_batch_size)
+    # Enough task threads to keep the engine full while others fetch: a batch and the next one for hf,
+    # every sequence slot and a few spare for vllm.
+    threads = concurrency or (
+        settings.max_num_seqs + 4 if engine.name == "vllm" else max(4, 2 * settings.max_batch_size)
+    )
     try:
         _run_celery(app, hostname, queues, threads)
     finally:
-        runtime.batcher.stop()
+        runtime.engine.stop()
         runtime.cancels.stop()
         runtime.fetcher.close()
 

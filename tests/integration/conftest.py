@@ -19,8 +19,8 @@ from moto.server import ThreadedMotoServer
 
 from varco.producer import Client
 from varco.tasks.settings import Settings, settings_from_env
-from varco.workers.inference import SCRIPTS_FILE
-from varco.workers.local_redis import LocalRedis, free_port, start_redis
+from varco.workers.devtools.local_redis import LocalRedis, free_port, start_redis
+from varco.workers.devtools.scripted import SCRIPTED_PLUGIN, SCRIPTS_FILE
 
 pytest.importorskip("torch")
 
@@ -113,6 +113,7 @@ def worker_env(redis_server: LocalRedis, s3_server: str, s3, tiny_model_dir: Pat
         "VARCO_RESULT_STORE": f"s3://{RESULTS_BUCKET}/jobs/",
         "VARCO_S3_ENDPOINT_URL": s3_server,
         "VARCO_MODEL": str(tiny_model_dir),
+        "VARCO_ENGINE_PLUGINS": SCRIPTED_PLUGIN,
         "VARCO_FILE_ROOT": str(file_root),
         "VARCO_ALLOW_PRIVATE_URLS": "true",  # every test server is on loopback
         "VARCO_CALLBACK_SECRET": SECRET,

@@ -16,7 +16,7 @@ from helpers import VARCO_CLI
 
 from varco.producer import Client
 from varco.tasks.settings import settings_from_env
-from varco.workers.local_redis import LocalRedis, start_redis
+from varco.workers.devtools.local_redis import LocalRedis, start_redis
 
 
 def children_of(pid: int) -> list[tuple[int, str]]:

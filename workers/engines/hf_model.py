@@ -1,14 +1,14 @@
-"""The inference engine: loads VARCO-VISION once and runs batched greedy generation.
+"""The HF model behind the hf backend: loads VARCO-VISION once and runs one batched greedy `generate`.
 
-One engine per process owns the device. `generate` takes a batch of (image, prompt, budget)
-requests of any image sizes, left-pads them into one `generate` call, and returns for each the
-raw decoded text with the VARCO tags kept (`skip_special_tokens=False`; EOS/padding stripped)
-and its token counts.
+`prepare` runs the processor on one request in a task thread (tokenising, anyres tiling, resizing,
+normalising: 26-80 ms per image at the real config, which would otherwise be GPU idle time);
+`generate` left-pads prepared requests of any image sizes into one `generate` call and returns for
+each the raw decoded text with the VARCO tags kept (`skip_special_tokens=False`; EOS/padding
+stripped) and its token counts.
 
 Per-request `max_new_tokens` inside one batch: the batch runs to the largest budget and a logits
 processor forces EOS on each row once it has used its own budget, so every request gets exactly
-the output it would get alone, and a short request never pays for a long one's tokens beyond the
-batch's wall time.
+the output it would get alone.
 """
 
 from __future__ import annotations
@@ -18,10 +18,8 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
-from PIL import Image
 from transformers import (
     AutoProcessor,
     LlavaOnevisionForConditionalGeneration,
@@ -30,28 +28,23 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from varco.workers.scripted import ScriptedLogits
+from varco.workers.engines.base import EngineHooks, GenerationOutput, GenerationRequest
 
 log = logging.getLogger(__name__)
 
-FinishReason = Literal["stop", "length"]
-
 
 @dataclass(frozen=True)
-class GenerationRequest:
-    image: Image.Image
-    prompt: str  # the user text; the chat template adds the image
-    max_new_tokens: int = 1024
-    # Forced output for the random-weight tiny model (tests, demo); never set for a real model.
-    script: str | None = None
+class PreparedRequest:
+    """One request after the processor: what the engine thread batches without touching the image again."""
 
+    request: GenerationRequest
+    input_ids: torch.Tensor  # (length,)
+    pixel_values: torch.Tensor  # (patches, 3, tile, tile), already in the model's dtype
+    image_sizes: torch.Tensor  # (2,)
 
-@dataclass(frozen=True)
-class GenerationOutput:
-    text: str
-    prompt_tokens: int
-    output_tokens: int
-    finish_reason: FinishReason
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
 
 
 class RowBudget(LogitsProcessor):
@@ -91,16 +84,19 @@ def attention_implementation(device: str) -> str:
     return "sdpa"
 
 
-class Engine:
-    def __init__(self, model: str, *, dtype: str = "auto", device: str | None = None) -> None:
+class HFModel:
+    def __init__(
+        self, model: str, *, dtype: str = "auto", device: str | None = None, hooks: EngineHooks | None = None
+    ) -> None:
         self.model_name = model
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = resolve_dtype(dtype, self.device)
         self.model: LlavaOnevisionForConditionalGeneration | None = None
         self.processor = None
         self.load_seconds = 0.0
+        self.hooks = hooks or EngineHooks()
 
-    def load(self) -> Engine:
+    def load(self) -> HFModel:
         """Load weights and processor once, the same way for the real and the tiny model."""
         if self.model is not None:
             return self
@@ -125,30 +121,58 @@ class Engine:
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
 
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Tokenise and preprocess one request (any thread: the processor holds no device state)."""
+        if self.model is None:
+            self.load()
+        inputs = self.processor(images=[request.image], text=[self.chat_text(request.prompt)], return_tensors="pt")
+        return PreparedRequest(
+            request=request,
+            input_ids=inputs["input_ids"][0],
+            pixel_values=inputs["pixel_values"][0].to(self.dtype),
+            image_sizes=inputs["image_sizes"][0],
+        )
+
+    def collate(self, prepared: Sequence[PreparedRequest]) -> dict[str, torch.Tensor]:
+        """Left-pad token ids, zero-pad image patches: what the processor does for a batch."""
+        length = max(p.prompt_tokens for p in prepared)
+        patches = max(p.pixel_values.shape[0] for p in prepared)
+        pad_id = self.processor.tokenizer.pad_token_id
+        input_ids = torch.full((len(prepared), length), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prepared), length), dtype=torch.long)
+        pixel_values = torch.zeros((len(prepared), patches, *prepared[0].pixel_values.shape[1:]), dtype=self.dtype)
+        for row, p in enumerate(prepared):
+            input_ids[row, length - p.prompt_tokens :] = p.input_ids
+            attention_mask[row, length - p.prompt_tokens :] = 1
+            pixel_values[row, : p.pixel_values.shape[0]] = p.pixel_values
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pixel_values": pixel_values,
+            "image_sizes": torch.stack([p.image_sizes for p in prepared]),
+            "batch_num_images": torch.ones(len(prepared), dtype=torch.long),
+        }
+
     @torch.inference_mode()
     def generate(
         self,
-        requests: Sequence[GenerationRequest],
+        prepared: Sequence[PreparedRequest],
         *,
-        logits_processors: Sequence[LogitsProcessor] = (),
         stopping_criteria: StoppingCriteriaList | None = None,
     ) -> list[GenerationOutput]:
-        if not requests:
+        if not prepared:
             return []
         if self.model is None:
             self.load()
-        inputs = self.processor(
-            images=[r.image for r in requests],
-            text=[self.chat_text(r.prompt) for r in requests],
-            return_tensors="pt",
-            padding=True,
-        ).to(self.model.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        inputs = {k: v.to(self.model.device) for k, v in self.collate(prepared).items()}
         prompt_length = inputs["input_ids"].shape[1]
+        requests = [p.request for p in prepared]
         budgets = [r.max_new_tokens for r in requests]
-        processors = LogitsProcessorList(logits_processors)
-        if any(r.script is not None for r in requests):
-            processors.append(ScriptedLogits.from_texts([r.script for r in requests], self.processor.tokenizer))
+        processors = LogitsProcessorList()
+        for factory in self.hooks.hf_logits_processors:
+            processor = factory(requests, self.processor.tokenizer)
+            if processor is not None:
+                processors.append(processor)
         processors.append(RowBudget(budgets, prompt_length, self.eos_token_id))
         output = self.model.generate(
             **inputs,
@@ -159,10 +183,9 @@ class Engine:
             pad_token_id=self.processor.tokenizer.pad_token_id,
             eos_token_id=sorted(self.stop_ids),
         )
-        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
         return [
-            self._decode(row[prompt_length:].tolist(), budget, int(used))
-            for row, budget, used in zip(output, budgets, prompt_tokens, strict=True)
+            self._decode(row[prompt_length:].tolist(), budget, p.prompt_tokens)
+            for row, budget, p in zip(output, budgets, prepared, strict=True)
         ]
 
     def _decode(self, ids: list[int], budget: int, prompt_tokens: int) -> GenerationOutput:

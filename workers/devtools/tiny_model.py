@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     GenerationConfig,
@@ -83,15 +84,16 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlavaOnevi
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        # Head size 32: vLLM's CPU attention takes 32, 64, 80, … but not 16.
+        num_attention_heads=2,
+        num_key_value_heads=1,
         max_position_embeddings=8192,
         tie_word_embeddings=True,
         # Wider than the usual 0.02 so greedy decoding wanders instead of repeating one token.
         initializer_range=0.5,
     )
     vision = SiglipVisionConfig(
-        hidden_size=32,
+        hidden_size=64,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -127,4 +129,20 @@ def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
     model = build_model(tokenizer, seed)
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    nest_vision_tower(out / "model.safetensors")
     return out
+
+
+def nest_vision_tower(weights: Path) -> None:
+    """Save the vision tower as `vision_tower.vision_model.*`, the layout of the released checkpoints.
+
+    transformers 5 writes a fresh model's tower as `vision_tower.*` and reads both layouts; vLLM reads
+    only the nested one. Rewritten once after the first save, the file loads in both backends.
+    """
+    tensors = load_file(weights)
+    prefix, nested = "vision_tower.", "vision_tower.vision_model."
+    renamed = {
+        (nested + key[len(prefix) :] if key.startswith(prefix) and not key.startswith(nested) else key): value
+        for key, value in tensors.items()
+    }
+    save_file(renamed, weights, metadata={"format": "pt"})

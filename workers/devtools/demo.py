@@ -25,9 +25,9 @@ from rich.table import Table
 
 from varco.tasks.prompts import TaskType
 from varco.tasks.settings import Settings, settings_from_env
-from varco.workers.inference import SCRIPTS_FILE
-from varco.workers.local_redis import LocalRedis, answers, start_redis
-from varco.workers.samples import Sample, samples
+from varco.workers.devtools.local_redis import LocalRedis, answers, start_redis
+from varco.workers.devtools.samples import Sample, samples
+from varco.workers.devtools.scripted import SCRIPTED_PLUGIN, SCRIPTS_FILE
 
 DEMO_DIR = Path(".demo")
 TINY_DIR = Path(".models/tiny-varco")
@@ -42,7 +42,7 @@ def png_bytes(sample: Sample) -> bytes:
 def prepare_model(drawn: list[tuple[Sample, bytes]]) -> str:
     if os.environ.get("VARCO_MODEL"):
         return os.environ["VARCO_MODEL"]
-    from varco.workers.tiny_model import make_tiny_model
+    from varco.workers.devtools.tiny_model import make_tiny_model
 
     if not (TINY_DIR / "config.json").exists():
         make_tiny_model(TINY_DIR)
@@ -100,6 +100,8 @@ def run_demo(console: Console, jobs_per_task: int = 1) -> int:
         "VARCO_RESULT_STORE": env.get("VARCO_RESULT_STORE", result_dir.resolve().as_uri() + "/"),
         "VARCO_MAX_NEW_TOKENS": env.get("VARCO_MAX_NEW_TOKENS", "512"),
     }
+    if not os.environ.get("VARCO_MODEL"):  # the tiny model answers from its scripts file
+        env["VARCO_ENGINE_PLUGINS"] = SCRIPTED_PLUGIN
     settings = settings_from_env(env)
     log_path = DEMO_DIR / "worker.log"
     console.print(f"model: {settings.model}\nworker: `varco worker --gpus cpu` (log: {log_path})")

@@ -1,0 +1,93 @@
+"""The one small interface every engine backend implements, and the types that cross it.
+
+A job's way through a worker reads like vLLM v1's input -> engine -> output split: the task thread
+fetches the image and calls `prepare` (tokenising and image preprocessing, off the device's
+thread), `submit` hands the prepared request to the engine, which alone drives the device, and the
+task thread waits on its own future, then parses and stores. Backends differ only inside `submit`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from PIL import Image
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    image: Image.Image
+    prompt: str  # the user text; the chat template adds the image before it
+    max_new_tokens: int = 1024
+    # A content hash of the image (the fetcher's sha256): engines key their image caches on it.
+    image_id: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    text: str  # VARCO tags kept, EOS and padding stripped
+    prompt_tokens: int
+    output_tokens: int
+    finish_reason: FinishReason
+
+
+class Cancelled(Exception):
+    """The job was cancelled while waiting for or during generation."""
+
+
+@dataclass
+class EngineHooks:
+    """Extension points a plugin (`VARCO_ENGINE_PLUGINS`) fills before the engine loads.
+
+    The dev tooling forces the tiny model's answers through them; production leaves them empty.
+    """
+
+    # HF: called per batch with its requests and the tokenizer; returns a LogitsProcessor or None.
+    hf_logits_processors: list[Callable[[list[GenerationRequest], Any], Any]] = field(default_factory=list)
+    # vLLM: logits-processor classes ("module:Class"), importable in vLLM's engine processes.
+    vllm_logits_processors: list[str] = field(default_factory=list)
+    # vLLM: per-request data for those classes, merged into SamplingParams.extra_args.
+    vllm_request_args: list[Callable[[GenerationRequest], dict[str, Any] | None]] = field(default_factory=list)
+
+
+def never_cancelled() -> bool:
+    return False
+
+
+class EngineBackend(abc.ABC):
+    """Loads the model once and generates for requests as they come; one instance per worker process."""
+
+    name: str = "?"
+
+    def __init__(self, model: str) -> None:
+        self.model_name = model
+        self.hooks = EngineHooks()
+        self.load_seconds = 0.0
+        self.device = "cpu"
+
+    @abc.abstractmethod
+    def load(self) -> EngineBackend:
+        """Load weights and start the engine's own thread; idempotent."""
+
+    @abc.abstractmethod
+    def prepare(self, request: GenerationRequest) -> Any:
+        """Everything that can run before the device is involved; called in the task thread."""
+
+    @abc.abstractmethod
+    def submit(self, prepared: Any, is_cancelled: Callable[[], bool] = never_cancelled) -> Future[GenerationOutput]:
+        """Queue a prepared request; the future raises `Cancelled` once `is_cancelled()` turns true."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Stop the engine and free the device; requests still queued fail."""
+
+    def generate(
+        self, request: GenerationRequest, is_cancelled: Callable[[], bool] = never_cancelled
+    ) -> GenerationOutput:
+        """Prepare, submit and wait: what a task thread does."""
+        return self.submit(self.prepare(request), is_cancelled).result()

@@ -1,0 +1,192 @@
+"""The hf backend: transformers' `generate` in batches, driven by one engine thread that owns the device.
+
+Task threads `prepare` (processor) and `submit`; the engine thread waits up to `max_wait_ms` after
+the oldest request arrived for class mates (see `hf_batching`), runs one `generate`, and resolves
+each request's own future. Cancelled requests are dropped before a batch starts and stopped between
+decode steps by a stopping criterion. A CUDA out-of-memory error splits the batch and lowers the
+batch token cap; any other failure of a whole batch reruns its requests one by one, so a single bad
+request cannot fail its batch mates.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from varco.workers.engines.base import Cancelled, EngineBackend, GenerationOutput, never_cancelled
+from varco.workers.engines.hf_batching import BatchPolicy
+from varco.workers.engines.hf_model import HFModel, PreparedRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Item:
+    prepared: PreparedRequest
+    is_cancelled: Callable[[], bool]
+    arrived: float = field(default_factory=time.monotonic)
+    future: Future = field(default_factory=Future)
+
+    @property
+    def budget(self) -> int:
+        return self.prepared.request.max_new_tokens
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.prepared.prompt_tokens
+
+
+class _CancelRows(StoppingCriteria):
+    """Marks a row finished once its job is cancelled; generate stops when every row is."""
+
+    def __init__(self, checks: list[Callable[[], bool]]) -> None:
+        self.checks = checks
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
+        return torch.tensor([check() for check in self.checks], dtype=torch.bool, device=input_ids.device)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+class HFEngine(EngineBackend):
+    name = "hf"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "auto",
+        max_batch_size: int = 8,
+        max_wait_ms: int = 20,
+        max_batch_tokens: int = 65536,
+        hf_model: HFModel | None = None,
+    ) -> None:
+        super().__init__(model)
+        self.model = hf_model or HFModel(model, dtype=dtype, hooks=self.hooks)
+        self.model.hooks = self.hooks
+        self.policy = BatchPolicy(max_batch_size, max_batch_tokens)
+        self.max_wait_s = max_wait_ms / 1000
+        self._waiting: list[_Item] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.batches_run = 0
+        self.batch_sizes: list[int] = []  # of every generate call, in order (metrics and tests read it)
+
+    def load(self) -> HFEngine:
+        if not self._thread.is_alive():
+            started = time.perf_counter()
+            self.model.load()
+            self.device = str(getattr(self.model, "device", "cpu"))
+            self.load_seconds = getattr(self.model, "load_seconds", 0.0) or time.perf_counter() - started
+            self._thread.start()
+        return self
+
+    def prepare(self, request):
+        return self.model.prepare(request)
+
+    def submit(self, prepared: PreparedRequest, is_cancelled: Callable[[], bool] = never_cancelled) -> Future:
+        item = _Item(prepared, is_cancelled)
+        with self._cond:
+            if self._stopping:
+                item.future.set_exception(RuntimeError("the engine is stopping"))
+                return item.future
+            self._waiting.append(item)
+            self._cond.notify()
+        return item.future
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        with self._cond:
+            left, self._waiting = self._waiting, []
+        for item in left:
+            item.future.set_exception(RuntimeError("the engine stopped before running this request"))
+
+    # --- engine thread --------------------------------------------------------------------
+    def _next_batch(self) -> list[_Item] | None:
+        with self._cond:
+            while True:
+                if self._stopping and not self._waiting:
+                    return None
+                if self._waiting:
+                    wait = self._waiting[0].arrived + self.max_wait_s - time.monotonic()
+                    if wait <= 0 or self._stopping or self.policy.full(self._waiting):
+                        chosen = set(self.policy.select(self._waiting))
+                        batch = [item for i, item in enumerate(self._waiting) if i in chosen]
+                        self._waiting = [item for i, item in enumerate(self._waiting) if i not in chosen]
+                        return batch
+                    self._cond.wait(timeout=wait)
+                else:
+                    self._cond.wait()
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            try:
+                self._run_batch(batch)
+            except Exception as exc:  # never let the engine thread die: fail this batch, keep serving
+                log.exception("engine thread: batch failed outside generate")
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+
+    def _run_batch(self, batch: list[_Item]) -> None:
+        live = []
+        for item in batch:
+            if item.is_cancelled():
+                item.future.set_exception(Cancelled())
+            elif item.future.set_running_or_notify_cancel():
+                live.append(item)
+        if live:
+            self._generate_or_split(live)
+
+    def _generate_or_split(self, items: list[_Item]) -> None:
+        try:
+            outputs = self._generate(items)
+        except Exception as exc:
+            if len(items) == 1:
+                items[0].future.set_exception(exc)
+                return
+            if is_out_of_memory(exc):
+                self.policy.out_of_memory(items)
+                log.warning(
+                    "out of memory on a batch of %d; splitting it, batch token cap now %d",
+                    len(items), self.policy.max_batch_tokens,
+                )  # fmt: skip
+                _free_cuda_cache()
+                half = len(items) // 2
+                self._generate_or_split(items[:half])
+                self._generate_or_split(items[half:])
+                return
+            log.warning("batch of %d failed (%r); running its requests one by one", len(items), exc)
+            for item in items:
+                self._generate_or_split([item])
+            return
+        for item, output in zip(items, outputs, strict=True):
+            if item.is_cancelled():
+                item.future.set_exception(Cancelled())
+            else:
+                item.future.set_result(output)
+
+    def _generate(self, items: list[_Item]) -> list[GenerationOutput]:
+        self.batches_run += 1
+        self.batch_sizes.append(len(items))
+        criteria = StoppingCriteriaList([_CancelRows([i.is_cancelled for i in items])])
+        return self.model.generate([i.prepared for i in items], stopping_criteria=criteria)
+
+
+def _free_cuda_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,261 @@
+"""The vllm backend: vLLM's V1 `LLMEngine` with continuous batching, driven by one engine thread.
+
+Requests join the running batch as they arrive (no batch boundaries), each with its own exact
+`max_tokens`; a cancelled job is aborted between steps, which frees its KV cache at once. Prefix
+caching is on, and images are keyed by their content hash, so several tasks on one image reuse its
+encoder output and its prompt prefix. Tokens are decoded once per request at the end, with the
+VARCO tags kept and no spaces between them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from varco.workers.engines.base import (
+    Cancelled,
+    EngineBackend,
+    FinishReason,
+    GenerationOutput,
+    GenerationRequest,
+    never_cancelled,
+)
+
+log = logging.getLogger(__name__)
+
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+@dataclass
+class VLLMPrepared:
+    request: GenerationRequest
+    prompt: dict[str, Any]  # vLLM's prompt dict: text with the image placeholder, the image, its id
+
+
+@dataclass
+class _Item:
+    prepared: VLLMPrepared
+    is_cancelled: Callable[[], bool]
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    future: Future = field(default_factory=Future)
+
+
+class VLLMEngine(EngineBackend):
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "auto",
+        gpu_memory_utilization: float = 0.9,
+        max_num_seqs: int = 64,
+        max_model_len: int | None = None,
+        engine_args: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(model)
+        self.dtype = dtype
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.extra_engine_args = dict(engine_args or {})
+        self.engine: Any = None
+        self.tokenizer: Any = None
+        self._inbox: list[_Item] = []
+        self._running: dict[str, _Item] = {}
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    # --- set-up -------------------------------------------------------------------------------
+    def engine_args(self) -> Any:
+        from vllm.engine.arg_utils import EngineArgs
+
+        args: dict[str, Any] = {
+            "model": self.model_name,
+            # As the hf backend: bfloat16 on CUDA, float32 on CPU (vLLM's own "auto" halves a float32 checkpoint).
+            "dtype": ("bfloat16" if _cuda_available() else "float32") if self.dtype == "auto" else self.dtype,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "max_num_seqs": self.max_num_seqs,
+            "enable_prefix_caching": True,
+            "limit_mm_per_prompt": {"image": 1, "video": 0},
+            "logits_processors": list(self.hooks.vllm_logits_processors) or None,
+            "disable_log_stats": True,
+        }
+        if self.max_model_len:
+            args["max_model_len"] = self.max_model_len
+        args.update(self.extra_engine_args)
+        return EngineArgs(**args)
+
+    def load(self) -> VLLMEngine:
+        if self.engine is not None:
+            return self
+        from vllm import LLMEngine
+
+        started = time.perf_counter()
+        self.engine = LLMEngine.from_engine_args(self.engine_args())
+        self.tokenizer = self.engine.get_tokenizer()
+        ids = {self.tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS}
+        ids.add(self.tokenizer.eos_token_id)
+        self.stop_ids = sorted(i for i in ids if isinstance(i, int) and i >= 0)
+        self.device = "cuda" if _cuda_available() else "cpu"
+        self.load_seconds = time.perf_counter() - started
+        log.info("vLLM engine for %s ready in %.1fs", self.model_name, self.load_seconds)
+        self._thread.start()
+        return self
+
+    def chat_text(self, prompt: str) -> str:
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+    def prepare(self, request: GenerationRequest) -> VLLMPrepared:
+        if self.engine is None:
+            self.load()
+        prompt: dict[str, Any] = {
+            "prompt": self.chat_text(request.prompt),
+            "multi_modal_data": {"image": request.image},
+        }
+        if request.image_id:
+            prompt["multi_modal_uuids"] = {"image": [request.image_id]}
+        return VLLMPrepared(request, prompt)
+
+    def sampling_params(self, request: GenerationRequest) -> Any:
+        from vllm import SamplingParams
+
+        extra: dict[str, Any] = {}
+        for hook in self.hooks.vllm_request_args:
+            extra.update(hook(request) or {})
+        return SamplingParams(
+            temperature=0.0,
+            max_tokens=request.max_new_tokens,
+            stop_token_ids=self.stop_ids,
+            skip_special_tokens=False,
+            spaces_between_special_tokens=False,
+            detokenize=False,  # decoded once at the end, the same way as the hf backend
+            extra_args=extra or None,
+        )
+
+    # --- task threads -------------------------------------------------------------------------
+    def submit(self, prepared: VLLMPrepared, is_cancelled: Callable[[], bool] = never_cancelled) -> Future:
+        item = _Item(prepared, is_cancelled)
+        with self._cond:
+            if self._stopping or self._dead is not None:
+                item.future.set_exception(RuntimeError(f"the engine is not running ({self._dead!r})"))
+                return item.future
+            self._inbox.append(item)
+            self._cond.notify()
+        return item.future
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout=60)
+        for item in [*self._inbox, *self._running.values()]:
+            if not item.future.done():
+                item.future.set_exception(RuntimeError("the engine stopped before finishing this request"))
+        self._inbox.clear()
+        self._running.clear()
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+            if callable(shutdown):
+                shutdown()  # ends the engine core's child processes, if it has any
+
+    # --- engine thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._inbox and not self._running and not self._stopping:
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                    arrived, self._inbox = self._inbox, []
+                for item in arrived:
+                    self._add(item)
+                self._abort_cancelled()
+                if self.engine.has_unfinished_requests():
+                    for output in self.engine.step():
+                        if output.finished:
+                            self._finish(output)
+        except BaseException as exc:  # the engine is broken: fail what it holds, refuse new work
+            log.exception("vLLM engine thread died")
+            with self._cond:
+                self._dead = exc
+                items = [*self._inbox, *self._running.values()]
+                self._inbox, self._running = [], {}
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(RuntimeError(f"the vLLM engine died: {exc!r}"))
+
+    def _add(self, item: _Item) -> None:
+        if item.is_cancelled():
+            item.future.set_exception(Cancelled())
+            return
+        if not item.future.set_running_or_notify_cancel():
+            return
+        try:
+            params = self.sampling_params(item.prepared.request)
+            self.engine.add_request(item.request_id, item.prepared.prompt, params)
+        except Exception as exc:  # a bad request (too long, unreadable image) fails alone
+            item.future.set_exception(exc)
+            return
+        self._running[item.request_id] = item
+
+    def _abort_cancelled(self) -> None:
+        cancelled = [rid for rid, item in self._running.items() if item.is_cancelled()]
+        if cancelled:
+            self.engine.abort_request(cancelled)
+            for rid in cancelled:
+                self._running.pop(rid).future.set_exception(Cancelled())
+
+    def _finish(self, output: Any) -> None:
+        item = self._running.pop(output.request_id, None)
+        if item is None:
+            return
+        completion = output.outputs[0]
+        ids = list(completion.token_ids)
+        end = next((i for i, t in enumerate(ids) if t in self.stop_ids), len(ids))
+        text = self.tokenizer.decode(ids[:end], skip_special_tokens=False)
+        reason: FinishReason = "length" if completion.finish_reason == "length" else "stop"
+        if completion.finish_reason == "abort":
+            item.future.set_exception(Cancelled())
+            return
+        item.future.set_result(
+            GenerationOutput(
+                text=text.strip(),
+                prompt_tokens=len(output.prompt_token_ids or []),
+                output_tokens=end,
+                finish_reason=reason,
+            )
+        )
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def configure_cpu_defaults() -> None:
+    """On CPU (development), run the engine core in-process and compute on every core.
+
+    In-process start takes ~8 s instead of ~30 s and leaves no engine processes behind; vLLM's CPU
+    build otherwise reserves one of the cores. Explicit environment settings win.
+    """
+    if not _cuda_available():
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
