@@ -32,6 +32,7 @@ from varco.workers.fetch import ImageFetcher
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class Runtime:
     """What a worker process holds for its whole life: loaded once, shared by all task threads."""

@@ -1,13 +1,15 @@
 """`varco worker --gpus 0,1 | all | cpu`: one child process per GPU, plus one for webhooks.
 
 Each child is a fresh interpreter started with CUDA_VISIBLE_DEVICES set, so torch in it sees one
-GPU and the parent never touches CUDA. A child that dies is restarted (with growing backoff if it
-keeps dying); SIGTERM/SIGINT are passed on as SIGTERM (Celery's warm shutdown: in-flight jobs
-finish) and the supervisor exits when the children have.
+GPU and the parent never touches CUDA. Each child leads its own process group: when it dies, what
+it started (vLLM's engine-core processes) is killed with it, then it is restarted (with growing
+backoff if it keeps dying). SIGTERM/SIGINT are passed on as SIGTERM (Celery's warm shutdown:
+in-flight jobs finish, the engine shuts down) and the supervisor exits when the children have.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -30,9 +32,17 @@ class Child:
     started_at: float = 0.0
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.argv, env=self.env)
+        # Its own process group: whatever it starts (vLLM's engine-core processes) can be ended with it.
+        self.process = subprocess.Popen(self.argv, env=self.env, start_new_session=True)
         self.started_at = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.process.pid)
+
+    def kill_group(self) -> None:
+        """End what is left of the child's process group once the child itself has exited."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # nothing left
+            os.killpg(self.process.pid, signal.SIGKILL)
 
 
 def gpu_ids(spec: str) -> list[str] | None:
@@ -98,6 +108,7 @@ def supervise(children: list[Child], grace_s: float = 120.0) -> int:
             # A child that lived a while restarts at once; one that keeps dying backs off up to 30 s.
             child.restarts = 0 if time.monotonic() - child.started_at > 60 else child.restarts + 1
             delay = min(30.0, 2.0 ** max(0, child.restarts - 1)) if child.restarts else 0.0
+            child.kill_group()
             log.warning("%s exited with %s; restarting in %.0fs", child.name, code, delay)
             time.sleep(delay)
             if not stopping:
@@ -112,6 +123,7 @@ def supervise(children: list[Child], grace_s: float = 120.0) -> int:
             log.warning("%s did not stop within %.0fs; killing it", child.name, grace_s)
             child.process.kill()
             child.process.wait()
+        child.kill_group()
     return 0
 
 

@@ -3,6 +3,7 @@ and a worker started through the `varco worker` CLI as a subprocess. All on loop
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -134,22 +135,30 @@ def settings(worker_env: dict[str, str]) -> Settings:
     return settings_from_env(worker_env)
 
 
-@pytest.fixture(scope="session")
-def worker(worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen]:
-    log_path = tmp_path_factory.mktemp("logs") / "worker.log"
+@contextlib.contextmanager
+def running_worker(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
+    """`varco worker --gpus cpu` as a subprocess; SIGTERM (warm shutdown) when the block ends."""
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [*VARCO_CLI, "worker", "--gpus", "cpu"],
-            env={**os.environ, **worker_env}, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
-    yield process
-    process.send_signal(signal.SIGTERM)
     try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    if os.environ.get("VARCO_SHOW_WORKER_LOG"):
-        print(log_path.read_text())
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        if os.environ.get("VARCO_SHOW_WORKER_LOG"):
+            print(log_path.read_text())
+
+
+@pytest.fixture(scope="session")
+def worker(worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen]:
+    with running_worker(worker_env, tmp_path_factory.mktemp("logs") / "worker.log") as process:
+        yield process
 
 
 @pytest.fixture(scope="session")

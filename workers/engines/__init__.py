@@ -25,7 +25,7 @@ def resolve_backend(name: str) -> str:
 
 
 def load_object(spec: str) -> object:
-    """"package.module:attribute" -> the attribute."""
+    """ "package.module:attribute" -> the attribute."""
     module, _, attribute = spec.partition(":")
     if not module or not attribute:
         raise ValueError(f"expected 'module:attribute', not {spec!r}")

@@ -9,7 +9,10 @@ task thread waits on its own future, then parses and stores. Backends differ onl
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -91,3 +94,56 @@ class EngineBackend(abc.ABC):
     ) -> GenerationOutput:
         """Prepare, submit and wait: what a task thread does."""
         return self.submit(self.prepare(request), is_cancelled).result()
+
+
+@dataclass
+class WorkItem:
+    """One submitted request as the engine thread sees it."""
+
+    prepared: Any
+    is_cancelled: Callable[[], bool]
+    arrived: float = field(default_factory=time.monotonic)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    future: Future = field(default_factory=Future)
+
+
+class ThreadedEngine(EngineBackend):
+    """A backend whose one engine thread owns the device; task threads queue `WorkItem`s for it."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(model)
+        self._inbox: list[Any] = []  # guarded by _cond
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._dead: BaseException | None = None  # set when the engine thread died
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    @abc.abstractmethod
+    def _run(self) -> None:
+        """The engine thread."""
+
+    def _enqueue(self, item: WorkItem) -> Future[GenerationOutput]:
+        with self._cond:
+            if self._stopping or self._dead is not None:
+                item.future.set_exception(RuntimeError(f"the engine is not running ({self._dead or 'stopping'})"))
+                return item.future
+            self._inbox.append(item)
+            self._cond.notify()
+        return item.future
+
+    def _stop_thread(self, timeout: float) -> list[Any]:
+        """Stop the engine thread; returns the items it never took."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout)
+        with self._cond:
+            left, self._inbox = self._inbox, []
+        return left
+
+    @staticmethod
+    def _fail(items: Iterable[WorkItem], message: str) -> None:
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(RuntimeError(message))

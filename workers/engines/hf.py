@@ -11,28 +11,28 @@ request cannot fail its batch mates.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from varco.workers.engines.base import Cancelled, EngineBackend, GenerationOutput, never_cancelled
+from varco.workers.engines.base import (
+    Cancelled,
+    GenerationOutput,
+    ThreadedEngine,
+    WorkItem,
+    never_cancelled,
+)
 from varco.workers.engines.hf_batching import BatchPolicy
 from varco.workers.engines.hf_model import HFModel, PreparedRequest
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class _Item:
+class _Item(WorkItem):
     prepared: PreparedRequest
-    is_cancelled: Callable[[], bool]
-    arrived: float = field(default_factory=time.monotonic)
-    future: Future = field(default_factory=Future)
 
     @property
     def budget(self) -> int:
@@ -57,7 +57,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-class HFEngine(EngineBackend):
+class HFEngine(ThreadedEngine):
     name = "hf"
 
     def __init__(
@@ -75,10 +75,6 @@ class HFEngine(EngineBackend):
         self.model.hooks = self.hooks
         self.policy = BatchPolicy(max_batch_size, max_batch_tokens)
         self.max_wait_s = max_wait_ms / 1000
-        self._waiting: list[_Item] = []
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.batches_run = 0
         self.batch_sizes: list[int] = []  # of every generate call, in order (metrics and tests read it)
 
@@ -100,7 +96,7 @@ class HFEngine(EngineBackend):
             if self._stopping:
                 item.future.set_exception(RuntimeError("the engine is stopping"))
                 return item.future
-            self._waiting.append(item)
+            self._inbox.append(item)
             self._cond.notify()
         return item.future
 
@@ -111,7 +107,7 @@ class HFEngine(EngineBackend):
         if self._thread.is_alive():
             self._thread.join(timeout=30)
         with self._cond:
-            left, self._waiting = self._waiting, []
+            left, self._inbox = self._inbox, []
         for item in left:
             item.future.set_exception(RuntimeError("the engine stopped before running this request"))
 
@@ -119,14 +115,14 @@ class HFEngine(EngineBackend):
     def _next_batch(self) -> list[_Item] | None:
         with self._cond:
             while True:
-                if self._stopping and not self._waiting:
+                if self._stopping and not self._inbox:
                     return None
-                if self._waiting:
-                    wait = self._waiting[0].arrived + self.max_wait_s - time.monotonic()
-                    if wait <= 0 or self._stopping or self.policy.full(self._waiting):
-                        chosen = set(self.policy.select(self._waiting))
-                        batch = [item for i, item in enumerate(self._waiting) if i in chosen]
-                        self._waiting = [item for i, item in enumerate(self._waiting) if i not in chosen]
+                if self._inbox:
+                    wait = self._inbox[0].arrived + self.max_wait_s - time.monotonic()
+                    if wait <= 0 or self._stopping or self.policy.full(self._inbox):
+                        chosen = set(self.policy.select(self._inbox))
+                        batch = [item for i, item in enumerate(self._inbox) if i in chosen]
+                        self._inbox = [item for i, item in enumerate(self._inbox) if i not in chosen]
                         return batch
                     self._cond.wait(timeout=wait)
                 else:

@@ -11,20 +11,19 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from varco.workers.engines.base import (
     Cancelled,
-    EngineBackend,
     FinishReason,
     GenerationOutput,
     GenerationRequest,
+    ThreadedEngine,
+    WorkItem,
     never_cancelled,
 )
 
@@ -39,15 +38,7 @@ class VLLMPrepared:
     prompt: dict[str, Any]  # vLLM's prompt dict: text with the image placeholder, the image, its id
 
 
-@dataclass
-class _Item:
-    prepared: VLLMPrepared
-    is_cancelled: Callable[[], bool]
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    future: Future = field(default_factory=Future)
-
-
-class VLLMEngine(EngineBackend):
+class VLLMEngine(ThreadedEngine):
     name = "vllm"
 
     def __init__(
@@ -68,12 +59,7 @@ class VLLMEngine(EngineBackend):
         self.extra_engine_args = dict(engine_args or {})
         self.engine: Any = None
         self.tokenizer: Any = None
-        self._inbox: list[_Item] = []
-        self._running: dict[str, _Item] = {}
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._dead: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._running: dict[str, WorkItem] = {}  # request id -> item, engine thread only
 
     # --- set-up -------------------------------------------------------------------------------
     def engine_args(self) -> Any:
@@ -145,25 +131,11 @@ class VLLMEngine(EngineBackend):
 
     # --- task threads -------------------------------------------------------------------------
     def submit(self, prepared: VLLMPrepared, is_cancelled: Callable[[], bool] = never_cancelled) -> Future:
-        item = _Item(prepared, is_cancelled)
-        with self._cond:
-            if self._stopping or self._dead is not None:
-                item.future.set_exception(RuntimeError(f"the engine is not running ({self._dead!r})"))
-                return item.future
-            self._inbox.append(item)
-            self._cond.notify()
-        return item.future
+        return self._enqueue(WorkItem(prepared, is_cancelled))
 
     def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        if self._thread.is_alive():
-            self._thread.join(timeout=60)
-        for item in [*self._inbox, *self._running.values()]:
-            if not item.future.done():
-                item.future.set_exception(RuntimeError("the engine stopped before finishing this request"))
-        self._inbox.clear()
+        left = self._stop_thread(timeout=60)
+        self._fail([*left, *self._running.values()], "the engine stopped before finishing this request")
         self._running.clear()
         engine, self.engine = self.engine, None
         if engine is not None:
@@ -194,11 +166,9 @@ class VLLMEngine(EngineBackend):
                 self._dead = exc
                 items = [*self._inbox, *self._running.values()]
                 self._inbox, self._running = [], {}
-            for item in items:
-                if not item.future.done():
-                    item.future.set_exception(RuntimeError(f"the vLLM engine died: {exc!r}"))
+            self._fail(items, f"the vLLM engine died: {exc!r}")
 
-    def _add(self, item: _Item) -> None:
+    def _add(self, item: WorkItem) -> None:
         if item.is_cancelled():
             item.future.set_exception(Cancelled())
             return
