@@ -168,6 +168,18 @@ def client(settings: Settings, worker: subprocess.Popen) -> Iterator[Client]:
     c.close()
 
 
+def submit_every_task(client: Client, url: str) -> dict[str, str]:
+    """One job of each task type on one image; task -> job id."""
+    return {
+        "caption": client.submit(url, "caption", metadata={"user": 7}),
+        "grounding": client.submit(url, "grounding", max_new_tokens=1024),
+        "referring": client.submit(url, "referring", region=[0.039, 0.138, 0.283, 0.257], label="이 물건",
+                                   prompt="은 어떻게 쓰는거야?", max_new_tokens=1024),
+        "ocr": client.submit(url, "ocr", max_new_tokens=1024),
+        "vqa": client.submit(url, "vqa", prompt="What colour is it?"),
+    }  # fmt: skip
+
+
 def wait_for_state(client: Client, job_id: str, states: set[str], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -6,7 +6,7 @@ import base64
 import json
 
 import pytest
-from conftest import CAT, IMAGES_BUCKET, RESULTS_BUCKET, ROTATED, SECRET, SIGN, sha
+from conftest import CAT, IMAGES_BUCKET, RESULTS_BUCKET, ROTATED, SECRET, SIGN, sha, submit_every_task
 from helpers import card_output
 
 from varco.producer import Client, InvalidRequest, JobFailed
@@ -21,14 +21,7 @@ def stored_result(s3, job_id: str) -> dict:
 
 def test_every_task_type_succeeds_with_the_documented_result(client: Client, http_files, s3) -> None:
     url = http_files.base + "/cat.png"
-    jobs = {
-        "caption": client.submit(url, "caption", metadata={"user": 7}),
-        "grounding": client.submit(url, "grounding", max_new_tokens=1024),
-        "referring": client.submit(url, "referring", region=[0.039, 0.138, 0.283, 0.257], label="이 물건",
-                                   prompt="은 어떻게 쓰는거야?", max_new_tokens=1024),
-        "ocr": client.submit(url, "ocr", max_new_tokens=1024),
-        "vqa": client.submit(url, "vqa", prompt="What colour is it?"),
-    }  # fmt: skip
+    jobs = submit_every_task(client, url)
     finished = {s.job_id: s for s in client.wait(jobs.values(), timeout=120)}
     assert {s.state.value for s in finished.values()} == {"succeeded"}, finished
 

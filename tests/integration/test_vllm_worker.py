@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CAT, LONG, RESULTS_BUCKET, running_worker, sha, wait_for_state
+from conftest import CAT, LONG, RESULTS_BUCKET, running_worker, sha, submit_every_task, wait_for_state
 from helpers import card_output
 
 from varco.producer import Client, JobCancelled
@@ -47,14 +47,7 @@ def vllm_client(vllm_env: dict, vllm_worker) -> Iterator[Client]:
 
 def test_every_task_type_through_the_vllm_engine(vllm_client: Client, vllm_worker, http_files, s3) -> None:
     url = http_files.base + "/cat.png"
-    jobs = {
-        "caption": vllm_client.submit(url, "caption"),
-        "grounding": vllm_client.submit(url, "grounding", max_new_tokens=1024),
-        "referring": vllm_client.submit(url, "referring", region=[0.039, 0.138, 0.283, 0.257], label="이 물건",
-                                        prompt="은 어떻게 쓰는거야?", max_new_tokens=1024),
-        "ocr": vllm_client.submit(url, "ocr", max_new_tokens=1024),
-        "vqa": vllm_client.submit(url, "vqa", prompt="What colour is it?"),
-    }  # fmt: skip
+    jobs = submit_every_task(vllm_client, url)
     finished = {s.job_id: s for s in vllm_client.wait(jobs.values(), timeout=300)}
     assert {s.state.value for s in finished.values()} == {"succeeded"}, finished
     results = {task: vllm_client.result(job_id) for task, job_id in jobs.items()}
