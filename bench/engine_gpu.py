@@ -1,127 +1,257 @@
-"""Full-size engine benchmark: VARCO-VISION-14B shapes with random weights, bf16, on one GPU.
+"""Full-size engine benchmark: VARCO-VISION-14B shapes with random weights, bf16, on one GPU, either backend.
 
-Builds the real architecture in code (Qwen2.5-14B text model: hidden 5120, 48 layers, 40 heads /
-8 KV heads, MLP 13824, vocab 152064; SigLIP-so400m-patch14-384 vision tower; anyres_max_9 over the
-384…2304 pinpoints) directly on the GPU, then times the engine on N images of 640x480 with a fixed
-number of forced new tokens: one at a time versus batched. Prints img/s and peak GPU memory.
+Builds the real architecture (Qwen2.5-14B text model: hidden 5120, 48 layers, 40 heads / 8 KV heads,
+MLP 13824, vocab 152064; SigLIP-so400m-patch14-384 vision tower; anyres_max_9 over the 384…2304
+pinpoints) with random weights, then times the engine through its own API (`prepare` + `submit`),
+with every request scripted to generate exactly its budget:
 
-Run on a GPU machine:   python bench/engine_gpu.py [--images 16] [--new-tokens 128] [--batch 16]
-Smoke-test on a CPU:    python bench/engine_gpu.py --shrink --images 4 --new-tokens 8
+- N images of 640x480 with a fixed number of new tokens, one at a time versus all submitted at once
+  (hf: batches of up to `--batch`; vllm: continuous batching up to `--max-num-seqs`);
+- the mixed workload of `engine_compare.py` (task types, budgets 8-512, several image sizes).
+
+hf: the model is built in memory on the GPU and wrapped in `HFModel`, as `HFModel.load()` would leave it.
+vllm: vLLM makes the random weights itself (`load_format="dummy"`) from a directory holding only the
+config, tokenizer and processor files.
+
+Run on a GPU machine:   python bench/engine_gpu.py --engine hf|vllm [--images 16] [--new-tokens 128] [--batch 16]
+Smoke-test on a CPU:    python bench/engine_gpu.py --engine hf|vllm --shrink
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import tempfile
 import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# vLLM reads its logging level at import: keep its per-request notices out of the figures.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 import numpy as np
 import torch
-from PIL import Image
-from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+import transformers
+from models import build_config, save_config_only
+from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, PreTrainedTokenizerFast
+from workload import (
+    IMAGE_SIZES,
+    Job,
+    describe,
+    make_job,
+    mixed_jobs,
+    reset_caches,
+    run_jobs,
+    script,
+    summarise,
+    warmup_jobs,
+)
 
-from varco.workers.engine import Engine, GenerationRequest, attention_implementation
-from varco.workers.tiny_model import CHAT_TEMPLATE, build_tokenizer
+from varco.tasks.prompts import TaskType
+from varco.workers.devtools.scripted import ScriptBook, install
+from varco.workers.devtools.tiny_model import EOS_TOKEN, build_tokenizer
+from varco.workers.engines.base import EngineBackend
+from varco.workers.engines.hf_model import attention_implementation
 
-REAL_PINPOINTS = [[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)]
+TILE, PATCH = 384, 14  # the real SigLIP-so400m-patch14-384 tower
 
 
-def build(shrink: bool, device: str) -> Engine:
-    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+def varco_config(tokenizer: PreTrainedTokenizerFast, shrink: bool) -> LlavaOnevisionConfig:
+    """VARCO-VISION-14B's shapes; `shrink` keeps the vocabulary, tiles and prompts but makes every layer tiny."""
+    text: dict[str, Any] = {
+        "vocab_size": 152064,
+        "hidden_size": 5120,
+        "intermediate_size": 13824,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 40,
+        "num_key_value_heads": 8,
+        "rope_theta": 1_000_000.0,
+    }
+    vision: dict[str, Any] = {
+        "hidden_size": 1152,
+        "intermediate_size": 4304,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 16,
+    }
+    if shrink:  # same code path, CPU-sized; head size 32 in both towers (vLLM's CPU attention takes no less)
+        text.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+        text.update(num_key_value_heads=1)
+        vision.update(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    return build_config(tokenizer, text, vision, TILE, PATCH, tie_word_embeddings=False)
 
-    tokenizer = build_tokenizer()
-    text = Qwen2Config(
-        vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
-        num_attention_heads=40, num_key_value_heads=8, max_position_embeddings=32768, rope_theta=1_000_000.0,
-        tie_word_embeddings=False,
-    )  # fmt: skip
-    vision = SiglipVisionConfig(
-        hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
-        image_size=384, patch_size=14, vision_use_head=False,
-    )  # fmt: skip
-    if shrink:  # same code path, CPU-sized
-        text.hidden_size, text.intermediate_size, text.num_hidden_layers = 64, 128, 2
-        text.num_attention_heads, text.num_key_value_heads = 4, 2
-        vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers, vision.num_attention_heads = (
-            32, 64, 2, 2,
-        )  # fmt: skip
-    config = LlavaOnevisionConfig(
-        text_config=text, vision_config=vision,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
-        vision_feature_select_strategy="full", vision_feature_layer=-1,
-        image_grid_pinpoints=REAL_PINPOINTS, vision_aspect_ratio="anyres_max_9",
-    )  # fmt: skip
+
+def build_hf(model_dir: Path, config: LlavaOnevisionConfig, device: str, args: argparse.Namespace) -> EngineBackend:
+    """The random-weight model straight on the device, wrapped in HFModel the way HFModel.load() leaves it."""
+    from varco.workers.engines.hf import HFEngine
+    from varco.workers.engines.hf_model import HFModel
+
+    hf_model = HFModel(str(model_dir), device=device)
     config._attn_implementation = attention_implementation(device)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     with torch.device(device):
-        model = LlavaOnevisionForConditionalGeneration._from_config(config, dtype=dtype).eval()
-    processor = LlavaOnevisionProcessor(
-        image_processor=LlavaOnevisionImageProcessor(size={"height": 384, "width": 384},
-                                                     image_grid_pinpoints=REAL_PINPOINTS),
-        tokenizer=tokenizer,
-        video_processor=LlavaOnevisionVideoProcessor(size={"height": 384, "width": 384}),
-        num_image_tokens=(384 // 14) ** 2, vision_feature_select_strategy="full",
-        chat_template=CHAT_TEMPLATE, vision_aspect_ratio="anyres_max_9",
-    )  # fmt: skip
-    engine = Engine("random-varco-14b-shapes", device=device)
-    # The same fields Engine.load() sets after from_pretrained; the loading path itself is tested on the tiny model.
-    engine.model, engine.processor, engine.dtype = model, processor, dtype
-    engine.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    engine.stop_ids = {engine.eos_token_id, tokenizer.pad_token_id}
-    return engine
+        model = LlavaOnevisionForConditionalGeneration._from_config(config, dtype=hf_model.dtype).eval()
+    processor = transformers.AutoProcessor.from_pretrained(model_dir)
+    processor.tokenizer.padding_side = "left"  # decoder-only batching pads on the left
+    hf_model.model, hf_model.processor = model, processor
+    hf_model.eos_token_id = processor.tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    hf_model.stop_ids = {hf_model.eos_token_id, processor.tokenizer.pad_token_id}
+    return HFEngine(
+        str(model_dir),
+        max_batch_size=args.batch,
+        max_wait_ms=args.max_wait_ms,
+        max_batch_tokens=args.max_batch_tokens,
+        hf_model=hf_model,
+    )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--images", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--shrink", action="store_true", help="tiny dimensions, for a CPU smoke test")
-    args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def build_vllm(model_dir: Path, args: argparse.Namespace) -> EngineBackend:
+    from varco.workers.engines.vllm import VLLMEngine, configure_cpu_defaults
+
+    configure_cpu_defaults()
+    extra: dict[str, Any] = {"load_format": "dummy", "enforce_eager": args.eager}
+    if not torch.cuda.is_available():
+        extra["kv_cache_memory_bytes"] = 2**30  # a fixed KV cache on CPU, not a share of whatever RAM is free
+    return VLLMEngine(
+        str(model_dir),
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        engine_args=extra,
+    )
+
+
+def parameter_count(config: LlavaOnevisionConfig) -> int:
+    """Counted on the meta device: no memory, and the same figure whichever engine makes the weights."""
+    with torch.device("meta"):
+        model = LlavaOnevisionForConditionalGeneration._from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+class Memory:
+    """Peak GPU memory of a phase: torch's allocator for hf (in this process); device-wide use for vllm,
+    whose engine core runs in a child process and holds its KV cache from the start."""
+
+    def __init__(self, engine: str) -> None:
+        self.engine = engine
+        self.cuda = torch.cuda.is_available()
+
+    def reset(self) -> None:
+        if self.cuda and self.engine == "hf":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib(self) -> str:
+        if not self.cuda:
+            return "n/a (CPU)"
+        if self.engine == "hf":
+            return f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB peak allocated"
+        free, total = torch.cuda.mem_get_info()
+        return f"{(total - free) / 2**30:.1f} GiB in use on the device"
+
+
+def same_size_jobs(count: int, new_tokens: int, seed: int = 0) -> list[Job]:
+    rng = np.random.default_rng(seed)
+    return [make_job(i, TaskType.GROUNDING, new_tokens, (640, 480), rng) for i in range(count)]
+
+
+def timed_sequential(engine: EngineBackend, jobs: Sequence[Job]) -> float:
     started = time.perf_counter()
-    engine = build(args.shrink, device)
-    params = sum(p.numel() for p in engine.model.parameters())
-    built_s = time.perf_counter() - started
-    attention = engine.model.config._attn_implementation
+    for job in jobs:
+        engine.generate(job.request)
+    return time.perf_counter() - started
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    gpu = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    parser.add_argument("--shrink", action="store_true", help="tiny dimensions, for a CPU smoke test")
+    parser.add_argument("--images", type=int, default=None, help="same-size images (default 16; --shrink: 4)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="per image (default 128; --shrink: 8)")
+    parser.add_argument("--batch", type=int, default=16, help="hf: the largest batch")
+    parser.add_argument("--mixed-jobs", type=int, default=None, help="mixed workload jobs (default 48; --shrink: 8)")
+    parser.add_argument("--mixed-max-budget", type=int, default=None, help="(default 512; --shrink: 32)")
+    parser.add_argument("--max-wait-ms", type=int, default=20)
+    parser.add_argument("--max-batch-tokens", type=int, default=65536)
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="vllm: the most sequences in flight")
+    parser.add_argument("--max-model-len", type=int, default=16384, help="vllm")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9 if gpu else 0.1, help="vllm")
+    parser.add_argument(
+        "--eager", action=argparse.BooleanOptionalAction, default=not gpu, help="vllm enforce_eager (CPU: on)"
+    )
+    args = parser.parse_args(argv)
+    if not gpu and not args.shrink:
+        parser.error("the full-size model needs a GPU (about 30 GB in bf16, twice that in float32); use --shrink")
+    small = args.shrink
+    args.images = args.images if args.images is not None else (4 if small else 16)
+    args.new_tokens = args.new_tokens if args.new_tokens is not None else (8 if small else 128)
+    args.mixed_jobs = args.mixed_jobs if args.mixed_jobs is not None else (8 if small else 48)
+    args.mixed_max_budget = args.mixed_max_budget if args.mixed_max_budget is not None else (32 if small else 512)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    transformers.utils.logging.disable_progress_bar()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     print(
-        f"built {params / 1e9:.2f} B parameters on {device} ({engine.dtype}) in {built_s:.1f}s, attention {attention}"
+        f"torch {torch.__version__}, transformers {transformers.__version__}, engine {args.engine}, "
+        f"{len(os.sched_getaffinity(0))} cores, device {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}"
     )
-    rng = np.random.default_rng(0)
-    script = "a" * args.new_tokens  # forced: every request generates exactly new_tokens tokens
-    requests = [
-        GenerationRequest(Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)),
-                          "<gro>\nDescribe the image in detail.", args.new_tokens, script=script)
-        for _ in range(args.images)
-    ]  # fmt: skip
-    engine.generate(requests[:2])  # warm-up
+    same = same_size_jobs(args.images, args.new_tokens)
+    mixed = mixed_jobs(args.mixed_jobs, seed=0, max_budget=args.mixed_max_budget)
+    warm = warmup_jobs()
+    book = ScriptBook({})
+    script(book, [*warm, *same, *mixed])  # exact token counts whatever the random weights say
 
-    def timed(fn) -> float:
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
+    with tempfile.TemporaryDirectory(prefix="engine-gpu-") as tmp:
+        os.environ.setdefault("VLLM_CACHE_ROOT", str(Path(tmp) / "vllm-cache"))
+        model_dir = Path(tmp) / "random-varco-14b-shapes"
+        tokenizer = build_tokenizer()
+        config = varco_config(tokenizer, args.shrink)
+        # Both engines read the tokenizer and processor from here (the scripted plugin too); vLLM also the config.
+        save_config_only(model_dir, config, tokenizer, TILE, PATCH)
+        started = time.perf_counter()
+        engine = build_hf(model_dir, config, device, args) if args.engine == "hf" else build_vllm(model_dir, args)
+        install(engine, book)  # before load: vLLM takes its logits processors at start-up
+        engine.load()
+        built_s = time.perf_counter() - started
+        params = parameter_count(config)
+        print(f"built {params / 1e9:.2f} B parameters, {args.engine} engine on {device} in {built_s:.1f}s")
+        memory = Memory(args.engine)
+        try:
+            run_jobs(engine, warm)
+            memory.reset()
+            single = timed_sequential(engine, same)
+            peak_single = memory.peak_gib()
+            reset_caches(engine)  # the same images again: no prefix or image-cache hits for vllm
+            memory.reset()
+            results, batched = run_jobs(engine, same)
+            peak_batched = memory.peak_gib()
+            prompt = results[0].output.prompt_tokens
+            exact = all(r.output.output_tokens == args.new_tokens for r in results)
+            label = f"batch {args.batch}" if args.engine == "hf" else f"all at once (max_num_seqs {args.max_num_seqs})"
+            print(f"{args.images} images 640x480, {args.new_tokens} forced new tokens each, prompt {prompt} tokens")
+            print(f"  one at a time: {single:.2f}s  {args.images / single:.2f} img/s  {peak_single}")
+            print(f"  {label}: {batched:.2f}s  {args.images / batched:.2f} img/s  {peak_batched}")
+            if not exact:
+                print("  (!) some requests did not generate exactly their budget")
 
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    single = timed(lambda: [engine.generate([r]) for r in requests])
-    peak_single = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    batched = timed(
-        lambda: [engine.generate(requests[i : i + args.batch]) for i in range(0, len(requests), args.batch)]
-    )
-    peak_batched = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
-    out = engine.generate(requests[:1])[0]
-    print(f"{args.images} images 640x480, {args.new_tokens} forced new tokens, prompt {out.prompt_tokens} tokens")
-    print(f"  one at a time: {single:.2f}s  {args.images / single:.2f} img/s  peak {peak_single:.1f} GiB")
-    print(f"  batch {args.batch}:      {batched:.2f}s  {args.images / batched:.2f} img/s  peak {peak_batched:.1f} GiB")
-    if device == "cuda":
-        print(f"  GPU: {torch.cuda.get_device_name()}")
+            memory.reset()
+            summary = summarise(*run_jobs(engine, mixed))
+            print(f"mixed workload: {describe(mixed)}; image sizes {', '.join(f'{w}x{h}' for w, h in IMAGE_SIZES)}")
+            print(
+                f"  wall {summary.wall_s:.2f}s  {summary.jobs_per_s:.2f} img/s  {summary.tokens_per_s:.0f} out tok/s  "
+                f"p50 {summary.p50_s:.2f}s  p95 {summary.p95_s:.2f}s  {memory.peak_gib()}"
+                + ("" if summary.exact else "  (!) not every job generated exactly its budget")
+            )
+            batches = getattr(engine, "batch_sizes", None)
+            if batches:
+                print(f"  hf batch sizes over the whole run: {batches}")
+        finally:
+            engine.stop()
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # vLLM's engine core may start processes that import this module
+    sys.exit(main())

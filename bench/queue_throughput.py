@@ -20,8 +20,8 @@ from PIL import Image
 
 from varco.producer import Client
 from varco.tasks.settings import settings_from_env
-from varco.workers.local_redis import start_redis
-from varco.workers.tiny_model import make_tiny_model
+from varco.workers.devtools.local_redis import start_redis
+from varco.workers.devtools.tiny_model import make_tiny_model
 
 
 def main() -> None:

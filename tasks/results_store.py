@@ -7,7 +7,7 @@ writes the same key, so a redelivered job that completes again changes nothing f
 from __future__ import annotations
 
 import os
-import tempfile
+import threading
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
@@ -27,15 +27,24 @@ class FileResultStore:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.root = Path(unquote(urlsplit(prefix).path))
+        self._root_made = False
 
     def uri_for(self, job_id: str) -> str:
         return f"{self.prefix}{job_id}.json"
 
     def write(self, job_id: str, data: bytes) -> str:
-        self.root.mkdir(parents=True, exist_ok=True)
+        if not self._root_made:  # once per process, not once per job
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._root_made = True
         target = self.root / f"{job_id}.json"
-        # Write-then-rename: a reader never sees half a result.
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{job_id}.", suffix=".tmp")
+        # Write-then-rename: a reader never sees half a result. The temporary name is unique per
+        # writer (process, thread), so two deliveries of one job never share it.
+        tmp = self.root / f".{job_id}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except FileNotFoundError:  # the directory was removed under us: make it again
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.replace(tmp, target)

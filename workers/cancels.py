@@ -32,12 +32,10 @@ class CancelWatcher:
     def is_cancelled(self, job_id: str) -> bool:
         return job_id in self._cancelled
 
-    def watch(self, job_id: str, already_cancelled: bool = False) -> None:
-        """Start tracking a job; pass the record's cancel flag, read after this call began, to close the race."""
+    def watch(self, job_id: str) -> None:
+        """Start tracking a job of this process; call it before the job's record says started."""
         with self._lock:
             self._running.add(job_id)
-            if already_cancelled:
-                self._cancelled.add(job_id)
 
     def forget(self, job_id: str) -> None:
         with self._lock:

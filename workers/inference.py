@@ -138,44 +138,52 @@ def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> 
     @app.task(name=INFER_TASK, bind=True, acks_late=True, max_retries=None)
     def infer(self: Task, job_id: str, request: dict, enqueued_at: str | None = None) -> None:
         rt: Runtime = get_runtime()
-        state, attempts = rt.statuses.begin_attempt(job_id, rt.hostname, rt.settings.max_attempts)
-        if state is not JobState.STARTED:
-            log.info("job %s not run: it is %s (delivery %d)", job_id, state.value, attempts)
-            if state is JobState.FAILED and attempts > rt.settings.max_attempts:
-                status = rt.statuses.get(job_id)
-                _notify_poison(rt, job_id, request, status.error if status else None)
-            return
+        # Watched before the record says started: a cancel from then on reaches this process on
+        # varco:cancel, and one requested earlier is honoured by begin_attempt itself, so no extra read.
+        rt.cancels.watch(job_id)
         try:
-            job_request = JobRequest.model_validate(request)
-        except ValidationError as exc:
-            rt.statuses.transition(job_id, JobState.FAILED, error=ErrorInfo(type="InvalidRequest", message=str(exc)))
-            return
-        job = _Job(rt, job_id, job_request, enqueued_at)
-        rt.cancels.watch(job_id, already_cancelled=rt.statuses.cancel_requested(job_id))
-        if attempts == 1:
-            job.notify("job.started", JobState.STARTED)
-        try:
-            job.run()
-        except Cancelled:
-            rt.statuses.transition(job_id, JobState.CANCELLED)
-        except JobError as exc:
-            if exc.transient and attempts < rt.settings.max_attempts:
-                log.info("job %s: %s (attempt %d); retrying", job_id, exc, attempts)
-                rt.statuses.transition(job_id, JobState.RETRYING, error=exc.info())
-                try:
-                    raise self.retry(countdown=backoff_s(attempts - 1), max_retries=None) from None
-                except Retry:
-                    raise
-                except Exception:  # the retry could not be queued: fail now rather than hang in retrying
-                    log.exception("job %s: could not schedule its retry", job_id)
-            job.fail(exc.info())
-        except Exception as exc:
-            log.exception("job %s failed unexpectedly", job_id)
-            job.fail(error_info(exc))
+            _deliver(self, rt, job_id, request, enqueued_at)
         finally:
             rt.cancels.forget(job_id)
 
     return infer
+
+
+def _deliver(task: Task, rt: Runtime, job_id: str, request: dict, enqueued_at: str | None) -> None:
+    """One delivery of a job: count it, run it, and record how it ended."""
+    state, attempts = rt.statuses.begin_attempt(job_id, rt.hostname, rt.settings.max_attempts)
+    if state is not JobState.STARTED:
+        log.info("job %s not run: it is %s (delivery %d)", job_id, state.value, attempts)
+        if state is JobState.FAILED and attempts > rt.settings.max_attempts:
+            status = rt.statuses.get(job_id)
+            _notify_poison(rt, job_id, request, status.error if status else None)
+        return
+    try:
+        job_request = JobRequest.model_validate(request)
+    except ValidationError as exc:
+        rt.statuses.transition(job_id, JobState.FAILED, error=ErrorInfo(type="InvalidRequest", message=str(exc)))
+        return
+    job = _Job(rt, job_id, job_request, enqueued_at)
+    if attempts == 1:
+        job.notify("job.started", JobState.STARTED)
+    try:
+        job.run()
+    except Cancelled:
+        rt.statuses.transition(job_id, JobState.CANCELLED)
+    except JobError as exc:
+        if exc.transient and attempts < rt.settings.max_attempts:
+            log.info("job %s: %s (attempt %d); retrying", job_id, exc, attempts)
+            rt.statuses.transition(job_id, JobState.RETRYING, error=exc.info())
+            try:
+                raise task.retry(countdown=backoff_s(attempts - 1), max_retries=None) from None
+            except Retry:
+                raise
+            except Exception:  # the retry could not be queued: fail now rather than hang in retrying
+                log.exception("job %s: could not schedule its retry", job_id)
+        job.fail(exc.info())
+    except Exception as exc:
+        log.exception("job %s failed unexpectedly", job_id)
+        job.fail(error_info(exc))
 
 
 def _notify_poison(rt: Runtime, job_id: str, request: dict, error: ErrorInfo | None) -> None:

@@ -9,6 +9,7 @@ task thread waits on its own future, then parses and stores. Backends differ onl
 from __future__ import annotations
 
 import abc
+import contextvars
 import threading
 import time
 import uuid
@@ -116,11 +117,18 @@ class ThreadedEngine(EngineBackend):
         self._cond = threading.Condition()
         self._stopping = False
         self._dead: BaseException | None = None  # set when the engine thread died
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread: threading.Thread | None = None
 
     @abc.abstractmethod
     def _run(self) -> None:
         """The engine thread."""
+
+    def _start_thread(self) -> None:
+        # The engine thread runs in a copy of the loader's context, so context variables set there
+        # (tracing, request-scoped state of a host framework) are visible to the engine's code too.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(target=context.run, args=(self._run,), name="engine", daemon=True)
+        self._thread.start()
 
     def _enqueue(self, item: WorkItem) -> Future[GenerationOutput]:
         with self._cond:
@@ -136,7 +144,7 @@ class ThreadedEngine(EngineBackend):
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout=timeout)
         with self._cond:
             left, self._inbox = self._inbox, []

@@ -21,6 +21,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from varco.workers.engines.base import (
     Cancelled,
     GenerationOutput,
+    GenerationRequest,
     ThreadedEngine,
     WorkItem,
     never_cancelled,
@@ -79,37 +80,22 @@ class HFEngine(ThreadedEngine):
         self.batch_sizes: list[int] = []  # of every generate call, in order (metrics and tests read it)
 
     def load(self) -> HFEngine:
-        if not self._thread.is_alive():
+        if self._thread is None:
             started = time.perf_counter()
             self.model.load()
             self.device = str(getattr(self.model, "device", "cpu"))
             self.load_seconds = getattr(self.model, "load_seconds", 0.0) or time.perf_counter() - started
-            self._thread.start()
+            self._start_thread()
         return self
 
-    def prepare(self, request):
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
         return self.model.prepare(request)
 
     def submit(self, prepared: PreparedRequest, is_cancelled: Callable[[], bool] = never_cancelled) -> Future:
-        item = _Item(prepared, is_cancelled)
-        with self._cond:
-            if self._stopping:
-                item.future.set_exception(RuntimeError("the engine is stopping"))
-                return item.future
-            self._inbox.append(item)
-            self._cond.notify()
-        return item.future
+        return self._enqueue(_Item(prepared, is_cancelled))
 
     def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
-        with self._cond:
-            left, self._inbox = self._inbox, []
-        for item in left:
-            item.future.set_exception(RuntimeError("the engine stopped before running this request"))
+        self._fail(self._stop_thread(timeout=30), "the engine stopped before running this request")
 
     # --- engine thread --------------------------------------------------------------------
     def _next_batch(self) -> list[_Item] | None:

@@ -13,8 +13,10 @@ the output it would get alone.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from transformers import (
     AutoProcessor,
+    GenerationConfig,
     LlavaOnevisionForConditionalGeneration,
     LogitsProcessor,
     LogitsProcessorList,
@@ -113,6 +116,13 @@ class HFModel:
         self.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.stop_ids = {self.eos_token_id, tokenizer.pad_token_id}
         self.stop_ids |= set(_as_list(self.model.generation_config.eos_token_id))
+        # Built once: without it every generate() call re-derives one from the model config, which
+        # constructs a default config object (~10 ms of Python per call, on the device's thread).
+        self.generation_config = GenerationConfig(
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=sorted(self.stop_ids),
+        )
         self.load_seconds = time.perf_counter() - started
         log.info("loaded %s on %s (%s) in %.1fs", self.model_name, self.device, self.dtype, self.load_seconds)
         return self
@@ -125,6 +135,7 @@ class HFModel:
         """Tokenise and preprocess one request (any thread: the processor holds no device state)."""
         if self.model is None:
             self.load()
+        one_cpu_thread_for_torch()
         inputs = self.processor(images=[request.image], text=[self.chat_text(request.prompt)], return_tensors="pt")
         return PreparedRequest(
             request=request,
@@ -174,14 +185,13 @@ class HFModel:
             if processor is not None:
                 processors.append(processor)
         processors.append(RowBudget(budgets, prompt_length, self.eos_token_id))
+        config = copy.copy(self.generation_config)
+        config.max_new_tokens = max(budgets)
         output = self.model.generate(
             **inputs,
-            max_new_tokens=max(budgets),
-            do_sample=False,
+            generation_config=config,
             logits_processor=processors,
             stopping_criteria=stopping_criteria,
-            pad_token_id=self.processor.tokenizer.pad_token_id,
-            eos_token_id=sorted(self.stop_ids),
         )
         return [
             self._decode(row[prompt_length:].tolist(), budget, p.prompt_tokens)
@@ -197,6 +207,21 @@ class HFModel:
             output_tokens=end,
             finish_reason="length" if end >= budget else "stop",
         )
+
+
+_thread_state = threading.local()
+
+
+def one_cpu_thread_for_torch() -> None:
+    """Run this thread's CPU tensor ops (preprocessing) on one OpenMP thread.
+
+    torch's intra-op thread count is per calling thread, and each thread that runs a parallel op gets
+    a team of OpenMP threads as wide as the machine; a worker's 16+ task threads then oversubscribe
+    the cores the engine thread's ops need. Preprocessing runs in many task threads at once already.
+    """
+    if not getattr(_thread_state, "single", False):
+        torch.set_num_threads(1)
+        _thread_state.single = True
 
 
 def _as_list(value: int | list[int] | None) -> list[int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -60,6 +61,9 @@ class VLLMEngine(ThreadedEngine):
         self.engine: Any = None
         self.tokenizer: Any = None
         self._running: dict[str, WorkItem] = {}  # request id -> item, engine thread only
+        self._ready = threading.Event()
+        self._load_lock = threading.Lock()
+        self._load_error: BaseException | None = None
 
     # --- set-up -------------------------------------------------------------------------------
     def engine_args(self) -> Any:
@@ -82,21 +86,39 @@ class VLLMEngine(ThreadedEngine):
         return EngineArgs(**args)
 
     def load(self) -> VLLMEngine:
-        if self.engine is not None:
-            return self
-        from vllm import LLMEngine
+        """Build the engine on the engine thread and wait until it is ready (or failed)."""
+        with self._load_lock:
+            if self.engine is not None:
+                return self
+            return self._load()
 
+    def _load(self) -> VLLMEngine:
         started = time.perf_counter()
-        self.engine = LLMEngine.from_engine_args(self.engine_args())
-        self.tokenizer = self.engine.get_tokenizer()
-        ids = {self.tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS}
-        ids.add(self.tokenizer.eos_token_id)
-        self.stop_ids = sorted(i for i in ids if isinstance(i, int) and i >= 0)
-        self.device = "cuda" if _cuda_available() else "cpu"
+        self._start_thread()
+        self._ready.wait()
+        if self._load_error is not None:
+            raise self._load_error
         self.load_seconds = time.perf_counter() - started
         log.info("vLLM engine for %s ready in %.1fs", self.model_name, self.load_seconds)
-        self._thread.start()
         return self
+
+    def _build(self) -> None:
+        # Built on the thread that steps it: on CPU, torch's OpenMP threads then belong to one
+        # thread, and steps run ~1.8x faster than when another thread created the engine.
+        from vllm import LLMEngine
+
+        try:
+            self.engine = LLMEngine.from_engine_args(self.engine_args())
+            self.tokenizer = self.engine.get_tokenizer()
+            ids = {self.tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS}
+            ids.add(self.tokenizer.eos_token_id)
+            self.stop_ids = sorted(i for i in ids if isinstance(i, int) and i >= 0)
+            self.device = "cuda" if _cuda_available() else "cpu"
+        except BaseException as exc:
+            self._load_error = exc
+            raise
+        finally:
+            self._ready.set()
 
     def chat_text(self, prompt: str) -> str:
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
@@ -104,7 +126,7 @@ class VLLMEngine(ThreadedEngine):
 
     def prepare(self, request: GenerationRequest) -> VLLMPrepared:
         if self.engine is None:
-            self.load()
+            raise RuntimeError("the vLLM engine is not loaded: call load() first")
         prompt: dict[str, Any] = {
             "prompt": self.chat_text(request.prompt),
             "multi_modal_data": {"image": request.image},
@@ -145,6 +167,10 @@ class VLLMEngine(ThreadedEngine):
 
     # --- engine thread ------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._build()
+        except BaseException:
+            return  # load() raises the error in the caller
         try:
             while True:
                 with self._cond:
