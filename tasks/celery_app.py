@@ -1,4 +1,9 @@
-"""The Celery app both sides build from Settings: JSON only, late acks, two queues, tasks by name."""
+"""The Celery app both sides build from Settings: JSON only, late acks, two queues, tasks by name.
+
+`app` (also `celery`) is a module-level app built from the environment on first use, so Celery's own
+tools work: `celery -A varco.tasks.celery_app inspect ping|active|stats|active_queues`, `celery
+events`, Flower. Workers are started with `varco worker`, which registers the tasks.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from celery import Celery
 from kombu import Queue
 
 from varco.tasks.prompts import TaskType
-from varco.tasks.settings import Settings
+from varco.tasks.settings import Settings, get_settings
 
 INFER_TASK = "varco.infer"
 CALLBACK_TASK = "varco.callback"
@@ -57,8 +62,9 @@ def create_app(settings: Settings) -> Celery:
         },
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-        task_send_sent_event=False,
+        # Task events for `celery events` and Flower (a few small pub/sub messages per job).
+        worker_send_task_events=True,
+        task_send_sent_event=True,
     )
     return app
 
@@ -71,3 +77,16 @@ def queue_lanes(queue: str) -> list[str]:
 def queue_depth(client: redis.Redis, queue: str = INFER_QUEUE) -> int:
     """Jobs waiting in a queue, all priority lanes together (what autoscaling should watch)."""
     return sum(client.llen(lane) for lane in queue_lanes(queue))
+
+
+_app: Celery | None = None
+
+
+def __getattr__(name: str) -> Celery:
+    """`app`/`celery`: the process's app from VARCO_* settings, built on first use (what `celery -A` finds)."""
+    global _app
+    if name in ("app", "celery"):
+        if _app is None:
+            _app = create_app(get_settings())
+        return _app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

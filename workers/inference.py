@@ -12,9 +12,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import Retry
+from celery.signals import task_revoked
 from pydantic import ValidationError
 
 from varco.tasks.celery_app import INFER_TASK
@@ -146,6 +148,15 @@ def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> 
         finally:
             rt.cancels.forget(job_id)
 
+    def on_revoked(sender: Task | None = None, request: Any = None, **_: Any) -> None:
+        # `celery control revoke` of a queued job: Celery drops its message when it arrives here; the
+        # record must end too, or pollers would wait on a job that never runs.
+        if getattr(sender, "name", None) != INFER_TASK or request is None:
+            return
+        if get_runtime().statuses.transition(request.id, JobState.CANCELLED):
+            log.info("job %s cancelled by a Celery revoke", request.id)
+
+    task_revoked.connect(on_revoked, weak=False)
     return infer
 
 
