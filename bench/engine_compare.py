@@ -8,10 +8,9 @@ top of vLLM itself. Every job is scripted to generate exactly its budget, so bot
 same work. Jobs go in the way a worker's task threads send them: all at once, each thread calling
 `prepare`, `submit` and waiting on its future. Latency is from that hand-over to the job's result.
 
-`LLM.generate` is timed twice: from the main thread, and from a fresh thread while the main thread
-holds an OpenMP team, which is the engine API's situation (engine built in the caller's thread,
-steps in the engine thread). On CPU the second is much slower (see `in_thread`), so the ratio
-against it is the engine API's own cost; the ratio against the first adds that threading penalty.
+`LLM.generate` is timed twice: from the main thread, and from a fresh thread. On CPU, torch ops run
+~1.8x slower in a thread other than the one whose OpenMP team did the first parallel work, which
+is why the vllm backend builds its engine on the engine thread itself (see `in_thread`).
 
 The head-of-line scenario submits one long job, then 4 short ones while it runs: a static batch
 (hf) makes the short ones wait for the long one; continuous batching (vllm) lets them through.

@@ -7,6 +7,7 @@ import importlib
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -16,6 +17,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 console = Console()
 err = Console(stderr=True)
+
+
+class UsageError(Exception):
+    """A bad argument: reported in one line on stderr, exit code 2."""
+
+
+@dataclass(frozen=True)
+class Input:
+    """One request to submit and where it came from (a --from file's line, or the command line)."""
+
+    request: dict[str, Any]
+    line: int | None = None
 
 
 def _worker_module(name: str) -> ModuleType:
@@ -45,14 +58,26 @@ def _region(text: str | None) -> list[float] | None:
     try:
         return [float(v) for v in text.split(",")]
     except ValueError:
-        raise SystemExit(f"--region takes x1,y1,x2,y2 in 0..1, not {text!r}") from None
+        raise UsageError(f"--region takes x1,y1,x2,y2 in 0..1, not {text!r}") from None
 
 
-def _requests_from_file(path: str, defaults: dict[str, Any]) -> list[dict[str, Any]]:
+def _metadata(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"--metadata is not JSON: {exc}") from None
+
+
+def _requests_from_file(path: str, defaults: dict[str, Any]) -> list[Input]:
     """One image URI per line, or one JSON object per line (submit's keyword names)."""
-    lines = sys.stdin.read().splitlines() if path == "-" else Path(path).read_text(encoding="utf-8").splitlines()
-    requests = []
-    for number, line in enumerate(lines, 1):
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--from {path}: cannot read it: {getattr(exc, 'strerror', None) or exc}") from None
+    inputs = []
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -60,11 +85,15 @@ def _requests_from_file(path: str, defaults: dict[str, Any]) -> list[dict[str, A
             try:
                 item = json.loads(line)
             except ValueError as exc:
-                raise SystemExit(f"{path}:{number}: not JSON: {exc}") from None
-            requests.append({**defaults, **item})
+                raise UsageError(f"{path}:{number}: not JSON: {exc}") from None
+            if not isinstance(item, dict):
+                raise UsageError(f"{path}:{number}: expected a JSON object")
+            inputs.append(Input({**defaults, **item}, number))
         else:
-            requests.append({**defaults, "image_uri": line})
-    return requests
+            inputs.append(Input({**defaults, "image_uri": line}, number))
+    if not inputs:
+        raise UsageError(f"--from {path}: no requests in it")
+    return inputs
 
 
 def _progress() -> Progress:
@@ -74,44 +103,65 @@ def _progress() -> Progress:
     )  # fmt: skip
 
 
-def wait_with_progress(client: Any, job_ids: list[str], timeout: float | None) -> list[Any]:
-    statuses = []
+def wait_with_progress(client: Any, job_ids: list[str], timeout: float | None) -> dict[str, Any]:
+    """Statuses by job id as jobs finish, with a bar that counts failures too."""
+    statuses: dict[str, Any] = {}
+    failed = 0
     with _progress() as progress:
         bar = progress.add_task("waiting", total=len(job_ids))
         for status in client.wait(job_ids, timeout=timeout):
-            statuses.append(status)
-            progress.advance(bar)
+            statuses[status.job_id] = status
+            failed += status.state.value != "succeeded"
+            progress.update(bar, advance=1, description=f"waiting ({failed} not succeeded)" if failed else "waiting")
     return statuses
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from varco.tasks.requests import InvalidRequest
 
-    client = _client()
     defaults = {k: v for k, v in {
         "task": args.task, "prompt": args.prompt, "region": _region(args.region), "label": args.label,
         "callback_url": args.callback_url, "priority": args.priority, "max_new_tokens": args.max_new_tokens,
+        "metadata": _metadata(args.metadata),
     }.items() if v is not None}  # fmt: skip
+    if args.from_file and args.image_uri:
+        raise UsageError("give an IMAGE_URI or --from FILE, not both")
     if args.from_file:
-        requests = _requests_from_file(args.from_file, defaults)
+        inputs = _requests_from_file(args.from_file, defaults)
     elif args.image_uri:
-        requests = [{**defaults, "image_uri": args.image_uri, "idempotency_key": args.idempotency_key}]
+        inputs = [Input({**defaults, "image_uri": args.image_uri, "idempotency_key": args.idempotency_key})]
     else:
-        raise SystemExit("give an IMAGE_URI or --from FILE")
-    if args.metadata:
-        for r in requests:
-            r.setdefault("metadata", json.loads(args.metadata))
+        raise UsageError("give an IMAGE_URI or --from FILE")
+    client = _client()
     try:
-        job_ids = client.submit_many([{k: v for k, v in r.items() if v is not None} for r in requests])
+        job_ids = client.submit_many([{k: v for k, v in i.request.items() if v is not None} for i in inputs])
     except InvalidRequest as exc:
-        err.print(f"[red]{exc}[/]")
+        where = inputs[exc.index].line if exc.index is not None else None
+        err.print(f"{args.from_file}:{where}: {exc.reason}" if where is not None else exc.reason, markup=False)
         return 2
     if not args.wait:
-        _print(job_ids if len(job_ids) > 1 or args.from_file else job_ids[0], args.json)
+        if args.json:
+            _print(job_ids if args.from_file else job_ids[0], True)
+        else:
+            print("\n".join(job_ids))  # plain ids: JOB=$(varco submit …) just works
         return 0
     statuses = wait_with_progress(client, job_ids, args.timeout)
-    _print([s.model_dump(mode="json") for s in statuses], args.json)
-    return 0 if all(s.state.value == "succeeded" for s in statuses) else 1
+    rows = [
+        {"line": i.line, "image_uri": i.request.get("image_uri"), "job_id": job_id,
+         "state": statuses[job_id].state.value if job_id in statuses else "unfinished",
+         "error": statuses[job_id].error.model_dump() if job_id in statuses and statuses[job_id].error else None}
+        for i, job_id in zip(inputs, job_ids, strict=True)
+    ]  # fmt: skip
+    if args.json:
+        _print(rows, True)
+    else:
+        for row in rows:
+            print(
+                "\t".join(str(row[k]) if row[k] is not None else "-" for k in ("line", "image_uri", "job_id", "state"))
+            )
+    bad = sum(row["state"] != "succeeded" for row in rows)
+    err.print(f"{len(rows) - bad} succeeded, {bad} did not ({len(rows)} submitted)", markup=False)
+    return 0 if bad == 0 else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -140,9 +190,9 @@ def cmd_result(args: argparse.Namespace) -> int:
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    statuses = wait_with_progress(_client(), args.job_ids, args.timeout)
+    statuses = list(wait_with_progress(_client(), args.job_ids, args.timeout).values())
     _print([s.model_dump(mode="json") for s in statuses], args.json)
-    return 0 if all(s.state.value == "succeeded" for s in statuses) else 1
+    return 0 if len(statuses) == len(set(args.job_ids)) and all(s.state.value == "succeeded" for s in statuses) else 1
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -231,8 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse reports its own errors with exit code 2
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        parser.exit(2, f"varco {args.command}: error: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ class Client:
             try:
                 validated.append(self.validate(fields.pop("image_uri", None), fields.pop("task", None), **fields))
             except InvalidRequest as exc:
-                raise InvalidRequest(f"request #{index}: {exc}") from None
+                raise InvalidRequest(f"request #{index}: {exc}", index=index, reason=exc.reason) from None
         return [self._enqueue(r) for r in validated]
 
     def _enqueue(self, request: JobRequest) -> str:

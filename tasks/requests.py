@@ -19,7 +19,16 @@ MAX_METADATA_BYTES = 16 * 1024
 
 
 class InvalidRequest(ValueError):
-    """A request that can never succeed; raised at submit time, before anything is enqueued."""
+    """A request that can never succeed; raised at submit time, before anything is enqueued.
+
+    `index` is the request's position in a `submit_many` batch (None for a single submit) and
+    `reason` the message without that position, so callers can say where it came from.
+    """
+
+    def __init__(self, message: str, *, index: int | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.index = index
+        self.reason = reason or message
 
 
 class JobRequest(BaseModel):

@@ -53,3 +53,11 @@ def test_producer_wheel_installs_under_one_root_and_survives_a_local_tasks_modul
     assert result.stdout.strip() == "ok"
     probe = subprocess.run([str(python), "-c", "import torch"], capture_output=True, text=True)
     assert probe.returncode != 0, "the producer install pulled in torch"
+
+    # Without the worker extra, `varco worker` says what to install and stops instead of restarting forever.
+    worker = subprocess.run(
+        [str(env_dir / "bin" / "varco"), "worker", "--gpus", "cpu", "--no-callbacks"],
+        cwd=backend, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert worker.returncode == 1, worker.stdout + worker.stderr
+    assert "pip install 'varco-queue[worker]'" in worker.stderr and "giving up" in worker.stderr

@@ -15,11 +15,13 @@ import socket
 
 import redis
 from celery import Celery
+from pydantic import ValidationError
 
 from varco.tasks.celery_app import INFER_QUEUE, create_app
 from varco.tasks.results_store import result_store
 from varco.tasks.settings import Settings
 from varco.tasks.status import StatusStore
+from varco.workers import exit_codes
 
 log = logging.getLogger("varco.worker")
 
@@ -33,14 +35,26 @@ def configure_logging() -> None:
 
 
 def run_inference_worker(hostname: str, queues: list[str], concurrency: int | None = None) -> None:
-    configure_logging()
-    from varco.workers.cancels import CancelWatcher
-    from varco.workers.engines import create_engine
-    from varco.workers.fetch import ImageFetcher
-    from varco.workers.inference import Runtime, register_inference_task
-
-    settings = Settings()
-    engine = create_engine(settings).load()  # before any message is taken
+    try:
+        configure_logging()
+        from varco.workers.cancels import CancelWatcher
+        from varco.workers.engines import create_engine
+        from varco.workers.fetch import ImageFetcher
+        from varco.workers.inference import Runtime, register_inference_task
+    except ImportError as exc:
+        log.error("%s cannot start: %s. Install the worker extra: pip install 'varco-queue[worker]'", hostname, exc)
+        raise SystemExit(exit_codes.CANNOT_START) from None
+    try:
+        settings = Settings()
+        engine = create_engine(settings)
+    except (ValidationError, ValueError, ImportError) as exc:
+        log.error("%s cannot start: %s", hostname, exc)
+        raise SystemExit(exit_codes.CANNOT_START) from None
+    try:
+        engine.load()  # before any message is taken
+    except Exception:
+        log.exception("%s could not load the model %s", hostname, settings.model)
+        raise SystemExit(exit_codes.LOAD_FAILED) from None
     log.info(
         "%s: model %s loaded by the %s engine on %s in %.2fs; CUDA_VISIBLE_DEVICES=%r",
         hostname, settings.model, engine.name, engine.device, engine.load_seconds,

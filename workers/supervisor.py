@@ -19,6 +19,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from varco.workers import exit_codes
+
 log = logging.getLogger("varco.supervisor")
 
 
@@ -29,6 +31,7 @@ class Child:
     env: dict[str, str]
     process: subprocess.Popen | None = None
     restarts: int = 0
+    load_failures: int = 0  # in a row
     started_at: float = 0.0
 
     def start(self) -> None:
@@ -99,16 +102,22 @@ def supervise(children: list[Child], grace_s: float = 120.0) -> int:
     signal.signal(signal.SIGINT, on_signal)
     for child in children:
         child.start()
+    failure: str | None = None
     while not stopping:
         time.sleep(0.5)
         for child in children:
             code = child.process.poll() if child.process else 0
             if code is None or stopping:
                 continue
+            child.kill_group()
+            failure = _gives_up(child, code)
+            if failure is not None:
+                log.error("%s", failure)
+                on_signal(signal.SIGTERM, None)  # stop the others too: this node cannot serve as configured
+                break
             # A child that lived a while restarts at once; one that keeps dying backs off up to 30 s.
             child.restarts = 0 if time.monotonic() - child.started_at > 60 else child.restarts + 1
             delay = min(30.0, 2.0 ** max(0, child.restarts - 1)) if child.restarts else 0.0
-            child.kill_group()
             log.warning("%s exited with %s; restarting in %.0fs", child.name, code, delay)
             time.sleep(delay)
             if not stopping:
@@ -124,9 +133,23 @@ def supervise(children: list[Child], grace_s: float = 120.0) -> int:
             child.process.kill()
             child.process.wait()
         child.kill_group()
-    return 0
+    return 1 if failure is not None else 0
+
+
+def _gives_up(child: Child, code: int) -> str | None:
+    """Why the supervisor stops instead of restarting this child, or None to restart it."""
+    if code == exit_codes.CANNOT_START:
+        return f"{child.name} cannot start as configured (its log above says why); giving up"
+    if code == exit_codes.LOAD_FAILED:
+        child.load_failures += 1
+        if child.load_failures >= exit_codes.MAX_LOAD_FAILURES:
+            return f"{child.name} failed to load its model {child.load_failures} times in a row; giving up"
+    else:
+        child.load_failures = 0
+    return None
 
 
 def run(gpus: str, queues: str, callbacks: bool = True, concurrency: int | None = None) -> int:
+    """Run the node's children until SIGTERM (exit 0) or until one cannot start (exit 1)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [supervisor] %(message)s")
     return supervise(plan_children(gpus, queues, callbacks, concurrency))

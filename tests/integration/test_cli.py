@@ -36,17 +36,52 @@ def test_submit_status_result(worker_env: dict[str, str], client: Client, http_f
 
 def test_submit_from_file_and_wait(worker_env: dict[str, str], client: Client, http_files, tmp_path: Path) -> None:
     url = http_files.base + "/cat.png"
+    bad_image = http_files.base + "/not-an-image.txt"
     listing = tmp_path / "jobs.txt"
     listing.write_text(
-        f"# one URI per line, or JSON\n{url}\n{url}\n"
+        f"# one URI per line, or JSON\n{url}\n\n{bad_image}\n"
         + json.dumps({"image_uri": url, "task": "vqa", "prompt": "Colour?"}) + "\n"
     )  # fmt: skip
-    run = varco(worker_env, "submit", "--from", str(listing), "--task", "caption", "--wait", "--json")
-    assert run.returncode == 0, run.stderr
-    statuses = json.loads(run.stdout)
-    assert len(statuses) == 3 and {s["state"] for s in statuses} == {"succeeded"}
-    assert {s["task"] for s in statuses} == {"caption", "vqa"}
-    assert "3/3" in run.stderr  # the progress bar
+    run = varco(worker_env, "submit", "--from", str(listing), "--task", "caption", "--wait")
+    assert run.returncode == 1, run.stderr  # one input failed
+    rows = [line.split("\t") for line in run.stdout.splitlines()]
+    assert [(r[0], r[1], r[3]) for r in rows] == [("2", url, "succeeded"), ("4", bad_image, "failed"),
+                                                  ("5", url, "succeeded")]  # fmt: skip
+    assert client.status(rows[2][2]).task == "vqa"  # plain ids, usable as they are
+    assert "2 succeeded, 1 did not (3 submitted)" in run.stderr
+    assert "1 not succeeded" in run.stderr and "3/3" in run.stderr  # the bar counts failures
+
+    as_json = varco(worker_env, "submit", "--from", str(listing), "--wait", "--json")
+    data = json.loads(as_json.stdout)
+    assert [(d["line"], d["state"]) for d in data] == [(2, "succeeded"), (4, "failed"), (5, "succeeded")]
+    assert data[1]["error"]["type"] == "ImageDecodeError"
+
+
+def test_submit_prints_a_plain_id_that_other_commands_take(worker_env: dict[str, str], http_files) -> None:
+    submitted = varco(worker_env, "submit", http_files.base + "/cat.png")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    assert job_id and '"' not in job_id and "\n" not in job_id
+    assert varco(worker_env, "result", job_id, "--timeout", "60").returncode == 0
+
+
+def test_bad_arguments_get_one_line_and_exit_code_2(worker_env: dict[str, str], http_files, tmp_path: Path) -> None:
+    url = http_files.base + "/cat.png"
+    listing = tmp_path / "jobs.txt"
+    listing.write_text(f"{url}\n# a comment\n{url}\n" + json.dumps({"image_uri": url, "task": "vqa"}) + "\n")
+    cases = {
+        ("submit", url, "--metadata", "{bad"): "--metadata is not JSON",
+        ("submit", "--from", str(tmp_path / "missing.txt")): "missing.txt: cannot read it",
+        ("submit", url, "--region", "a,b"): "--region takes x1,y1,x2,y2",
+        ("submit",): "give an IMAGE_URI or --from FILE",
+        ("submit", "--from", str(listing)): f"{listing}:4: ",  # the file's line, not a request index
+        ("submit", url, "--task", "vqa"): "needs a prompt",
+    }
+    for argv, message in cases.items():
+        run = varco(worker_env, *argv)
+        assert run.returncode == 2, (argv, run.stderr)
+        assert message in run.stderr and "Traceback" not in run.stderr, (argv, run.stderr)
+        assert "request #" not in run.stderr, run.stderr
 
 
 def test_bad_request_exit_code(worker_env: dict[str, str], http_files) -> None:
