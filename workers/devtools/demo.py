@@ -116,7 +116,7 @@ def run_demo(console: Console, jobs_per_task: int = 1) -> int:
         started = time.perf_counter()
         job_ids = client.submit_many(requests)
         console.print(f"submitted {len(job_ids)} jobs")
-        statuses = {s.job_id: s for s in wait_with_progress(client, job_ids, timeout=600)}
+        statuses = wait_with_progress(client, job_ids, timeout=600)
         elapsed = time.perf_counter() - started
         show_results(console, client, requests, job_ids, statuses)
         ok = sum(s.state.value == "succeeded" for s in statuses.values())
