@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -117,3 +117,16 @@ class JobResult(BaseModel):
     finished_at: datetime | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     error: ErrorInfo | None = None
+
+
+class WebhookEvent(BaseModel):
+    """The JSON body of a webhook: enough for a receiver to act without looking the job up."""
+
+    type: Literal["job.started", "job.succeeded", "job.failed"]
+    job_id: str
+    task: str
+    state: JobState
+    result_uri: str | None = None
+    error: ErrorInfo | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)  # as submitted
+    timestamp: str

@@ -17,6 +17,8 @@ from celery import Celery, Task
 
 from varco.tasks.celery_app import CALLBACK_QUEUE, CALLBACK_TASK
 from varco.tasks.errors import ImageFetchError
+from varco.tasks.requests import JobRequest
+from varco.tasks.schemas import ErrorInfo, JobState, WebhookEvent
 from varco.tasks.settings import Settings
 from varco.tasks.signing import sign_headers
 from varco.workers.netguard import check_public_url
@@ -30,9 +32,21 @@ def backoff_s(retries: int, base: float = 1.0, cap: float = 600.0) -> float:
     return random.uniform(0.5, 1.0) * min(cap, base * 2**retries)
 
 
-def event_payload(event: str, job_id: str, state: str, result_uri: str | None, error: dict | None, ts: str) -> dict:
-    return {"type": event, "job_id": job_id, "state": state, "result_uri": result_uri, "error": error,
-            "timestamp": ts}  # fmt: skip
+def event_payload(
+    event: str,
+    job_id: str,
+    request: JobRequest,
+    state: JobState,
+    ts: str,
+    *,
+    result_uri: str | None = None,
+    error: ErrorInfo | None = None,
+) -> dict[str, Any]:
+    """The webhook body for one event (tasks.schemas.WebhookEvent), as JSON-ready data."""
+    return WebhookEvent(
+        type=event, job_id=job_id, task=request.task.value, state=state, result_uri=result_uri, error=error,
+        metadata=request.metadata, timestamp=ts,
+    ).model_dump(mode="json")  # fmt: skip
 
 
 def send_event(app: Celery, url: str, payload: dict[str, Any]) -> None:

@@ -67,7 +67,7 @@ class _Job:
         url, wanted = self.request.callback_url, self.request.callback_events
         if url and (wanted is None or event in wanted):
             payload = event_payload(
-                event, self.job_id, state.value, result_uri, error.model_dump() if error else None, now_iso()
+                event, self.job_id, self.request, state, now_iso(), result_uri=result_uri, error=error
             )
             send_event(self.rt.app, url, payload)
 

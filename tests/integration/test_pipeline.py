@@ -6,6 +6,7 @@ import base64
 import json
 
 import pytest
+import standardwebhooks
 from conftest import CAT, IMAGES_BUCKET, RESULTS_BUCKET, ROTATED, SECRET, SIGN, sha, submit_every_task
 from helpers import card_output
 
@@ -131,17 +132,21 @@ def test_transient_failures_give_up_after_max_attempts(client: Client, http_file
 
 def test_callbacks_arrive_signed(client: Client, http_files, receiver) -> None:
     job_id = client.submit(http_files.base + "/cat.png", "grounding", callback_url=receiver.url("/hook/ok"),
-                           max_new_tokens=1024)  # fmt: skip
+                           max_new_tokens=1024, metadata={"photo": 81})  # fmt: skip
     posts = receiver.wait_for(lambda got: sum(r.path == "/hook/ok" for r in got) >= 2)
     events = {}
     for post in (p for p in posts if p.path == "/hook/ok"):
         payload = verify(SECRET, post.headers, post.body)
+        # The Standard Webhooks reference library, as a receiver in another stack would use it, agrees.
+        assert standardwebhooks.Webhook(SECRET).verify(post.body, dict(post.headers)) == payload
         assert post.headers["webhook-id"] == f"{job_id}.{payload['type']}"
         events[payload["type"]] = payload
     assert set(events) == {"job.started", "job.succeeded"}
     done = events["job.succeeded"]
-    assert set(done) == {"type", "job_id", "state", "result_uri", "error", "timestamp"}
+    assert set(done) == {"type", "job_id", "task", "state", "result_uri", "error", "metadata", "timestamp"}
     assert (done["job_id"], done["state"], done["error"]) == (job_id, "succeeded", None)
+    assert (done["task"], done["metadata"]) == ("grounding", {"photo": 81})  # no lookup needed
+    assert (events["job.started"]["task"], events["job.started"]["metadata"]) == ("grounding", {"photo": 81})
     assert done["result_uri"] == f"s3://{RESULTS_BUCKET}/jobs/{job_id}.json"
     tampered = posts[0].body.replace(b"succeeded", b"failed").replace(b"started", b"failed")
     with pytest.raises(WebhookVerificationError):
