@@ -21,6 +21,8 @@ class ResultStore(Protocol):
     def uri_for(self, job_id: str) -> str: ...
     def write(self, job_id: str, data: bytes) -> str: ...
     def read(self, uri: str) -> bytes: ...
+    def probe(self, name: str) -> None:
+        """Write and delete a small object: raises unless the store is reachable and writable."""
 
 
 class FileResultStore:
@@ -53,6 +55,12 @@ class FileResultStore:
     def read(self, uri: str) -> bytes:
         return Path(unquote(urlsplit(uri).path)).read_bytes()
 
+    def probe(self, name: str) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / name
+        path.write_bytes(b"probe")
+        path.unlink()
+
 
 class S3ResultStore:
     def __init__(self, prefix: str, endpoint_url: str | None) -> None:
@@ -79,6 +87,11 @@ class S3ResultStore:
     def read(self, uri: str) -> bytes:
         parts = urlsplit(uri)
         return self.client.get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))["Body"].read()
+
+    def probe(self, name: str) -> None:
+        key = f"{self.key_prefix}{name}"
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=b"probe")
+        self.client.delete_object(Bucket=self.bucket, Key=key)
 
 
 def result_store(settings: Settings) -> ResultStore:

@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     # Task type -> queue, e.g. VARCO_TASK_ROUTES='{"ocr": "varco.ocr"}'; unlisted types use "varco".
     task_routes: dict[str, str] = Field(default_factory=dict)
     callback_max_retries: int = Field(default=8, ge=0)
+    # Worker logs: text, or one JSON object per line with job_id, task and worker fields.
+    log_format: Literal["text", "json"] = "text"
+    # Each `varco worker` node serves /metrics, /livez and /readyz here (0: not at all).
+    metrics_port: int = Field(default=9808, ge=0, le=65535)
+    # /livez fails when an engine holds requests but has made no progress (a decode step) for this long.
+    liveness_stall_s: float = Field(default=300.0, gt=0)
 
     @field_validator("engine_plugins", mode="before")
     @classmethod

@@ -49,3 +49,17 @@ def test_systemd_unit() -> None:
     unit.read(INFRA / "systemd" / "varco-worker.service")
     assert "varco worker --gpus all" in unit["Service"]["ExecStart"]
     assert unit["Service"]["Restart"] == "always" and unit["Service"]["KillSignal"] == "SIGTERM"
+
+
+def test_gpu_pods_probe_health_and_leave_webhooks_to_their_deployment() -> None:
+    docs = [d for f in sorted((INFRA / "k8s").glob("*.yaml")) for d in load_all(f)]
+    by_kind = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    assert ("Deployment", "varco-callbacks") in by_kind
+    container = by_kind[("Deployment", "varco-worker")]["spec"]["template"]["spec"]["containers"][0]
+    assert "--no-callbacks" in container["command"]
+    port = next(p for p in container["ports"] if p["name"] == "metrics")["containerPort"]
+    assert port == Settings().metrics_port
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 15 * 60  # a 14B load takes minutes

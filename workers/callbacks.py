@@ -21,6 +21,7 @@ from varco.tasks.requests import JobRequest
 from varco.tasks.schemas import ErrorInfo, JobState, WebhookEvent
 from varco.tasks.settings import Settings
 from varco.tasks.signing import sign_headers
+from varco.workers.metrics import CALLBACKS
 from varco.workers.netguard import check_public_url
 
 log = logging.getLogger(__name__)
@@ -72,17 +73,23 @@ def register_callback_task(app: Celery, settings: Settings) -> Task:
             check_public_url(url, settings.allow_private_urls)
         except ImageFetchError as exc:
             log.error("callback %s to %s refused: %s", msg_id, url, exc)
+            CALLBACKS.labels(outcome="refused").inc()
             return 0
         try:
             response = http.post(url, content=body, headers=sign_headers(secret, msg_id, body))
         except httpx.HTTPError as exc:
             log.info("callback %s to %s failed (%r); retry %d", msg_id, url, exc, self.request.retries + 1)
+            CALLBACKS.labels(outcome="retry").inc()
             raise self.retry(countdown=backoff_s(self.request.retries), exc=exc) from None
         if response.status_code >= 500 or response.status_code in _RETRY_STATUS:
             log.info("callback %s got HTTP %d; retry %d", msg_id, response.status_code, self.request.retries + 1)
+            CALLBACKS.labels(outcome="retry").inc()
             raise self.retry(countdown=backoff_s(self.request.retries))
         if response.status_code >= 300:
             log.warning("callback %s to %s refused with HTTP %d; not retried", msg_id, url, response.status_code)
+            CALLBACKS.labels(outcome="rejected").inc()
+        else:
+            CALLBACKS.labels(outcome="delivered").inc()
         return response.status_code
 
     return deliver

@@ -27,10 +27,12 @@ from varco.tasks.schemas import ErrorInfo, ImageInfo, JobResult, JobState, Timin
 from varco.tasks.settings import Settings
 from varco.tasks.status import StatusStore, now_iso
 from varco.tasks.tags import parse
+from varco.workers import metrics
 from varco.workers.callbacks import backoff_s, event_payload, send_event
 from varco.workers.cancels import CancelWatcher
 from varco.workers.engines.base import Cancelled, EngineBackend, GenerationRequest
 from varco.workers.fetch import ImageFetcher
+from varco.workers.logs import job_context
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,7 @@ class _Job:
     def fail(self, error: ErrorInfo) -> None:
         log.info("job %s failed: %s: %s", self.job_id, error.type, error.message)
         if self.rt.statuses.transition(self.job_id, JobState.FAILED, error=error):
+            metrics.observe_job(self.request.task.value, JobState.FAILED.value)
             self.notify("job.failed", JobState.FAILED, error=error)
 
     def run(self) -> None:
@@ -128,12 +131,21 @@ class _Job:
             finished_at=finished,
             metadata=request.metadata,
         )
+        t2 = time.perf_counter()
         try:
             uri = rt.store.write(self.job_id, result.model_dump_json().encode())
         except Exception as exc:
             raise ResultStoreError(f"cannot write the result: {exc!r}") from exc
+        store_s = time.perf_counter() - t2
         if rt.statuses.transition(self.job_id, JobState.SUCCEEDED, result_uri=uri):
             self.notify("job.succeeded", JobState.SUCCEEDED, result_uri=uri)
+            timings = result.timings
+            phases = {"fetch": fetch_s, "inference": inference_s, "store": store_s}
+            if queued_at:
+                phases |= {"queue": timings.queued_s, "total": time.time() - queued_at}
+            metrics.observe_job(request.task.value, JobState.SUCCEEDED.value, phases)
+            metrics.TOKENS.labels(kind="prompt").inc(output.prompt_tokens)
+            metrics.TOKENS.labels(kind="output").inc(output.output_tokens)
 
 
 def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> Task:
@@ -144,7 +156,8 @@ def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> 
         # varco:cancel, and one requested earlier is honoured by begin_attempt itself, so no extra read.
         rt.cancels.watch(job_id)
         try:
-            _deliver(self, rt, job_id, request, enqueued_at)
+            with job_context(job_id=job_id, task=request.get("task") if isinstance(request, dict) else None):
+                _deliver(self, rt, job_id, request, enqueued_at)
         finally:
             rt.cancels.forget(job_id)
 
@@ -180,11 +193,13 @@ def _deliver(task: Task, rt: Runtime, job_id: str, request: dict, enqueued_at: s
     try:
         job.run()
     except Cancelled:
-        rt.statuses.transition(job_id, JobState.CANCELLED)
+        if rt.statuses.transition(job_id, JobState.CANCELLED):
+            metrics.observe_job(job_request.task.value, JobState.CANCELLED.value)
     except JobError as exc:
         if exc.transient and attempts < rt.settings.max_attempts:
             log.info("job %s: %s (attempt %d); retrying", job_id, exc, attempts)
             rt.statuses.transition(job_id, JobState.RETRYING, error=exc.info())
+            metrics.observe_job(job_request.task.value, JobState.RETRYING.value)
             try:
                 raise task.retry(countdown=backoff_s(attempts - 1), max_retries=None) from None
             except Retry:

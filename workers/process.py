@@ -12,6 +12,8 @@ import argparse
 import logging
 import os
 import socket
+from pathlib import Path
+from typing import Any
 
 import redis
 from celery import Celery
@@ -21,13 +23,14 @@ from varco.tasks.celery_app import INFER_QUEUE, create_app
 from varco.tasks.results_store import result_store
 from varco.tasks.settings import Settings
 from varco.tasks.status import StatusStore
-from varco.workers import exit_codes
+from varco.workers import exit_codes, metrics
+from varco.workers.health import NODE_STATE_ENV, Heartbeat, engine_state
+from varco.workers.logs import configure_logging
 
 log = logging.getLogger("varco.worker")
 
 
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s")
+def quiet_transformers() -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -35,8 +38,9 @@ def configure_logging() -> None:
 
 
 def run_inference_worker(hostname: str, queues: list[str], concurrency: int | None = None) -> None:
+    configure_logging(hostname)
     try:
-        configure_logging()
+        quiet_transformers()
         from varco.workers.cancels import CancelWatcher
         from varco.workers.engines import create_engine
         from varco.workers.fetch import ImageFetcher
@@ -44,6 +48,9 @@ def run_inference_worker(hostname: str, queues: list[str], concurrency: int | No
     except ImportError as exc:
         log.error("%s cannot start: %s. Install the worker extra: pip install 'varco-queue[worker]'", hostname, exc)
         raise SystemExit(exit_codes.CANNOT_START) from None
+    holder: dict[str, Any] = {"engine": None}  # what the heartbeat reports: None until the model is loaded
+    if state_dir := os.environ.get(NODE_STATE_ENV):
+        Heartbeat(Path(state_dir), hostname, lambda: _child_state(holder["engine"])).start()
     try:
         settings = Settings()
         engine = create_engine(settings)
@@ -55,6 +62,7 @@ def run_inference_worker(hostname: str, queues: list[str], concurrency: int | No
     except Exception:
         log.exception("%s could not load the model %s", hostname, settings.model)
         raise SystemExit(exit_codes.LOAD_FAILED) from None
+    holder["engine"] = engine
     log.info(
         "%s: model %s loaded by the %s engine on %s in %.2fs; CUDA_VISIBLE_DEVICES=%r",
         hostname, settings.model, engine.name, engine.device, engine.load_seconds,
@@ -86,8 +94,19 @@ def run_inference_worker(hostname: str, queues: list[str], concurrency: int | No
         runtime.fetcher.close()
 
 
+def _child_state(engine: Any | None) -> dict[str, Any]:
+    """The heartbeat's content; also refreshes the GPU memory gauge (device-wide, so vLLM's engine
+    processes count too)."""
+    import torch
+
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        metrics.GPU_MEMORY.labels(gpu=os.environ.get("CUDA_VISIBLE_DEVICES") or "0").set(total - free)
+    return engine_state(engine)
+
+
 def run_callback_worker(hostname: str, concurrency: int = 8) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [callbacks] %(name)s: %(message)s")
+    configure_logging(hostname)
     from varco.tasks.celery_app import CALLBACK_QUEUE
     from varco.workers.callbacks import register_callback_task
 
@@ -108,6 +127,7 @@ def _run_celery(app: Celery, hostname: str, queues: list[str], concurrency: int)
         without_mingle=True,
         without_heartbeat=True,
         optimization="fair",
+        quiet=True,  # no banner on stdout: every line of the log is a record (JSON when asked)
     )
     worker.start()
     raise SystemExit(worker.exitcode or 0)

@@ -12,14 +12,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from varco.workers import exit_codes
+from pydantic import ValidationError
+
+from varco.tasks.celery_app import CALLBACK_QUEUE
+from varco.tasks.settings import Settings
+from varco.workers import exit_codes, node_http
+from varco.workers.health import NODE_STATE_ENV, NodeHealth
+from varco.workers.logs import configure_logging
 
 log = logging.getLogger("varco.supervisor")
 
@@ -39,6 +48,14 @@ class Child:
         self.process = subprocess.Popen(self.argv, env=self.env, start_new_session=True)
         self.started_at = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.process.pid)
+
+    def forget_metrics(self) -> None:
+        """Drop a dead child's live gauges (prometheus-client multiprocess mode); its counters stay."""
+        directory = self.env.get("PROMETHEUS_MULTIPROC_DIR")
+        if directory and self.process is not None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(self.process.pid, directory)
 
     def kill_group(self) -> None:
         """End what is left of the child's process group once the child itself has exited."""
@@ -68,8 +85,12 @@ def gpu_ids(spec: str) -> list[str] | None:
     return ids
 
 
-def plan_children(gpus: str, queues: str, callbacks: bool, concurrency: int | None) -> list[Child]:
+def plan_children(
+    gpus: str, queues: str, callbacks: bool, concurrency: int | None, state_dir: Path | None = None
+) -> list[Child]:
     host = socket.gethostname()
+    # Children write their metrics and heartbeats into the node's state directory.
+    shared = {"PROMETHEUS_MULTIPROC_DIR": str(state_dir), NODE_STATE_ENV: str(state_dir)} if state_dir else {}
     ids = gpu_ids(gpus)
     base = [sys.executable, "-m", "varco.workers.process", "--queues", queues]
     if concurrency:
@@ -77,12 +98,12 @@ def plan_children(gpus: str, queues: str, callbacks: bool, concurrency: int | No
     children = []
     for index, gpu in enumerate(ids or [None]):
         name = f"gpu{gpu}@{host}" if gpu is not None else f"cpu{index}@{host}"
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu if gpu is not None else ""}
+        env = {**os.environ, **shared, "CUDA_VISIBLE_DEVICES": gpu if gpu is not None else ""}
         children.append(Child(name, [*base, "--hostname", name], env))
     if callbacks:
         name = f"callbacks@{host}"
         argv = [sys.executable, "-m", "varco.workers.process", "--callbacks", "--hostname", name]
-        children.append(Child(name, argv, {**os.environ, "CUDA_VISIBLE_DEVICES": ""}))
+        children.append(Child(name, argv, {**os.environ, **shared, "CUDA_VISIBLE_DEVICES": ""}))
     return children
 
 
@@ -110,6 +131,7 @@ def supervise(children: list[Child], grace_s: float = 120.0) -> int:
             if code is None or stopping:
                 continue
             child.kill_group()
+            child.forget_metrics()
             failure = _gives_up(child, code)
             if failure is not None:
                 log.error("%s", failure)
@@ -151,5 +173,36 @@ def _gives_up(child: Child, code: int) -> str | None:
 
 def run(gpus: str, queues: str, callbacks: bool = True, concurrency: int | None = None) -> int:
     """Run the node's children until SIGTERM (exit 0) or until one cannot start (exit 1)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [supervisor] %(message)s")
-    return supervise(plan_children(gpus, queues, callbacks, concurrency))
+    configure_logging(f"supervisor@{socket.gethostname()}")
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        log.error("this node cannot start: %s; giving up", exc)
+        return 1
+    state_dir = Path(tempfile.mkdtemp(prefix="varco-node-"))
+    try:
+        children = plan_children(gpus, queues, callbacks, concurrency, state_dir)
+        server = _serve_endpoint(settings, children, state_dir, queues.split(","), callbacks)
+        try:
+            return supervise(children)
+        finally:
+            if server is not None:
+                server.shutdown()
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _serve_endpoint(
+    settings: Settings, children: list[Child], state_dir: Path, queues: list[str], callbacks: bool
+) -> node_http.ThreadingHTTPServer | None:
+    if settings.metrics_port == 0:
+        return None
+    inference = [c.name for c in children if not c.name.startswith("callbacks@")]
+    health = NodeHealth(state_dir, lambda: inference, settings)
+    watched = [*queues, CALLBACK_QUEUE] if callbacks else queues
+    try:
+        return node_http.serve(settings.metrics_port, state_dir, health, settings.broker_url, watched)
+    except OSError as exc:  # serving jobs matters more than being scraped
+        log.error("cannot serve /metrics, /livez, /readyz on port %d (%s); running without them",
+                  settings.metrics_port, exc)  # fmt: skip
+        return None

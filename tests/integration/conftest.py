@@ -115,6 +115,7 @@ def worker_env(redis_server: LocalRedis, s3_server: str, s3, tiny_model_dir: Pat
         "VARCO_S3_ENDPOINT_URL": s3_server,
         "VARCO_MODEL": str(tiny_model_dir),
         "VARCO_ENGINE_PLUGINS": SCRIPTED_PLUGIN,
+        "VARCO_METRICS_PORT": str(free_port()),  # never the default 9808 of a real node on this machine
         "VARCO_FILE_ROOT": str(file_root),
         "VARCO_ALLOW_PRIVATE_URLS": "true",  # every test server is on loopback
         "VARCO_CALLBACK_SECRET": SECRET,

@@ -118,6 +118,15 @@ class ThreadedEngine(EngineBackend):
         self._stopping = False
         self._dead: BaseException | None = None  # set when the engine thread died
         self._thread: threading.Thread | None = None
+        self.in_flight = 0  # requests the engine thread is generating for now
+        self.last_progress = time.monotonic()  # the last decode step (health checks read it)
+
+    def pending(self) -> int:
+        """Requests waiting for or in generation: with no progress for long, the engine is stuck."""
+        return len(self._inbox) + self.in_flight
+
+    def note_progress(self) -> None:
+        self.last_progress = time.monotonic()
 
     @abc.abstractmethod
     def _run(self) -> None:

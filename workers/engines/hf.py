@@ -18,6 +18,7 @@ from concurrent.futures import Future
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from varco.workers import metrics
 from varco.workers.engines.base import (
     Cancelled,
     GenerationOutput,
@@ -45,12 +46,17 @@ class _Item(WorkItem):
 
 
 class _CancelRows(StoppingCriteria):
-    """Marks a row finished once its job is cancelled; generate stops when every row is."""
+    """Marks a row finished once its job is cancelled; generate stops when every row is.
 
-    def __init__(self, checks: list[Callable[[], bool]]) -> None:
+    Runs once per decode step, so it also reports the engine's progress to health checks.
+    """
+
+    def __init__(self, checks: list[Callable[[], bool]], on_step: Callable[[], None]) -> None:
         self.checks = checks
+        self.on_step = on_step
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
+        self.on_step()
         return torch.tensor([check() for check in self.checks], dtype=torch.bool, device=input_ids.device)
 
 
@@ -165,8 +171,16 @@ class HFEngine(ThreadedEngine):
     def _generate(self, items: list[_Item]) -> list[GenerationOutput]:
         self.batches_run += 1
         self.batch_sizes.append(len(items))
-        criteria = StoppingCriteriaList([_CancelRows([i.is_cancelled for i in items])])
-        return self.model.generate([i.prepared for i in items], stopping_criteria=criteria)
+        metrics.BATCH_SIZE.observe(len(items))
+        criteria = StoppingCriteriaList([_CancelRows([i.is_cancelled for i in items], self.note_progress)])
+        started = time.perf_counter()
+        self.in_flight = len(items)
+        try:
+            return self.model.generate([i.prepared for i in items], stopping_criteria=criteria)
+        finally:
+            self.in_flight = 0
+            self.note_progress()
+            metrics.ENGINE_BUSY.inc(time.perf_counter() - started)
 
 
 def _free_cuda_cache() -> None:

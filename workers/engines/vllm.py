@@ -18,6 +18,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from varco.workers import metrics
 from varco.workers.engines.base import (
     Cancelled,
     FinishReason,
@@ -152,6 +153,9 @@ class VLLMEngine(ThreadedEngine):
         )
 
     # --- task threads -------------------------------------------------------------------------
+    def pending(self) -> int:
+        return len(self._inbox) + len(self._running)
+
     def submit(self, prepared: VLLMPrepared, is_cancelled: Callable[[], bool] = never_cancelled) -> Future:
         return self._enqueue(WorkItem(prepared, is_cancelled))
 
@@ -183,7 +187,12 @@ class VLLMEngine(ThreadedEngine):
                     self._add(item)
                 self._abort_cancelled()
                 if self.engine.has_unfinished_requests():
-                    for output in self.engine.step():
+                    metrics.BATCH_SIZE.observe(len(self._running))
+                    started = time.perf_counter()
+                    outputs = self.engine.step()
+                    metrics.ENGINE_BUSY.inc(time.perf_counter() - started)
+                    self.note_progress()
+                    for output in outputs:
                         if output.finished:
                             self._finish(output)
         except BaseException as exc:  # the engine is broken: fail what it holds, refuse new work

@@ -1,0 +1,44 @@
+"""VARCO_LOG_FORMAT=json: one JSON object per line with job fields; presigned URLs lose their query strings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import CAT, running_worker
+
+from varco.producer import Client
+from varco.tasks.settings import settings_from_env
+from varco.workers.devtools.local_redis import LocalRedis, free_port
+
+CELERY_SHUTDOWN_NOTICE = "worker: Warm shutdown (MainProcess)"
+
+
+def test_json_logs_carry_job_fields_and_no_url_secrets(
+    worker_env: dict, redis_server: LocalRedis, http_files, tmp_path: Path
+) -> None:
+    signed = http_files.add("/signed.png?X-Amz-Credential=AKIA&X-Amz-Signature=topsecret", CAT)
+    env = {
+        **worker_env,
+        "VARCO_BROKER_URL": redis_server.url.rsplit("/", 1)[0] + "/4",
+        "VARCO_METRICS_PORT": str(free_port()),
+        "VARCO_LOG_FORMAT": "json",
+    }
+    log_path = tmp_path / "worker.log"
+    with running_worker(env, log_path):
+        client = Client(settings_from_env(env))
+        try:
+            job_id = client.submit(signed, "caption")
+            assert next(client.wait(job_id, timeout=120)).state.value == "succeeded"
+        finally:
+            client.close()
+    text = log_path.read_text()
+    assert "topsecret" not in text and "AKIA" not in text
+    # Every line is a JSON record but Celery's own shutdown notice, which it prints past logging.
+    lines = [line for line in text.splitlines() if line.strip() and line != CELERY_SHUTDOWN_NOTICE]
+    records = [json.loads(line) for line in lines]
+    assert all({"time", "level", "logger", "message", "worker"} <= set(r) for r in records)
+    mine = [r for r in records if r.get("job_id") == job_id]
+    assert mine and all(r["task"] == "caption" and r["worker"].startswith("cpu0@") for r in mine)
+    fetches = [r for r in mine if r["logger"] == "httpx"]
+    assert fetches and "/signed.png?[redacted]" in fetches[0]["message"]

@@ -1,0 +1,73 @@
+"""The node's HTTP endpoint, served by the supervisor: /metrics (all children added up), /livez, /readyz."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import redis
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from varco.tasks.celery_app import queue_depth
+from varco.workers.health import NodeHealth, Verdict
+
+log = logging.getLogger("varco.supervisor")
+
+
+class QueueLengthCollector:
+    """varco_queue_length{queue}: jobs waiting, all priority lanes summed (read from Redis at scrape time)."""
+
+    def __init__(self, broker_url: str, queues: Iterable[str]) -> None:
+        self.redis = redis.Redis.from_url(broker_url, socket_timeout=3, socket_connect_timeout=3)
+        self.queues = list(queues)
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily("varco_queue_length", "Jobs waiting, all priority lanes", labels=["queue"])
+        try:
+            for queue in self.queues:
+                family.add_metric([queue], queue_depth(self.redis, queue))
+        except redis.RedisError as exc:
+            log.warning("queue length not readable: %r", exc)
+        yield family
+
+
+def serve(
+    port: int, state_dir: Path, health: NodeHealth, broker_url: str, queues: Iterable[str]
+) -> ThreadingHTTPServer:
+    """Start the endpoint on a daemon thread; raises OSError if the port is taken."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(state_dir))
+    registry.register(QueueLengthCollector(broker_url, queues))
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            elif path in ("/livez", "/readyz"):
+                verdict: Verdict = health.liveness() if path == "/livez" else health.readiness()
+                body = json.dumps(verdict.body()).encode()
+                self._send(200 if verdict.ok else 503, body, "application/json")
+            else:
+                self._send(404, b'{"error": "not found"}', "application/json")
+
+        def _send(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # probes every few seconds: keep logs quiet
+            pass
+
+    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    threading.Thread(target=server.serve_forever, name="node-http", daemon=True).start()
+    log.info("serving /metrics, /livez and /readyz on port %d", port)
+    return server
