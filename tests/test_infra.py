@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import math
 from pathlib import Path
 
 import yaml
@@ -42,6 +43,38 @@ def test_kubernetes_one_gpu_per_pod_and_queue_autoscaling() -> None:
     assert lanes == {"varco"} | {f"varco:{i}" for i in range(1, 10)}
     config = by_kind[("ConfigMap", "varco-config")]["data"]
     assert {k.removeprefix("VARCO_").lower() for k in config} <= set(Settings.model_fields)
+    # The broker URL carries the Redis password: a Secret, never the ConfigMap.
+    assert "VARCO_BROKER_URL" not in config
+    assert by_kind[("Secret", "varco-secrets")]["stringData"]["VARCO_BROKER_URL"].startswith("rediss://")
+
+
+def desired_replicas(scaled: dict, lane_lengths: dict[str, int]) -> int:
+    """What KEDA's HPA asks for: the scalingModifiers formula over the triggers, as AverageValue."""
+    modifiers = scaled["advanced"]["scalingModifiers"]
+    values = {t["name"]: lane_lengths.get(t["metadata"]["listName"], 0) for t in scaled["triggers"]}
+    terms = [term.strip() for term in modifiers["formula"].split("+")]
+    assert set(terms) == set(values), "the formula must add up every lane's trigger"
+    total = sum(values[term] for term in terms)
+    wanted = math.ceil(total / float(modifiers["target"])) if total >= float(modifiers["activationTarget"]) else 0
+    return max(scaled["minReplicaCount"], min(scaled["maxReplicaCount"], wanted))
+
+
+def test_keda_scales_on_the_sum_of_the_priority_lanes() -> None:
+    (scaled,) = [d["spec"] for d in load_all(INFRA / "k8s" / "autoscaling.yaml") if d["kind"] == "ScaledObject"]
+    lanes = ["varco"] + [f"varco:{i}" for i in range(1, 10)]
+    assert desired_replicas(scaled, dict.fromkeys(lanes, 31)) == 10  # 310 waiting: 10 pods, not 1
+    assert desired_replicas(scaled, {"varco:5": 64}) == 2
+    assert desired_replicas(scaled, {}) == 1
+    assert desired_replicas(scaled, dict.fromkeys(lanes, 1000)) == 16
+    assert all(t.get("authenticationRef", {}).get("name") == "varco-redis-auth" for t in scaled["triggers"])
+
+
+def test_compose_creates_its_bucket_before_the_worker_starts() -> None:
+    services = yaml.safe_load((INFRA / "compose.yaml").read_text())["services"]
+    init = services["minio-init"]
+    assert "mc mb --ignore-existing local/varco-results" in " ".join(init["command"])
+    assert services["worker"]["environment"]["VARCO_RESULT_STORE"].startswith("s3://varco-results/")
+    assert services["worker"]["depends_on"]["minio-init"] == {"condition": "service_completed_successfully"}
 
 
 def test_systemd_unit() -> None:
@@ -63,3 +96,21 @@ def test_gpu_pods_probe_health_and_leave_webhooks_to_their_deployment() -> None:
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 15 * 60  # a 14B load takes minutes
+
+
+# KEDA's kinds are custom resources: their CRD schema ships with KEDA's Helm chart, not with any
+# package this machine can install, so they are checked by the tests above instead.
+CUSTOM_KINDS = {"ScaledObject", "TriggerAuthentication"}
+
+
+def test_kubernetes_manifests_validate_against_the_api_schemas() -> None:
+    import kubernetes_validate
+
+    checked = []
+    for path in sorted((INFRA / "k8s").glob("*.yaml")):
+        for doc in load_all(path):
+            if doc["kind"] in CUSTOM_KINDS:
+                continue
+            kubernetes_validate.validate(doc, "1.30.0", strict=True)  # raises on any unknown or mistyped field
+            checked.append(doc["kind"])
+    assert sorted(checked) == ["ConfigMap", "Deployment", "Deployment", "Secret"]
