@@ -6,6 +6,7 @@ import configparser
 import math
 from pathlib import Path
 
+import pytest
 import yaml
 
 from varco.tasks.settings import Settings
@@ -143,3 +144,13 @@ def test_keda_resources_validate_against_keda_crd_models() -> None:
         model = getattr(v1alpha1, doc["kind"]).model_validate(doc)  # raises on mistyped fields
         dumped = model.model_dump(by_alias=True, exclude_unset=True, mode="json")
         assert fields_the_schema_does_not_know(doc, dumped) == [], doc["kind"]
+
+
+def test_compose_file_follows_the_compose_specification() -> None:
+    from compose_spec import PyCompose
+
+    text = (INFRA / "compose.yaml").read_text()
+    compose = PyCompose.from_yaml(text)  # raises on unknown keys, wrong types, unknown enum values
+    assert compose.service_names() == ["redis", "minio", "minio-init", "worker"]
+    with pytest.raises(Exception, match="stop_grace_perod"):  # it does catch a typo
+        PyCompose.from_yaml(text.replace("stop_grace_period", "stop_grace_perod"))
