@@ -51,7 +51,7 @@ from workload import (
 
 from varco.tasks.prompts import TaskType
 from varco.workers.devtools.scripted import ScriptBook, install
-from varco.workers.devtools.tiny_model import EOS_TOKEN, build_tokenizer
+from varco.workers.devtools.tiny_model import build_tokenizer
 from varco.workers.engines.base import EngineBackend
 from varco.workers.engines.hf_model import attention_implementation
 
@@ -83,7 +83,7 @@ def varco_config(tokenizer: PreTrainedTokenizerFast, shrink: bool) -> LlavaOnevi
 
 
 def build_hf(model_dir: Path, config: LlavaOnevisionConfig, device: str, args: argparse.Namespace) -> EngineBackend:
-    """The random-weight model straight on the device, wrapped in HFModel the way HFModel.load() leaves it."""
+    """The random-weight model built straight on the device, adopted by HFModel as load() would."""
     from varco.workers.engines.hf import HFEngine
     from varco.workers.engines.hf_model import HFModel
 
@@ -91,11 +91,7 @@ def build_hf(model_dir: Path, config: LlavaOnevisionConfig, device: str, args: a
     config._attn_implementation = attention_implementation(device)
     with torch.device(device):
         model = LlavaOnevisionForConditionalGeneration._from_config(config, dtype=hf_model.dtype).eval()
-    processor = transformers.AutoProcessor.from_pretrained(model_dir)
-    processor.tokenizer.padding_side = "left"  # decoder-only batching pads on the left
-    hf_model.model, hf_model.processor = model, processor
-    hf_model.eos_token_id = processor.tokenizer.convert_tokens_to_ids(EOS_TOKEN)
-    hf_model.stop_ids = {hf_model.eos_token_id, processor.tokenizer.pad_token_id}
+    hf_model.use(model, transformers.AutoProcessor.from_pretrained(model_dir))
     return HFEngine(
         str(model_dir),
         max_batch_size=args.batch,
@@ -246,11 +242,19 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"p50 {summary.p50_s:.2f}s  p95 {summary.p95_s:.2f}s  {memory.peak_gib()}"
                 + ("" if summary.exact else "  (!) not every job generated exactly its budget")
             )
-            batches = getattr(engine, "batch_sizes", None)
-            if batches:
-                print(f"  hf batch sizes over the whole run: {batches}")
+            count, total = batch_size_totals()
+            if count:
+                print(f"  {count} generate calls / engine steps over the whole run, {total / count:.1f} rows each")
         finally:
             engine.stop()
+
+
+def batch_size_totals() -> tuple[float, float]:
+    """How many batches (hf generate calls, vllm steps) ran in this process, and their rows in all."""
+    from varco.workers.metrics import BATCH_SIZE
+
+    samples = {s.name: s.value for metric in BATCH_SIZE.collect() for s in metric.samples}
+    return samples.get("varco_batch_size_count", 0.0), samples.get("varco_batch_size_sum", 0.0)
 
 
 if __name__ == "__main__":  # vLLM's engine core may start processes that import this module

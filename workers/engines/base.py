@@ -40,6 +40,11 @@ class GenerationOutput:
     finish_reason: FinishReason
 
 
+def user_turn(prompt: str) -> list[dict[str, Any]]:
+    """The conversation both backends template: one user turn, the image before the text (VARCO's order)."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+
+
 class Cancelled(Exception):
     """The job was cancelled while waiting for or during generation."""
 

@@ -82,8 +82,6 @@ class HFEngine(ThreadedEngine):
         self.model.hooks = self.hooks
         self.policy = BatchPolicy(max_batch_size, max_batch_tokens)
         self.max_wait_s = max_wait_ms / 1000
-        self.batches_run = 0
-        self.batch_sizes: list[int] = []  # of every generate call, in order (metrics and tests read it)
 
     def load(self) -> HFEngine:
         if self._thread is None:
@@ -169,8 +167,6 @@ class HFEngine(ThreadedEngine):
                 item.future.set_result(output)
 
     def _generate(self, items: list[_Item]) -> list[GenerationOutput]:
-        self.batches_run += 1
-        self.batch_sizes.append(len(items))
         metrics.BATCH_SIZE.observe(len(items))
         criteria = StoppingCriteriaList([_CancelRows([i.is_cancelled for i in items], self.note_progress)])
         started = time.perf_counter()

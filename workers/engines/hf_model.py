@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import (
@@ -31,7 +32,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from varco.workers.engines.base import EngineHooks, GenerationOutput, GenerationRequest
+from varco.workers.engines.base import EngineHooks, GenerationOutput, GenerationRequest, user_turn
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +105,22 @@ class HFModel:
         if self.model is not None:
             return self
         started = time.perf_counter()
-        self.processor = AutoProcessor.from_pretrained(self.model_name)
-        self.processor.tokenizer.padding_side = "left"  # decoder-only batching pads on the left
-        self.model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
             self.model_name,
             dtype=self.dtype,
             device_map=self.device,
             attn_implementation=attention_implementation(self.device),
         ).eval()
+        self.use(model, AutoProcessor.from_pretrained(self.model_name))
+        self.load_seconds = time.perf_counter() - started
+        log.info("loaded %s on %s (%s) in %.1fs", self.model_name, self.device, self.dtype, self.load_seconds)
+        return self
+
+    def use(self, model: LlavaOnevisionForConditionalGeneration, processor: Any) -> HFModel:
+        """Adopt a model and processor (loaded, or built in memory as the GPU bench does) and derive
+        what generation needs from them."""
+        self.model, self.processor = model, processor
+        self.processor.tokenizer.padding_side = "left"  # decoder-only batching pads on the left
         tokenizer = self.processor.tokenizer
         self.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.stop_ids = {self.eos_token_id, tokenizer.pad_token_id}
@@ -123,13 +132,10 @@ class HFModel:
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=sorted(self.stop_ids),
         )
-        self.load_seconds = time.perf_counter() - started
-        log.info("loaded %s on %s (%s) in %.1fs", self.model_name, self.device, self.dtype, self.load_seconds)
         return self
 
     def chat_text(self, prompt: str) -> str:
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        return self.processor.apply_chat_template(user_turn(prompt), add_generation_prompt=True)
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Tokenise and preprocess one request (any thread: the processor holds no device state)."""

@@ -27,6 +27,7 @@ from varco.workers.engines.base import (
     ThreadedEngine,
     WorkItem,
     never_cancelled,
+    user_turn,
 )
 
 log = logging.getLogger(__name__)
@@ -122,8 +123,7 @@ class VLLMEngine(ThreadedEngine):
             self._ready.set()
 
     def chat_text(self, prompt: str) -> str:
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.apply_chat_template(user_turn(prompt), add_generation_prompt=True, tokenize=False)
 
     def prepare(self, request: GenerationRequest) -> VLLMPrepared:
         if self.engine is None:
@@ -229,13 +229,13 @@ class VLLMEngine(ThreadedEngine):
         if item is None:
             return
         completion = output.outputs[0]
+        if completion.finish_reason == "abort":
+            item.future.set_exception(Cancelled())
+            return
         ids = list(completion.token_ids)
         end = next((i for i, t in enumerate(ids) if t in self.stop_ids), len(ids))
         text = self.tokenizer.decode(ids[:end], skip_special_tokens=False)
         reason: FinishReason = "length" if completion.finish_reason == "length" else "stop"
-        if completion.finish_reason == "abort":
-            item.future.set_exception(Cancelled())
-            return
         item.future.set_result(
             GenerationOutput(
                 text=text.strip(),
