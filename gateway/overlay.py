@@ -84,19 +84,19 @@ def text_colour_on(fill: RGB) -> RGB:
     return black if contrast_ratio(fill, black) >= contrast_ratio(fill, white) else white
 
 
-def _region(result: JobResult) -> Box | None:
-    """A referring job's asked region: from the result, or (older results) parsed from its prompt."""
+def _asked(result: JobResult) -> tuple[Box, str] | None:
+    """A referring job's asked region and label: from the result, or (older results) parsed from its prompt."""
     if result.region is not None:
-        return result.region
+        return result.region, result.label or DEFAULT_REFERRING_LABEL
     objects = parse(result.prompt).objects
-    return objects[0].boxes[0] if objects and objects[0].boxes else None
+    return (objects[0].boxes[0], objects[0].label) if objects and objects[0].boxes else None
 
 
 def marks_for(result: JobResult) -> Iterator[Mark]:
     """What to draw for a result: the referring region first, then objects, then OCR items."""
     index = 0
-    if result.task == "referring" and (region := _region(result)) is not None:
-        yield Mark(region, result.label or DEFAULT_REFERRING_LABEL, colour_for(index))
+    if result.task == "referring" and (asked := _asked(result)) is not None:
+        yield Mark(*asked, colour_for(index))
         index += 1
     for obj in result.output.objects:
         for box in obj.boxes:
