@@ -95,3 +95,13 @@ def test_a_job_with_no_kept_image_or_no_result_yet_has_no_overlay(client: Client
     client.statuses.create("overlay-queued", "caption")
     with pytest.raises(OverlayNotReady, match="has not finished: it is queued"):
         overlay_png(client, "overlay-queued")
+
+
+def test_overlay_shows_the_image_as_the_model_saw_it_exif_rotated(
+    worker_env: dict[str, str], client: Client, http_files, tmp_path: Path
+) -> None:
+    job_id = client.submit(http_files.base + "/rotated.jpg", "caption")  # stored 300x200, EXIF orientation 6
+    result = client.result(job_id, timeout=60)
+    out = tmp_path / "rotated.png"
+    assert overlay(worker_env, job_id, out).returncode == 0
+    assert Image.open(out).size == (result.image.width, result.image.height) == (200, 300)
