@@ -13,12 +13,13 @@ from pathlib import Path
 
 from PIL import ImageFont
 
+try:  # at import, so a missing extra shows where overlays are imported, not mid-drawing
+    import pylopdf_fonts_ko
+except ImportError as exc:
+    raise ImportError(f"overlays need the gateway extra: pip install 'varco-queue[gateway]' ({exc})") from None
+
 
 def font_path() -> Path:
-    try:
-        import pylopdf_fonts_ko
-    except ImportError as exc:
-        raise ImportError(f"overlays need the gateway extra: pip install 'varco-queue[gateway]' ({exc})") from None
     return pylopdf_fonts_ko.sans_path()
 
 
