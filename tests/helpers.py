@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import ssl
 import sys
 import threading
 import time
@@ -52,14 +53,16 @@ class Route:
 
 
 class ServedFiles:
-    """A threaded HTTP server on 127.0.0.1 answering from a dict of routes."""
+    """A threaded HTTP server on 127.0.0.1 (or `host`) answering from a dict of routes; HTTPS with `tls`."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> None:
         self.routes: dict[str, Route] = {}
-        routes = self.routes
+        self.host_headers: list[str] = []  # the Host header of every request, in order
+        routes, host_headers = self.routes, self.host_headers
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                host_headers.append(self.headers.get("host", ""))
                 route = routes.get(self.path)
                 if route is None:
                     self.send_response(404)
@@ -78,13 +81,20 @@ class ServedFiles:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer((host, 0), Handler)
+        self.scheme = "https" if tls else "http"
+        if tls:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     @property
+    def port(self) -> int:
+        return self.server.server_port
+
+    @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_port}"
+        return f"{self.scheme}://{self.server.server_address[0]}:{self.server.server_port}"
 
     def add(self, path: str, body: bytes = b"", **kwargs: Any) -> str:
         self.routes[path] = Route(body=body, **kwargs)
