@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
+from varco.tasks.job_ids import check_job_id
 from varco.tasks.settings import Settings
 
 
@@ -32,9 +33,10 @@ class FileResultStore:
         self._root_made = False
 
     def uri_for(self, job_id: str) -> str:
-        return f"{self.prefix}{job_id}.json"
+        return f"{self.prefix}{check_job_id(job_id)}.json"
 
     def write(self, job_id: str, data: bytes) -> str:
+        check_job_id(job_id)  # a malformed id never becomes a path outside the result directory
         if not self._root_made:  # once per process, not once per job
             self.root.mkdir(parents=True, exist_ok=True)
             self._root_made = True
@@ -77,10 +79,10 @@ class S3ResultStore:
         )
 
     def uri_for(self, job_id: str) -> str:
-        return f"{self.prefix}{job_id}.json"
+        return f"{self.prefix}{check_job_id(job_id)}.json"
 
     def write(self, job_id: str, data: bytes) -> str:
-        key = f"{self.key_prefix}{job_id}.json"
+        key = f"{self.key_prefix}{check_job_id(job_id)}.json"
         self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="application/json")
         return self.uri_for(job_id)
 
