@@ -35,6 +35,7 @@ from varco.workers.cancels import CancelWatcher
 from varco.workers.engines.base import Cancelled, EngineBackend, GenerationRequest
 from varco.workers.fetch import ImageFetcher
 from varco.workers.logs import job_context
+from varco.workers.undecodable import on_undecodable
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,16 @@ def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> 
             log.info("job %s cancelled by a Celery revoke", request.id)
 
     task_revoked.connect(on_revoked, weak=False)
+
+    def fail_undecodable(headers: dict[str, Any], exc: Exception) -> None:
+        task_id = headers.get("id")
+        if headers.get("task") != INFER_TASK or not is_valid_job_id(task_id):
+            return
+        error = ErrorInfo(type="InvalidRequest", message=f"the job message cannot be decoded: {exc!s:.300}")
+        if get_runtime().statuses.transition(task_id, JobState.FAILED, error=error):
+            log.warning("job %s failed: its message cannot be decoded", task_id)
+
+    on_undecodable(app, fail_undecodable)
     return infer
 
 
