@@ -150,6 +150,8 @@ def test_tls_server_name_and_certificate_are_the_requested_host(resolver: Script
         "[2002:7f00:1::1]",  # 6to4
         "[2002:a9fe:a9fe::1]",  # 6to4 of 169.254.169.254
         "[2001:0:4136:e378:8000:63bf:80ff:fffe]",  # Teredo
+        "[::ffff:0:7f00:1]",  # SIIT IPv4-translated
+        "[fec0::1]",  # deprecated site-local
     ],
 )
 def test_ipv4_inside_ipv6_is_checked_as_ipv4(host: str) -> None:

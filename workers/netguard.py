@@ -14,8 +14,13 @@ from varco.tasks.errors import ForbiddenURLError, ImageFetchError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-# IPv6 prefixes that carry an IPv4 address in their last 32 bits (RFC 6052 NAT64, well-known and local-use).
-_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits: NAT64 (RFC 6052 well-known, RFC 8215
+# local-use) and SIIT's IPv4-translated addresses (RFC 2765).
+_NAT64 = (
+    ipaddress.ip_network("64:ff9b::/96"),
+    ipaddress.ip_network("64:ff9b:1::/48"),
+    ipaddress.ip_network("::ffff:0:0:0/96"),
+)
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated ::a.b.c.d form
 
 
@@ -41,6 +46,8 @@ def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | Non
 def is_public_address(address: IPAddress) -> bool:
     """Globally routable and unicast; an IPv6 address carrying an IPv4 one must carry a public one."""
     if not address.is_global or address.is_multicast:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.is_site_local:  # deprecated fec0::/10
         return False
     if isinstance(address, ipaddress.IPv6Address) and (inner := embedded_ipv4(address)) is not None:
         return is_public_address(inner)
