@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import socket
 import ssl
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,6 +17,8 @@ from typing import Any
 
 from PIL import Image
 
+# Loopback is the only network tests have: with the `scripted_dns` fixture, 127.0.0.2 plays a public address.
+PUBLIC = "127.0.0.2"
 # The `varco` console script as a module run by this interpreter (works without the venv on PATH).
 VARCO_CLI = [sys.executable, "-m", "varco.producer.cli"]
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
@@ -146,3 +150,20 @@ class WebhookReceiver:
 
     def close(self) -> None:
         self.server.shutdown()
+
+
+class ScriptedResolver:
+    """getaddrinfo that answers scripted names with successive addresses (the last one repeats)."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+        self.answers: dict[str, list[str]] = {}
+        self.calls: Counter[str] = Counter()
+
+    def __call__(self, host, port, *args, **kwargs):
+        if host not in self.answers:
+            return self.real(host, port, *args, **kwargs)
+        seq = self.answers[host]
+        address = seq[min(self.calls[host], len(seq) - 1)]
+        self.calls[host] += 1
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, int(port or 0)))]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+from helpers import PUBLIC, ScriptedResolver, WebhookReceiver
 
 from varco.tasks.celery_app import create_app
 from varco.tasks.settings import Settings
@@ -45,3 +46,19 @@ def test_a_private_receiver_is_refused_once() -> None:
     result = deliver_task().apply(args=["http://127.0.0.1:9/x", PAYLOAD, "abc.job.succeeded"])
     assert result.state == "SUCCESS" and result.result == 0
     assert outcomes()["refused"] - before["refused"] == 1
+
+
+def test_a_rebinding_callback_host_is_never_connected_to(scripted_dns: ScriptedResolver) -> None:
+    """The receiver on loopback would accept the webhook if reached; the name answered public first."""
+    receiver = WebhookReceiver()
+    try:
+        port = receiver.server.server_port
+        scripted_dns.answers["hooks.test"] = [PUBLIC, "127.0.0.1"]
+        result = deliver_task().apply(args=[f"http://hooks.test:{port}/x", PAYLOAD, "abc.job.succeeded"])
+        # Attempt 1 connects to the public answer it checked (nothing listens there) and is retried;
+        # attempt 2 is told loopback and refuses it. The loopback receiver is never reached.
+        assert (result.state, result.result) == ("SUCCESS", 0)
+        assert receiver.received == []
+        assert scripted_dns.calls["hooks.test"] == 2
+    finally:
+        receiver.close()

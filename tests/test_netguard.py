@@ -12,13 +12,12 @@ import socket
 import ssl
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 
 import httpx
 import pytest
 import trustme
-from helpers import ServedFiles, png
+from helpers import PUBLIC, ScriptedResolver, ServedFiles, png
 
 from varco.tasks.errors import ForbiddenURLError, ImageFetchError
 from varco.tasks.settings import Settings
@@ -26,36 +25,7 @@ from varco.workers.fetch import ImageFetcher
 from varco.workers.netguard import is_public_address
 from varco.workers.pinned_http import pinned_client, total_deadline
 
-PUBLIC = "127.0.0.2"
 IMAGE = png(32, 24)
-
-
-class ScriptedResolver:
-    """getaddrinfo that answers scripted names with successive addresses (the last one repeats)."""
-
-    def __init__(self, real) -> None:
-        self.real = real
-        self.answers: dict[str, list[str]] = {}
-        self.calls: Counter[str] = Counter()
-
-    def __call__(self, host, port, *args, **kwargs):
-        if host not in self.answers:
-            return self.real(host, port, *args, **kwargs)
-        seq = self.answers[host]
-        address = seq[min(self.calls[host], len(seq) - 1)]
-        self.calls[host] += 1
-        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, int(port or 0)))]
-
-
-@pytest.fixture
-def resolver(monkeypatch: pytest.MonkeyPatch) -> ScriptedResolver:
-    scripted = ScriptedResolver(socket.getaddrinfo)
-    monkeypatch.setattr(socket, "getaddrinfo", scripted)
-    real_is_global = ipaddress.IPv4Address.is_global
-    monkeypatch.setattr(
-        ipaddress.IPv4Address, "is_global", property(lambda ip: str(ip) == PUBLIC or real_is_global.fget(ip))
-    )
-    return scripted
 
 
 @pytest.fixture
@@ -79,18 +49,20 @@ def guarded() -> ImageFetcher:
     return ImageFetcher(Settings(allow_private_urls=False, fetch_timeout_s=5))
 
 
-def test_rebinding_answer_is_never_connected_to(resolver: ScriptedResolver, loopback: ServedFiles) -> None:
-    resolver.answers["rebind.test"] = [PUBLIC, "127.0.0.1"]  # public when checked, loopback after
+def test_rebinding_answer_is_never_connected_to(scripted_dns: ScriptedResolver, loopback: ServedFiles) -> None:
+    scripted_dns.answers["rebind.test"] = [PUBLIC, "127.0.0.1"]  # public when checked, loopback after
     with pytest.raises(ImageFetchError):
         guarded().fetch(f"http://rebind.test:{loopback.port}/cat.png")
     assert loopback.routes["/cat.png"].hits == 0
-    assert resolver.calls["rebind.test"] == 1  # resolved once, and that answer was used
+    assert scripted_dns.calls["rebind.test"] == 1  # resolved once, and that answer was used
 
 
-def test_rebinding_through_a_redirect(resolver: ScriptedResolver, loopback: ServedFiles, public: ServedFiles) -> None:
+def test_rebinding_through_a_redirect(
+    scripted_dns: ScriptedResolver, loopback: ServedFiles, public: ServedFiles
+) -> None:
     public.add("/hop", status=302, headers={"location": f"http://rebind.test:{loopback.port}/cat.png"})
-    resolver.answers["start.test"] = [PUBLIC]
-    resolver.answers["rebind.test"] = [PUBLIC, "127.0.0.1"]
+    scripted_dns.answers["start.test"] = [PUBLIC]
+    scripted_dns.answers["rebind.test"] = [PUBLIC, "127.0.0.1"]
     with pytest.raises(ImageFetchError):
         guarded().fetch(f"http://start.test:{public.port}/hop")
     assert public.routes["/hop"].hits == 1
@@ -98,24 +70,24 @@ def test_rebinding_through_a_redirect(resolver: ScriptedResolver, loopback: Serv
 
 
 def test_redirect_to_a_private_name_is_refused(
-    resolver: ScriptedResolver, loopback: ServedFiles, public: ServedFiles
+    scripted_dns: ScriptedResolver, loopback: ServedFiles, public: ServedFiles
 ) -> None:
     public.add("/hop", status=302, headers={"location": f"http://inside.test:{loopback.port}/cat.png"})
-    resolver.answers["start.test"] = [PUBLIC]
-    resolver.answers["inside.test"] = ["127.0.0.1"]
+    scripted_dns.answers["start.test"] = [PUBLIC]
+    scripted_dns.answers["inside.test"] = ["127.0.0.1"]
     with pytest.raises(ForbiddenURLError, match=r"127\.0\.0\.1"):
         guarded().fetch(f"http://start.test:{public.port}/hop")
     assert loopback.routes["/cat.png"].hits == 0
 
 
-def test_pinned_fetch_keeps_the_host_header(resolver: ScriptedResolver, public: ServedFiles) -> None:
-    resolver.answers["images.test"] = [PUBLIC]
+def test_pinned_fetch_keeps_the_host_header(scripted_dns: ScriptedResolver, public: ServedFiles) -> None:
+    scripted_dns.answers["images.test"] = [PUBLIC]
     got = guarded().fetch(f"http://images.test:{public.port}/cat.png")
     assert (got.width, got.height) == (32, 24)
     assert public.host_headers == [f"images.test:{public.port}"]
 
 
-def test_tls_server_name_and_certificate_are_the_requested_host(resolver: ScriptedResolver) -> None:
+def test_tls_server_name_and_certificate_are_the_requested_host(scripted_dns: ScriptedResolver) -> None:
     ca = trustme.CA()
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("images.test").configure_cert(server_tls)
@@ -125,8 +97,8 @@ def test_tls_server_name_and_certificate_are_the_requested_host(resolver: Script
     server.add("/cat.png", IMAGE)
     client_tls = ssl.create_default_context()
     ca.configure_trust(client_tls)
-    resolver.answers["images.test"] = [PUBLIC]
-    resolver.answers["other.test"] = [PUBLIC]
+    scripted_dns.answers["images.test"] = [PUBLIC]
+    scripted_dns.answers["other.test"] = [PUBLIC]
     try:
         with pinned_client(False, httpx.Timeout(5.0), verify=client_tls) as client:
             response = client.get(f"https://images.test:{server.port}/cat.png")
