@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     callback_secret: SecretStr | None = None
     allow_private_urls: bool = False
     file_root: Path | None = None
+    # Buckets s3:// image URIs may name, comma-separated ("*": any); empty: s3:// images are refused.
+    s3_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(default=64_000_000, ge=1)
     max_data_uri_bytes: int = Field(default=256 * 1024, ge=1)
@@ -55,6 +57,10 @@ class Settings(BaseSettings):
     # Task type -> queue, e.g. VARCO_TASK_ROUTES='{"ocr": "varco.ocr"}'; unlisted types use "varco".
     task_routes: dict[str, str] = Field(default_factory=dict)
     callback_max_retries: int = Field(default=8, ge=0)
+    # One webhook attempt, connect + headers + body, ends after this long (a trickling receiver is cut).
+    callback_timeout_s: float = Field(default=10.0, gt=0)
+    # Concurrent deliveries per receiver (scheme, host, port) in one callback worker; more are put back.
+    callback_host_concurrency: int = Field(default=2, ge=1)
     # Worker logs: text, or one JSON object per line with job_id, task and worker fields.
     log_format: Literal["text", "json"] = "text"
     # Each `varco worker` node serves /metrics, /livez and /readyz here (0: not at all).
@@ -67,7 +73,7 @@ class Settings(BaseSettings):
     # max_new_tokens and model) without inference; 0: no result cache.
     result_cache_ttl: int = Field(default=0, ge=0)
 
-    @field_validator("engine_plugins", mode="before")
+    @field_validator("engine_plugins", "s3_buckets", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
