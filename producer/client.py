@@ -1,11 +1,14 @@
 """The client a web backend imports: submit jobs, poll or wait for them, read results, cancel.
 
 It talks to Redis (the Celery broker and the status records) and reads results from the store;
-it never imports torch or `workers/`: tasks are sent by name.
+it never imports torch or `workers/`: tasks are sent by name. When Redis cannot be reached, every call
+raises `BrokerUnavailable` within bounded time (VARCO_REDIS_TIMEOUT_S, a few retries), never a raw
+redis or kombu exception.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -15,6 +18,7 @@ from urllib.parse import unquote_to_bytes
 import redis
 
 from varco.tasks.celery_app import INFER_TASK, broker_priority, create_app, infer_queue
+from varco.tasks.connections import BrokerUnavailable, broker_errors, redis_client
 from varco.tasks.requests import InvalidRequest, JobRequest, validate_request
 from varco.tasks.results_store import ResultStore, result_store
 from varco.tasks.schemas import ErrorInfo, JobResult, JobState, JobStatus
@@ -54,7 +58,7 @@ def data_uri_size(uri: str) -> int:
 class Client:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
-        self.redis = redis.Redis.from_url(self.settings.broker_url, decode_responses=True)
+        self.redis = redis_client(self.settings)
         self.statuses = StatusStore(self.redis, self.settings.status_ttl)
         self.app = create_app(self.settings)
         self._store: ResultStore | None = None
@@ -94,13 +98,15 @@ class Client:
         metadata: Mapping[str, Any] | None = None,
         max_new_tokens: int | None = None,
     ) -> str:
-        """Validate and enqueue one job; returns its id. Same idempotency key -> same id, one run."""
+        """Validate and enqueue one job; returns its id. Same idempotency key -> same id, one run.
+        InvalidRequest for a bad request, BrokerUnavailable when Redis cannot be reached."""
         request = self.validate(
             image_uri, task, prompt=prompt, region=region, label=label, callback_url=callback_url,
             callback_events=callback_events, idempotency_key=idempotency_key, priority=priority,
             metadata=metadata, max_new_tokens=max_new_tokens,
         )  # fmt: skip
-        return self._enqueue(request)
+        with broker_errors(self.settings):
+            return self._enqueue(request)
 
     def submit_many(self, requests: Iterable[Mapping[str, Any]]) -> list[str]:
         """Validate every request first (nothing is enqueued if one is bad), then enqueue them in order."""
@@ -111,7 +117,14 @@ class Client:
                 validated.append(self.validate(fields.pop("image_uri", None), fields.pop("task", None), **fields))
             except InvalidRequest as exc:
                 raise InvalidRequest(f"request #{index}: {exc}", index=index, reason=exc.reason) from None
-        return [self._enqueue(r) for r in validated]
+        job_ids: list[str] = []
+        try:
+            with broker_errors(self.settings):
+                for request in validated:
+                    job_ids.append(self._enqueue(request))
+        except BrokerUnavailable as exc:
+            raise BrokerUnavailable(f"{exc} ({len(job_ids)} of {len(validated)} enqueued)", job_ids) from exc
+        return job_ids
 
     def _enqueue(self, request: JobRequest) -> str:
         job_id = uuid.uuid4().hex
@@ -130,22 +143,28 @@ class Client:
                 priority=broker_priority(request.priority),
             )
         except Exception:
-            # Not enqueued: leave no record behind that would wait forever.
-            self.statuses.delete(job_id)
-            if request.idempotency_key:
-                self.statuses.release_idempotency_key(request.idempotency_key, job_id)
+            # Not enqueued: leave no record behind that would wait forever (if Redis still answers).
+            with contextlib.suppress(redis.RedisError):
+                self.statuses.delete(job_id)
+                if request.idempotency_key:
+                    self.statuses.release_idempotency_key(request.idempotency_key, job_id)
             raise
         return job_id
 
     # --- reading --------------------------------------------------------------------------
     def status(self, job_id: str) -> JobStatus:
-        status = self.statuses.get(job_id)
+        with broker_errors(self.settings):
+            status = self.statuses.get(job_id)
         if status is None:
             raise JobNotFound(job_id)
         return status
 
     def wait(self, job_ids: str | Iterable[str], timeout: float | None = None) -> Iterator[JobStatus]:
         """Yield each job's final status as it finishes (in finishing order); TimeoutError past `timeout`."""
+        with broker_errors(self.settings):
+            yield from self._wait(job_ids, timeout)
+
+    def _wait(self, job_ids: str | Iterable[str], timeout: float | None) -> Iterator[JobStatus]:
         pending = {job_ids} if isinstance(job_ids, str) else set(job_ids)
         deadline = None if timeout is None else time.monotonic() + timeout
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
@@ -189,7 +208,8 @@ class Client:
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued, retrying or running job. False when it had already finished."""
-        state = self.statuses.request_cancel(job_id)
+        with broker_errors(self.settings):
+            state = self.statuses.request_cancel(job_id)
         if state is None:
             raise JobNotFound(job_id)
         return state is JobState.CANCELLED or not state.finished
