@@ -29,10 +29,12 @@ from varco.tasks.settings import Settings
 
 SENTINEL_SCHEME = "sentinel"
 DEFAULT_SENTINEL_PORT = 26379
-# A couple of quick retries ride out a dropped connection or a failover's switch; more would only stretch
-# the time a caller waits for a broker that is really gone (redis-py's default is 10 retries).
-RETRIES = 2
-# Seconds between checks of a pooled connection's health (a connection to a dead master is dropped).
+# One retry rides out a pooled connection that Redis (restarted, or a master gone in a failover) dropped:
+# it reconnects. redis-py nests its retries (command, connect), so a hung Redis costs up to
+# (1 + RETRIES)^2 socket timeouts: 4 x VARCO_REDIS_TIMEOUT_S, 20 s by default (redis-py's own default of
+# 10 retries and no timeout waits forever). A Redis that refuses connections fails a call at once.
+RETRIES = 1
+# kombu's own checks of its long-lived BRPOP and pub/sub connections.
 HEALTH_CHECK_INTERVAL_S = 25
 
 
@@ -92,7 +94,8 @@ def connection_options(timeout_s: float, retries: int = RETRIES) -> dict[str, An
         "socket_connect_timeout": timeout_s,
         "socket_timeout": timeout_s,
         "socket_keepalive": True,
-        "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+        # No redis-py health-check PING: it adds a third level of nested retries on every new connection,
+        # and a timed-out command already drops a dead connection.
         "retry": Retry(ExponentialWithJitterBackoff(base=0.1, cap=1.0), retries),
     }
 
