@@ -30,9 +30,9 @@ from varco.tasks.settings import Settings
 SENTINEL_SCHEME = "sentinel"
 DEFAULT_SENTINEL_PORT = 26379
 # One retry rides out a pooled connection that Redis (restarted, or a master gone in a failover) dropped:
-# it reconnects. redis-py nests its retries (command, connect), so a hung Redis costs up to
-# (1 + RETRIES)^2 socket timeouts: 4 x VARCO_REDIS_TIMEOUT_S, 20 s by default (redis-py's own default of
-# 10 retries and no timeout waits forever). A Redis that refuses connections fails a call at once.
+# it reconnects. redis-py nests its retries (command, connect), so a hung Redis costs a few socket
+# timeouts (measured: 2 x VARCO_REDIS_TIMEOUT_S); redis-py's defaults (10 retries, health-check PINGs with
+# their own retries, no timeout) wait forever. A Redis that refuses connections fails a call at once.
 RETRIES = 1
 # kombu's own checks of its long-lived BRPOP and pub/sub connections.
 HEALTH_CHECK_INTERVAL_S = 25
