@@ -15,8 +15,10 @@ from typing import Any
 
 import pytest
 from helpers import VARCO_CLI
+from kombu.exceptions import OperationalError
 
 from varco.producer import BrokerUnavailable, Client
+from varco.tasks.celery_app import INFER_QUEUE, INFER_TASK, create_app
 from varco.tasks.settings import Settings
 from varco.workers.devtools.local_redis import LocalRedis, free_port, start_redis
 
@@ -99,6 +101,17 @@ def test_a_frozen_redis_fails_calls_in_bounded_time(settings: Settings, doomed_r
         error, elapsed = outcome_within(lambda: client.submit(CAT_URI, "caption"))
         assert isinstance(error, BrokerUnavailable), repr(error)
         print(f"submit with the default timeout: BrokerUnavailable after {elapsed:.1f}s")
+
+
+def test_a_publish_on_a_frozen_broker_connection_gives_up(settings: Settings, doomed_redis: LocalRedis) -> None:
+    """The Celery app both sides build: kombu waits forever on a silent connection unless told otherwise
+    (measured before the fix: still blocked after 60 s)."""
+    app = create_app(settings.model_copy(update={"broker_url": doomed_redis.url}))
+    app.send_task(INFER_TASK, args=["warm", {}], queue=INFER_QUEUE)  # the producer connection is now open
+    os.kill(doomed_redis.process.pid, signal.SIGSTOP)
+    error, elapsed = outcome_within(lambda: app.send_task(INFER_TASK, args=["frozen", {}], queue=INFER_QUEUE))
+    assert isinstance(error, OperationalError), repr(error)
+    print(f"publish on a frozen broker: {type(error).__name__} after {elapsed:.1f}s")
 
 
 def test_a_redis_shut_down_under_a_connected_client(settings: Settings, doomed_redis: LocalRedis) -> None:
