@@ -58,12 +58,12 @@ def test_a_node_warns_when_its_broker_persists_nothing(
     worker_env: dict[str, str], servers: dict[str, LocalRedis], tmp_path: Path
 ) -> None:
     log = node_start_log(worker_env, servers["none"], tmp_path / "none.log", NOTHING)
-    line = next(line for line in log.splitlines() if NOTHING in line)
+    line = next((line for line in log.splitlines() if NOTHING in line), f"no line says {NOTHING!r}:\n{log}")
     assert "WARNING" in line and "loses every queued job" in line and "appendonly yes" in line, line
 
     log = node_start_log(worker_env, servers["aof"], tmp_path / "aof.log", PERSISTS)
     assert PERSISTS in log and NOTHING not in log and CANNOT_TELL not in log
 
     log = node_start_log(worker_env, servers["managed"], tmp_path / "managed.log", CANNOT_TELL)
-    line = next(line for line in log.splitlines() if CANNOT_TELL in line)
+    line = next((line for line in log.splitlines() if CANNOT_TELL in line), f"no line says {CANNOT_TELL!r}")
     assert "WARNING" not in line and "CONFIG GET refused" in line, line
