@@ -30,9 +30,9 @@ from varco.tasks.settings import Settings
 SENTINEL_SCHEME = "sentinel"
 DEFAULT_SENTINEL_PORT = 26379
 # redis-py replaces a pooled connection that Redis closed (restart, failover) when it takes it from the
-# pool; one retry also rides out a connection lost in the middle of a command. redis-py nests its retries (command, connect), so a hung Redis costs a few socket
-# timeouts (measured: 2 x VARCO_REDIS_TIMEOUT_S); redis-py's defaults (10 retries, health-check PINGs with
-# their own retries, no timeout) wait forever. A Redis that refuses connections fails a call at once.
+# pool; one retry also rides out a connection lost in the middle of a command. redis-py nests its
+# retries (command, connect), so a hung Redis costs a few socket timeouts (measured: 2 x
+# VARCO_REDIS_TIMEOUT_S). A Redis that refuses connections fails a call at once.
 RETRIES = 1
 # kombu's own checks of its long-lived BRPOP and pub/sub connections.
 HEALTH_CHECK_INTERVAL_S = 25
