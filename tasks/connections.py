@@ -34,6 +34,9 @@ DEFAULT_SENTINEL_PORT = 26379
 # retries (command, connect), so a hung Redis costs a few socket timeouts (measured: 2 x
 # VARCO_REDIS_TIMEOUT_S). A Redis that refuses connections fails a call at once.
 RETRIES = 1
+# A worker has nothing better to do than wait for Redis: its status writes ride out a restart (about 7 s
+# of backoff between attempts) instead of failing the job's bookkeeping, as redis-py's own default does.
+WORKER_RETRIES = 10
 # kombu's own checks of its long-lived BRPOP and pub/sub connections.
 HEALTH_CHECK_INTERVAL_S = 25
 
@@ -157,8 +160,8 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
-# Bounded publishing: kombu retries a failed publish this often before giving up (its default spins
-# with no overall bound on connection set-up).
+# A failed publish is retried twice, quickly. With the socket timeout above, a publish on a hung broker
+# gives up after about 20 s (measured; it used to wait forever).
 PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
 
 
