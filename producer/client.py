@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import redis
+from redis.client import PubSub
 
 from varco.tasks.celery_app import INFER_TASK, broker_priority, create_app, infer_queue
 from varco.tasks.connections import BrokerUnavailable, broker_errors, redis_client
@@ -27,6 +28,9 @@ from varco.tasks.status import EVENTS_CHANNEL, StatusStore, now_iso, parse_event
 
 # A pub/sub message can be missed (reconnects); `wait` re-reads the records this often regardless.
 _POLL_INTERVAL_S = 1.0
+# A `wait` that has reached Redis once rides out an outage this long (a restart, or a sentinel failover:
+# down-after-milliseconds, 30 s by default, plus the election) before it raises BrokerUnavailable.
+_OUTAGE_GRACE_S = 60.0
 
 
 class JobNotFound(KeyError):
@@ -167,34 +171,59 @@ class Client:
     def _wait(self, job_ids: str | Iterable[str], timeout: float | None) -> Iterator[JobStatus]:
         pending = {job_ids} if isinstance(job_ids, str) else set(job_ids)
         deadline = None if timeout is None else time.monotonic() + timeout
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(EVENTS_CHANNEL)  # subscribe before reading records, so no finish slips between
+        pubsub: PubSub | None = self._subscribe()  # before reading records, so no finish slips between
+        outage_since: float | None = None  # when Redis stopped answering this wait
         try:
             next_poll = 0.0
             while pending:
-                if time.monotonic() >= next_poll:
-                    for job_id, status in self.statuses.get_many(sorted(pending)).items():
-                        if status is None:
-                            raise JobNotFound(job_id)
-                        if status.state.finished:
-                            pending.discard(job_id)
-                            yield status
-                    next_poll = time.monotonic() + _POLL_INTERVAL_S
+                statuses: dict[str, JobStatus | None] = {}
+                message = None
+                try:
+                    if pubsub is None:
+                        pubsub = self._subscribe()
+                    if time.monotonic() >= next_poll:
+                        statuses = self.statuses.get_many(sorted(pending))
+                        next_poll = time.monotonic() + _POLL_INTERVAL_S
+                    else:
+                        if deadline is not None and time.monotonic() >= deadline:
+                            raise TimeoutError(f"{len(pending)} job(s) not finished after {timeout}s")
+                        wait_s = next_poll - time.monotonic()
+                        if deadline is not None:
+                            wait_s = min(wait_s, deadline - time.monotonic())
+                        message = pubsub.get_message(timeout=max(0.0, wait_s))
+                    outage_since = None
+                except (redis.ConnectionError, redis.TimeoutError):
+                    # A failover or restart under way: ride it out for a while, then read the records
+                    # again (events sent meanwhile are lost). Past the grace (or the timeout) it raises.
+                    now = time.monotonic()
+                    outage_since = outage_since or now
+                    if now - outage_since >= _OUTAGE_GRACE_S or (deadline is not None and now >= deadline):
+                        raise
+                    if pubsub is not None:
+                        with contextlib.suppress(redis.RedisError):
+                            pubsub.close()
+                    pubsub, next_poll = None, 0.0
+                    time.sleep(_POLL_INTERVAL_S)
                     continue
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"{len(pending)} job(s) not finished after {timeout}s")
-                wait_s = next_poll - time.monotonic()
-                if deadline is not None:
-                    wait_s = min(wait_s, deadline - time.monotonic())
-                message = pubsub.get_message(timeout=max(0.0, wait_s))
-                if message is None:
-                    continue
-                event = parse_event(message["data"])
+                for job_id, status in statuses.items():
+                    if status is None:
+                        raise JobNotFound(job_id)
+                    if status.state.finished:
+                        pending.discard(job_id)
+                        yield status
+                event = parse_event(message["data"]) if message is not None else None
                 if event is not None and event.job_id in pending and event.state.finished:
                     pending.discard(event.job_id)
                     yield event
         finally:
-            pubsub.close()
+            if pubsub is not None:
+                with contextlib.suppress(redis.RedisError):
+                    pubsub.close()
+
+    def _subscribe(self) -> PubSub:
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(EVENTS_CHANNEL)
+        return pubsub
 
     def result(self, job_id: str, timeout: float | None = None) -> JobResult:
         """Wait for the job (up to `timeout`), then read its result JSON from the store."""

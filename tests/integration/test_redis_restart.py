@@ -4,7 +4,11 @@ persistence the same restart loses them, which is what the README and the node's
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -13,6 +17,7 @@ from conftest import running_worker
 from varco.producer import Client, JobNotFound
 from varco.tasks.schemas import JobState
 from varco.tasks.settings import settings_from_env
+from varco.tasks.status import EVENTS_CHANNEL
 from varco.workers.devtools.local_redis import LocalRedis, free_port, start_redis
 
 COMPOSE = Path(__file__).resolve().parents[2] / "infra" / "compose.yaml"
@@ -23,6 +28,35 @@ def shipped_redis_flags() -> list[str]:
     command = yaml.safe_load(COMPOSE.read_text())["services"]["redis"]["command"]
     assert command[0] == "redis-server"
     return command[1:]
+
+
+class Waiter(threading.Thread):
+    """Runs `call` on a thread; `outcome()` returns what it returned or raises what it raised."""
+
+    def __init__(self, call: Callable[[], Any]) -> None:
+        super().__init__(daemon=True)
+        self.call, self.value, self.error = call, None, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.value = self.call()
+        except BaseException as exc:  # handed to the test by outcome()
+            self.error = exc
+
+    def outcome(self, timeout: float) -> Any:
+        self.join(timeout)
+        assert not self.is_alive(), f"still running after {timeout}s"
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout}s"
+        time.sleep(0.05)
 
 
 def restarted(server: LocalRedis, workdir: Path, flags: list[str]) -> LocalRedis:
@@ -40,12 +74,15 @@ def test_queued_jobs_and_records_survive_a_restart_of_redis_as_shipped(
     try:
         with Client(settings_from_env(env)) as client:
             queued = [client.submit(cat, "caption") for _ in range(4)]  # no worker yet: they wait in the queue
+            # A wait under way when Redis restarts rides the restart out.
+            waiter = Waiter(lambda: list(client.wait(queued, timeout=240)))
+            wait_until(lambda: client.redis.pubsub_numsub(EVENTS_CHANNEL)[0][1] >= 1, "the waiter subscribing")
             server = restarted(server, tmp_path, flags)
             assert client.redis.config_get("appendonly") == {"appendonly": "yes"}
             # Same client, new server process: it reconnects, and the records are still there.
             assert {client.status(job_id).state for job_id in queued} == {JobState.QUEUED}
             with running_worker(env, tmp_path / "worker.log"):
-                finished = list(client.wait(queued, timeout=240))
+                finished = waiter.outcome(260)
             assert sorted(s.job_id for s in finished) == sorted(queued)
             assert all(s.state is JobState.SUCCEEDED for s in finished), finished
     finally:
