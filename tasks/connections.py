@@ -175,7 +175,7 @@ def broker_errors(settings: Settings) -> Iterator[None]:
     """Turn whatever redis-py or kombu raise when the broker is unreachable into BrokerUnavailable."""
     try:
         yield
-    except BrokerUnavailable:
+    except (BrokerUnavailable, TimeoutError):  # ours, and a `wait` past its own timeout (an OSError too)
         raise
     except (redis.ConnectionError, redis.TimeoutError, OperationalError, OSError) as exc:
         raise BrokerUnavailable(

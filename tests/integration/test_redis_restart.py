@@ -59,8 +59,9 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 60.0) 
         time.sleep(0.05)
 
 
-def restarted(server: LocalRedis, workdir: Path, flags: list[str]) -> LocalRedis:
+def restarted(server: LocalRedis, workdir: Path, flags: list[str], down_s: float = 0.0) -> LocalRedis:
     server.stop()  # SIGTERM: what compose and Kubernetes send
+    time.sleep(down_s)  # down for longer than redis-py's own reconnect retry covers
     return start_redis(workdir, port=server.port, extra_args=flags)
 
 
@@ -77,7 +78,7 @@ def test_queued_jobs_and_records_survive_a_restart_of_redis_as_shipped(
             # A wait under way when Redis restarts rides the restart out.
             waiter = Waiter(lambda: list(client.wait(queued, timeout=240)))
             wait_until(lambda: client.redis.pubsub_numsub(EVENTS_CHANNEL)[0][1] >= 1, "the waiter subscribing")
-            server = restarted(server, tmp_path, flags)
+            server = restarted(server, tmp_path, flags, down_s=3.0)
             assert client.redis.config_get("appendonly") == {"appendonly": "yes"}
             # Same client, new server process: it reconnects, and the records are still there.
             assert {client.status(job_id).state for job_id in queued} == {JobState.QUEUED}
