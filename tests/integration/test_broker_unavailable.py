@@ -114,6 +114,14 @@ def test_a_publish_on_a_frozen_broker_connection_gives_up(settings: Settings, do
     print(f"publish on a frozen broker: {type(error).__name__} after {elapsed:.1f}s")
 
 
+def test_a_wait_past_its_timeout_is_a_timeout_not_an_outage(settings: Settings, doomed_redis: LocalRedis) -> None:
+    with Client(settings.model_copy(update={"broker_url": doomed_redis.url})) as client:
+        job_id = client.submit(CAT_URI, "caption")  # no worker: it stays queued
+        with pytest.raises(TimeoutError) as info:
+            list(client.wait([job_id], timeout=0.5))
+        assert not isinstance(info.value, BrokerUnavailable)
+
+
 def test_a_redis_shut_down_under_a_connected_client(settings: Settings, doomed_redis: LocalRedis) -> None:
     with Client(settings.model_copy(update={"broker_url": doomed_redis.url})) as client:
         job_id = client.submit(CAT_URI, "caption")
