@@ -9,7 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ServedFiles, jpeg_rotated, png
+from helpers import ServedFiles
+from images import jpeg_rotated, png
 
 from varco.tasks.errors import ForbiddenURLError, ImageDecodeError, ImageFetchError, ImageTooLargeError
 from varco.tasks.settings import Settings

@@ -13,17 +13,22 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import pytest
-from helpers import VARCO_CLI, ServedFiles, WebhookReceiver, card_output, jpeg_rotated, png
-from moto.server import ThreadedMotoServer
 
-from varco.producer import Client
-from varco.tasks.settings import Settings, settings_from_env
-from varco.workers.devtools.local_redis import LocalRedis, free_port, start_redis
-from varco.workers.devtools.scripted import SCRIPTED_PLUGIN, SCRIPTS_FILE
+# The integration suite runs real workers: it needs the `worker` extra (torch, Pillow) and the test
+# tools. Without them it is skipped with the reason, before anything below imports them.
+for _needed in ("torch", "PIL", "boto3", "moto"):
+    pytest.importorskip(_needed, reason=f"the integration tests need {_needed} (pip install '.[worker,test]')")
 
-pytest.importorskip("torch")
+import boto3  # noqa: E402
+from helpers import VARCO_CLI, ServedFiles, WebhookReceiver, card_output  # noqa: E402
+from images import jpeg_rotated, png  # noqa: E402
+from moto.server import ThreadedMotoServer  # noqa: E402
+
+from varco.producer import Client  # noqa: E402
+from varco.tasks.settings import Settings, settings_from_env  # noqa: E402
+from varco.workers.devtools.local_redis import LocalRedis, free_port, start_redis  # noqa: E402
+from varco.workers.devtools.scripted import SCRIPTED_PLUGIN, SCRIPTS_FILE  # noqa: E402
 
 SECRET = "whsec_dGVzdC1zZWNyZXQtZm9yLXZhcmNvLXF1ZXVl"
 RESULTS_BUCKET, IMAGES_BUCKET = "varco-results", "varco-images"
