@@ -124,3 +124,67 @@ def test_data_uris() -> None:
         fetcher().fetch("data:image/png;base64,@@@")
     with pytest.raises(ImageDecodeError, match="not a decodable image"):
         fetcher().fetch("data:image/png;base64," + base64.b64encode(b"not a png").decode())
+
+
+def test_the_byte_limit_counts_a_stream_without_content_length(served: ServedFiles) -> None:
+    # No Content-Length: the shortcut on the header cannot fire, so only the counter on the stream stops it.
+    url = served.add("/unsized.png", png(400, 400), send_length=False)
+    size = len(png(400, 400))
+    assert fetcher(max_image_bytes=size).fetch(url).width == 400  # exactly at the limit: fine
+    with pytest.raises(ImageTooLargeError, match=f"over the {size - 1}-byte limit"):
+        fetcher(max_image_bytes=size - 1).fetch(url)
+
+
+def test_s3_byte_limit_by_header_and_by_counting(served: ServedFiles, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The local HTTP server answers S3's path-style GET /bucket/key; one object declares its length, one does not.
+    for name, value in {"AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    big = png(400, 400)
+    served.add("/bucket/sized.png", big)
+    served.add("/bucket/unsized.png", big, send_length=False)
+    s3 = fetcher(max_image_bytes=len(big) - 1, s3_endpoint_url=served.base)
+    with pytest.raises(ImageTooLargeError, match=f"image is {len(big)} bytes"):
+        s3.fetch("s3://bucket/sized.png")
+    with pytest.raises(ImageTooLargeError, match="over the"):
+        s3.fetch("s3://bucket/unsized.png")
+    fits = fetcher(max_image_bytes=len(big), s3_endpoint_url=served.base)
+    assert fits.fetch("s3://bucket/unsized.png").width == fits.fetch("s3://bucket/sized.png").width == 400
+
+
+def test_file_and_data_byte_limits(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(IMAGE)
+    with pytest.raises(ImageTooLargeError, match=f"image is {len(IMAGE)} bytes"):
+        fetcher(tmp_path, max_image_bytes=len(IMAGE) - 1).fetch((tmp_path / "a.png").as_uri())
+    assert fetcher(tmp_path, max_image_bytes=len(IMAGE)).fetch((tmp_path / "a.png").as_uri()).width == 64
+    data = "data:image/png;base64," + base64.b64encode(IMAGE).decode()
+    with pytest.raises(ImageTooLargeError, match=f"image is {len(IMAGE)} bytes"):
+        fetcher(max_image_bytes=len(IMAGE) - 1).fetch(data)
+    assert fetcher(max_image_bytes=len(IMAGE)).fetch(data).width == 64
+
+
+def test_a_server_that_never_answers_times_out_as_transient() -> None:
+    # Accepts the connection (the kernel's backlog) and never sends a byte: the read timeout fires.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        port = silent.getsockname()[1]
+        with pytest.raises(ImageFetchError, match="^timed out fetching") as info:
+            fetcher(fetch_timeout_s=0.5).fetch(f"http://127.0.0.1:{port}/x.png")
+    assert info.value.transient is True
+
+
+def test_a_redirect_hop_to_a_private_address_is_refused(served: ServedFiles, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first hop is a public address; its redirect points at loopback and is refused before any request."""
+    # The local server stands in for the public host as an HTTP proxy, so no request leaves this machine.
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", served.base)
+    public = "http://93.184.215.14"  # a global unicast address: passes the address check
+    target = served.add("/private-target.png", IMAGE)
+    served.add(public + "/hop", status=302, headers={"location": target})
+    served.add(public + "/fine", IMAGE)
+    guarded = ImageFetcher(Settings(allow_private_urls=False))
+    assert guarded.fetch(public + "/fine").width == 64  # the proxy stand-in works
+    with pytest.raises(ForbiddenURLError, match=r"non-public address 127\.0\.0\.1"):
+        guarded.fetch(public + "/hop")
+    assert served.routes["/private-target.png"].hits == 0
