@@ -137,8 +137,9 @@ def test_the_byte_limit_counts_a_stream_without_content_length(served: ServedFil
 
 def test_s3_byte_limit_by_header_and_by_counting(served: ServedFiles, monkeypatch: pytest.MonkeyPatch) -> None:
     # The local HTTP server answers S3's path-style GET /bucket/key; one object declares its length, one does not.
-    for name, value in {"AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     big = png(400, 400)
     served.add("/bucket/sized.png", big)
     served.add("/bucket/unsized.png", big, send_length=False)
@@ -168,7 +169,7 @@ def test_a_server_that_never_answers_times_out_as_transient() -> None:
         silent.bind(("127.0.0.1", 0))
         silent.listen(1)
         port = silent.getsockname()[1]
-        with pytest.raises(ImageFetchError, match="^timed out fetching") as info:
+        with pytest.raises(ImageFetchError, match=r"^timed out fetching") as info:
             fetcher(fetch_timeout_s=0.5).fetch(f"http://127.0.0.1:{port}/x.png")
     assert info.value.transient is True
 

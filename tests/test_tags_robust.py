@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-import pytest
 from helpers import card_output
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
