@@ -125,3 +125,29 @@ def test_a_long_budget_does_not_hold_short_jobs_in_its_batch(fake: FakeModel) ->
         assert long_batch == ["long"]
     finally:
         engine.stop()
+
+
+class BrokenBatches(FakeModel):
+    """generate fails (not of memory) for any batch of more than one request, and for the request "bad" alone."""
+
+    def generate(self, prepared, stopping_criteria=None) -> list[GenerationOutput]:
+        self.calls.append([p.request.prompt for p in prepared])
+        if len(prepared) > 1 or prepared[0].request.prompt == "bad":
+            raise ValueError("this batch cannot run")
+        return [GenerationOutput(p.request.prompt, p.prompt_tokens, 1, "stop") for p in prepared]
+
+
+def test_a_failed_batch_reruns_its_requests_one_by_one() -> None:
+    model = BrokenBatches(memory=10**9)
+    engine = HFEngine("fake", max_batch_size=8, max_wait_ms=0, hf_model=model)
+    try:
+        futures = [engine.submit(engine.prepare(request(p, 100))) for p in ("a", "bad", "c")]
+        engine.load()
+        assert futures[0].result(timeout=30).text == "a"
+        with pytest.raises(ValueError, match="cannot run"):  # only the request that fails alone fails
+            futures[1].result(timeout=30)
+        assert futures[2].result(timeout=30).text == "c"
+        assert model.calls == [["a", "bad", "c"], ["a"], ["bad"], ["c"]]  # the batch, then each alone
+        assert engine.policy.max_batch_tokens == 65536  # not an out-of-memory: the cap stays
+    finally:
+        engine.stop()
