@@ -33,7 +33,7 @@ def deliver(receiver: WebhookReceiver, path: str, *, allow_private: bool = True)
         broker_url="memory://", allow_private_urls=allow_private, callback_max_retries=RETRIES, _env_file=None
     )
     task = register_callback_task(create_app(settings), settings)
-    task.apply(args=[receiver.url(path), PAYLOAD, "j1.job.succeeded"])  # eager; exhausted retries are stored, not raised
+    task.apply(args=[receiver.url(path), PAYLOAD, "j1.job.succeeded"])  # eager; running out of retries is not raised
     return sum(r.path == path for r in receiver.received)
 
 
