@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import pytest
-from conftest import LONG, LONG_ANSWER_TOKENS, RESULTS_BUCKET, sha
-from prometheus_client.parser import text_string_to_metric_families
+from conftest import LONG, LONG_ANSWER_TOKENS, RESULTS_BUCKET, forced_tokens
 
 from varco.producer import Client, JobCancelled
 from varco.tasks.celery_app import queue_depth
@@ -28,23 +26,6 @@ def test_cancel_a_queued_job(settings: Settings, worker, http_files) -> None:
     with pytest.raises(JobCancelled):
         parked.result(job_id, timeout=5)
     assert parked.cancel(job_id) is True  # cancelling again is harmless
-
-
-def forced_tokens(worker_env: dict[str, str], image: bytes) -> int:
-    """Tokens the scripted plugin has forced for this image in the worker node (its /metrics)."""
-    deadline = time.monotonic() + 120
-    while True:  # the node's endpoint comes up with the worker
-        try:
-            text = httpx.get(f"http://127.0.0.1:{worker_env['VARCO_METRICS_PORT']}/metrics", timeout=5).text
-            break
-        except httpx.TransportError:
-            assert time.monotonic() < deadline, "the worker node's /metrics never answered"
-            time.sleep(0.2)
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "varco_scripted_tokens_total" and sample.labels.get("image_id") == sha(image):
-                return int(sample.value)
-    return 0
 
 
 def test_cancel_a_running_job_stops_generation(client: Client, http_files, s3, worker_env) -> None:
