@@ -53,8 +53,26 @@ def test_a_cancel_for_a_watched_job_is_seen(client: redis.Redis, watcher: Cancel
     assert not watcher.is_cancelled("job-b")
 
 
+def test_the_listener_is_a_named_daemon_thread(watcher: CancelWatcher) -> None:
+    # A daemon: it never holds up the worker process's exit; named, so it reads in thread dumps and logs.
+    assert watcher._thread.daemon is True and watcher._thread.name == "cancel-watcher"
+
+
+def test_the_subscribe_confirmation_is_not_a_cancel(client: redis.Redis) -> None:
+    w = CancelWatcher(client)
+    w.watch("1")  # what the confirmation's data (the subscription count, 1) would read as
+    w.watch("barrier")
+    w.start()
+    try:
+        until(lambda: client.pubsub_numsub(CANCEL_CHANNEL)[0][1] == 1, "the watcher never subscribed")
+        client.publish(CANCEL_CHANNEL, "barrier")  # handled after the confirmation
+        until(lambda: w.is_cancelled("barrier"), "the cancel never reached the watcher")
+        assert not w.is_cancelled("1")
+    finally:
+        w.stop()
+
+
 def test_cancels_for_other_processes_jobs_are_ignored(client: redis.Redis, watcher: CancelWatcher) -> None:
-    watcher.watch("1")  # also what the subscribe confirmation's data reads as: it must not count as a cancel
     watcher.watch("mine")
     client.publish(CANCEL_CHANNEL, "theirs")
     client.publish(CANCEL_CHANNEL, "mine")  # messages arrive in order: once this is seen, "theirs" was handled
@@ -83,7 +101,9 @@ def test_stop_ends_the_listener(watcher: CancelWatcher) -> None:
     assert not watcher._thread.is_alive()
 
 
-def test_the_listener_reconnects_after_redis_restarts(server: LocalRedis, tmp_path: Path) -> None:
+def test_the_listener_reconnects_after_redis_restarts(
+    server: LocalRedis, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     client = redis.Redis.from_url(server.url, decode_responses=True)
     watcher = CancelWatcher(client).start()
     watcher.watch("after-restart")
@@ -102,3 +122,6 @@ def test_the_listener_reconnects_after_redis_restarts(server: LocalRedis, tmp_pa
         again.terminate()
         again.wait(timeout=10)
         client.close()
+    lost = [r.getMessage() for r in caplog.records if r.name.endswith("workers.cancels")]
+    assert lost and all(m.startswith("cancel listener lost Redis (") for m in lost), lost
+    assert any("ConnectionError" in m for m in lost) and all(m.endswith("); reconnecting") for m in lost), lost
