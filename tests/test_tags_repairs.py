@@ -19,7 +19,7 @@ from varco.tasks.tags import parse, render_box, render_coord, render_object, to_
 CASES = json.loads((Path(__file__).with_name("tags_repairs.json")).read_text(encoding="utf-8"))
 
 
-@pytest.mark.parametrize(("raw", "image_size", "expected"), CASES, ids=[repr(c[0])[:40] for c in CASES])
+@pytest.mark.parametrize(("raw", "image_size", "expected"), CASES, ids=[f"case{i}" for i in range(len(CASES))])
 def test_each_repair_gives_the_documented_result(raw: str, image_size: list[int] | None, expected: dict) -> None:
     got = parse(raw, tuple(image_size) if image_size else None)
     assert json.loads(got.model_dump_json()) == expected
