@@ -118,8 +118,7 @@ class ScriptedLogits(LogitsProcessor):
             scores[row] = float("-inf")
             scores[row, token] = 0.0
             # A row that stopped (cancelled) gets padding instead of its forced token: no longer counted.
-            following = step == 0 or int(input_ids[row, -1]) == script[step - 1]
-            if step < len(script) and following:
+            if step < len(script) and (step == 0 or int(input_ids[row, -1]) == script[step - 1]):
                 _forced(self.image_ids[row], step)
         return scores
 
