@@ -61,8 +61,18 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=9808, ge=0, le=65535)
     # /livez fails when an engine holds requests but has made no progress (a decode step) for this long.
     liveness_stall_s: float = Field(default=300.0, gt=0)
+    # HTTP gateway (`varco gateway`): port, API keys (comma-separated, or one per line in a file), an
+    # optional per-key rate limit in requests/s (a token bucket per gateway process), the request body
+    # cap, the most jobs one batch may hold, and the connections uvicorn serves at once (beyond: 503).
+    gateway_port: int = Field(default=8000, ge=1, le=65535)
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    api_keys_file: Path | None = None
+    rate_limit: float | None = Field(default=None, gt=0)
+    gateway_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    gateway_max_batch: int = Field(default=100, ge=1, le=10_000)
+    gateway_max_connections: int = Field(default=1000, ge=1)
 
-    @field_validator("engine_plugins", mode="before")
+    @field_validator("engine_plugins", "api_keys", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
