@@ -61,3 +61,11 @@ def test_producer_wheel_installs_under_one_root_and_survives_a_local_tasks_modul
     )  # fmt: skip
     assert worker.returncode == 1, worker.stdout + worker.stderr
     assert "pip install 'varco-queue[worker]'" in worker.stderr and "Traceback" not in worker.stderr
+
+    # Without the gateway extra, `varco gateway` says what to install.
+    gateway = subprocess.run(
+        [str(env_dir / "bin" / "varco"), "gateway", "--no-auth"],
+        cwd=backend, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert gateway.returncode == 1, gateway.stdout + gateway.stderr
+    assert "pip install 'varco-queue[gateway]'" in gateway.stderr and "Traceback" not in gateway.stderr
