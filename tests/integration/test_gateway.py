@@ -238,3 +238,14 @@ def test_gateway_refuses_to_start_without_keys(worker_env: dict[str, str]) -> No
     result = subprocess.run([*VARCO_CLI, "gateway", "--port", "1"], env=env, capture_output=True, text=True,
                             timeout=120)  # fmt: skip
     assert result.returncode == 2 and "--no-auth" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_access_log_never_holds_a_key_or_token(gateway_env: dict[str, str], tmp_path) -> None:
+    log = tmp_path / "gateway.log"
+    with running_gateway(gateway_env, log) as base:
+        redirect = httpx.get(f"{base}/ui/jobs/{'a' * 32}", params={"key": ALICE})
+        assert redirect.status_code == 404  # unknown job: the key was checked and logged redacted
+        problem(httpx.get(f"{base}/v1/jobs/{'a' * 32}", params={"token": "secret-token-value"}), 401)
+    text = log.read_text()
+    assert "/ui/jobs/" in text and "key=[redacted]" in text and "token=[redacted]" in text, text
+    assert ALICE not in text and "secret-token-value" not in text
