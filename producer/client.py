@@ -122,9 +122,9 @@ class Client:
     def _enqueue(self, request: JobRequest, owner: str | None = None) -> str:
         job_id = uuid.uuid4().hex
         if request.idempotency_key:
-            owner = self.statuses.claim_idempotency_key(request.idempotency_key, job_id)
-            if owner != job_id:
-                return owner
+            first = self.statuses.claim_idempotency_key(request.idempotency_key, job_id)
+            if first != job_id:
+                return first
         self.statuses.create(job_id, request.task.value, **({"owner": owner} if owner else {}))
         try:
             self.app.send_task(

@@ -144,6 +144,8 @@ def test_idempotency_key_per_api_key(gateway: str, images: dict[str, str], clien
         first = alice.post("/v1/jobs", json=body, headers=headers).json()["job_id"]
         again = alice.post("/v1/jobs", json=body, headers=headers).json()["job_id"]
         other = bob.post("/v1/jobs", json=body, headers=headers).json()["job_id"]
+        assert alice.get(f"/v1/jobs/{first}").status_code == bob.get(f"/v1/jobs/{other}").status_code == 200
+        problem(bob.get(f"/v1/jobs/{first}"), 404)
     assert first == again != other
     assert job_records(client) == before + 2
 
