@@ -64,8 +64,10 @@ def create_app(settings: Settings, keys: list[str] | None, *, client: Client | N
         lifespan=lifespan,
     )
     problems.install(app)
-    app.middleware("http")(metrics.middleware)
-    app.add_middleware(BodyLimits, max_bytes=settings.gateway_max_body_bytes)
+    app.add_middleware(
+        BodyLimits, max_bytes=settings.gateway_max_body_bytes, read_timeout_s=settings.gateway_body_timeout_s
+    )
+    app.add_middleware(metrics.middleware)  # outermost: counts 413s from BodyLimits too
     app.include_router(routes.router)
     app.include_router(page.router)
 

@@ -13,11 +13,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from varco.gateway.problems import Problem, problem_response
 
-BODY_READ_TIMEOUT_S = 30.0
-
 
 class BodyLimits:
-    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float = BODY_READ_TIMEOUT_S) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float) -> None:
         self.app, self.max_bytes, self.read_timeout_s = app, max_bytes, read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -38,9 +36,8 @@ class BodyLimits:
             try:
                 message: dict[str, Any] = dict(await asyncio.wait_for(receive(), self.read_timeout_s))
             except TimeoutError:
-                raise Problem(
-                    408, "body-timeout", f"request body not received within {self.read_timeout_s:g}s"
-                ) from None
+                detail = f"request body not received within {self.read_timeout_s:g}s (VARCO_GATEWAY_BODY_TIMEOUT_S)"
+                raise Problem(408, "body-timeout", detail) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 
@@ -113,6 +114,8 @@ def test_bad_requests_are_problems_with_invalid_requests_message_and_enqueue_not
         assert too_many["field"] == "jobs" and "limit is 100" in too_many["detail"]
         big = {"image_uri": images["cat"], "task": "caption", "metadata": {"x": "a" * (2 * 1024 * 1024)}}
         assert problem(http.post("/v1/jobs", json=big), 413)["type"] == "urn:varco:problem:body-too-large"
+        chunks = (b"a" * 65536 for _ in range(40))  # no Content-Length: the cap applies while it streams in
+        assert problem(http.post("/v1/jobs", content=chunks), 413)["type"] == "urn:varco:problem:body-too-large"
         assert problem(http.get("/v1/jobs/abc/result", params={"wait": 61}), 422)["field"] == "wait"
     assert job_records(client) == before
 
@@ -240,6 +243,24 @@ def test_gateway_refuses_to_start_without_keys(worker_env: dict[str, str]) -> No
     result = subprocess.run([*VARCO_CLI, "gateway", "--port", "1"], env=env, capture_output=True, text=True,
                             timeout=120)  # fmt: skip
     assert result.returncode == 2 and "--no-auth" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_body_that_never_arrives_gets_408(gateway_env: dict[str, str], tmp_path) -> None:
+    env = {**gateway_env, "VARCO_GATEWAY_BODY_TIMEOUT_S": "1"}
+    with running_gateway(env, tmp_path / "gateway.log") as base:
+        port = httpx.URL(base).port
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:  # a client that stalls mid-body
+            conn.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + ALICE.encode()
+                         + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"image")  # fmt: skip
+            reply = b""
+            while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and b"application/problem+json" in head, reply
+    assert json.loads(body)["type"] == "urn:varco:problem:body-timeout"
 
 
 def test_access_log_never_holds_a_key_or_token(gateway_env: dict[str, str], tmp_path) -> None:
