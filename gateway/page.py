@@ -131,5 +131,5 @@ async def job_page(
     else:
         who = key_from_bearer(state, credentials)
     await owned_status(state, job_id, who)
-    url = f"{quote(job_id)}?token={quote(state.keys.page_token(who, job_id))}"  # relative: works behind a prefix
+    url = f"/ui/jobs/{quote(job_id)}?token={quote(state.keys.page_token(who, job_id))}"
     return RedirectResponse(url, status_code=303, headers={"Referrer-Policy": "no-referrer"})
