@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=9808, ge=0, le=65535)
     # /livez fails when an engine holds requests but has made no progress (a decode step) for this long.
     liveness_stall_s: float = Field(default=300.0, gt=0)
+    # Workers keep each job's fetched image bytes beside its result (`{job_id}.image`) for overlays.
+    keep_images: bool = True
+    # Seconds a result may answer a repeat job (same image bytes, task, prompt, region, label,
+    # max_new_tokens and model) without inference; 0: no result cache.
+    result_cache_ttl: int = Field(default=0, ge=0)
     # HTTP gateway (`varco gateway`): port, API keys (comma-separated, or one per line in a file), an
     # optional per-key rate limit in requests/s (a token bucket per gateway process), the request body
     # cap and read timeout, the most jobs one batch may hold, and the connections uvicorn serves at once.

@@ -11,7 +11,7 @@ import base64
 import binascii
 import hashlib
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, unquote_to_bytes, urljoin, urlsplit
 
@@ -31,6 +31,7 @@ class FetchedImage:
     image: Image.Image  # RGB, EXIF orientation applied
     sha256: str  # of the bytes as fetched
     size_bytes: int
+    data: bytes = field(default=b"", repr=False)  # the bytes as fetched: kept for overlays (VARCO_KEEP_IMAGES)
 
     @property
     def width(self) -> int:
@@ -55,7 +56,7 @@ class ImageFetcher:
     # --- entry point ----------------------------------------------------------------------
     def fetch(self, uri: str) -> FetchedImage:
         data = self.fetch_bytes(uri)
-        return FetchedImage(self.decode(data), hashlib.sha256(data).hexdigest(), len(data))
+        return FetchedImage(self.decode(data), hashlib.sha256(data).hexdigest(), len(data), data)
 
     def fetch_bytes(self, uri: str) -> bytes:
         scheme = urlsplit(uri).scheme.lower()

@@ -31,8 +31,9 @@ from varco.workers import metrics
 from varco.workers.callbacks import backoff_s, event_payload, send_event
 from varco.workers.cancels import CancelWatcher
 from varco.workers.engines.base import Cancelled, EngineBackend, GenerationRequest
-from varco.workers.fetch import ImageFetcher
+from varco.workers.fetch import FetchedImage, ImageFetcher
 from varco.workers.logs import job_context
+from varco.workers.result_cache import ResultCache
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,11 @@ class _Job:
         t0 = time.perf_counter()
         fetched = rt.fetcher.fetch(request.image_uri)
         fetch_s = time.perf_counter() - t0
+        cache = ResultCache(rt.statuses.redis, rt.store, rt.settings)
+        if (source := cache.lookup(request, fetched.sha256)) is not None:  # a repeat: no engine
+            own = self.own_fields(fetched, started, fetch_s, 0.0) | {"usage": Usage(), "cached_from": source.job_id}
+            self.finish(JobResult.model_validate(source.model_dump() | own), fetched, fetch_s, 0.0)
+            return
         generation = GenerationRequest(
             image=fetched.image,
             prompt=request.model_prompt,
@@ -104,48 +110,66 @@ class _Job:
         parsed = parse(output.text, (fetched.width, fetched.height))
         if output.finish_reason == "length":
             parsed.warnings.append(f"output stopped at max_new_tokens={generation.max_new_tokens}; it may be cut")
-        finished = now_iso()
-        queued_at = _parse_time(self.enqueued_at)
         result = JobResult(
-            job_id=self.job_id,
             task=request.task.value,
             state=JobState.SUCCEEDED,
             model=rt.settings.model,
             prompt=generation.prompt,
-            image=ImageInfo(
-                uri=_uri_for_result(request.image_uri),
+            output=parsed,
+            usage=Usage(prompt_tokens=output.prompt_tokens, output_tokens=output.output_tokens),
+            region=request.region,
+            label=request.label,
+            **self.own_fields(fetched, started, fetch_s, inference_s),
+        )
+        if (uri := self.finish(result, fetched, fetch_s, inference_s)) is not None:
+            metrics.TOKENS.labels(kind="prompt").inc(output.prompt_tokens)
+            metrics.TOKENS.labels(kind="output").inc(output.output_tokens)
+            cache.remember(request, fetched.sha256, self.job_id, uri)
+
+    def own_fields(self, fetched: FetchedImage, started: float, fetch_s: float, inference_s: float) -> dict[str, Any]:
+        """The result fields that belong to this job alone (a cached answer takes the rest from its source)."""
+        queued_at = _parse_time(self.enqueued_at)
+        return {
+            "job_id": self.job_id,
+            "image": ImageInfo(
+                uri=_uri_for_result(self.request.image_uri),
                 width=fetched.width,
                 height=fetched.height,
                 sha256=fetched.sha256,
             ),
-            output=parsed,
-            usage=Usage(prompt_tokens=output.prompt_tokens, output_tokens=output.output_tokens),
-            timings=Timings(
+            "timings": Timings(
                 queued_s=round(max(0.0, started - queued_at), 4) if queued_at else 0.0,
                 fetch_s=round(fetch_s, 4),
                 inference_s=round(inference_s, 4),
                 total_s=round(max(0.0, time.time() - queued_at), 4) if queued_at else 0.0,
             ),
-            worker=rt.hostname,
-            created_at=self.enqueued_at,
-            finished_at=finished,
-            metadata=request.metadata,
-        )
+            "worker": self.rt.hostname,
+            "created_at": self.enqueued_at,
+            "finished_at": now_iso(),
+            "metadata": self.request.metadata,
+        }
+
+    def finish(self, result: JobResult, fetched: FetchedImage, fetch_s: float, inference_s: float) -> str | None:
+        """Keep the image, store the result, mark the job succeeded; its URI, or None if it had already ended."""
+        rt, queued_at = self.rt, _parse_time(self.enqueued_at)
         t2 = time.perf_counter()
         try:
+            if rt.settings.keep_images:  # for overlays: before the result, so a result names only what exists
+                result.image.kept_uri = rt.store.write_image(self.job_id, fetched.data)
             uri = rt.store.write(self.job_id, result.model_dump_json().encode())
         except Exception as exc:
             raise ResultStoreError(f"cannot write the result: {exc!r}") from exc
         store_s = time.perf_counter() - t2
-        if rt.statuses.transition(self.job_id, JobState.SUCCEEDED, result_uri=uri):
-            self.notify("job.succeeded", JobState.SUCCEEDED, result_uri=uri)
-            timings = result.timings
-            phases = {"fetch": fetch_s, "inference": inference_s, "store": store_s}
-            if queued_at:
-                phases |= {"queue": timings.queued_s, "total": time.time() - queued_at}
-            metrics.observe_job(request.task.value, JobState.SUCCEEDED.value, phases)
-            metrics.TOKENS.labels(kind="prompt").inc(output.prompt_tokens)
-            metrics.TOKENS.labels(kind="output").inc(output.output_tokens)
+        if not rt.statuses.transition(self.job_id, JobState.SUCCEEDED, result_uri=uri):
+            return None
+        self.notify("job.succeeded", JobState.SUCCEEDED, result_uri=uri)
+        phases = {"fetch": fetch_s, "store": store_s}
+        if result.cached_from is None:  # a cached answer ran no inference: nothing to observe
+            phases["inference"] = inference_s
+        if queued_at:
+            phases |= {"queue": result.timings.queued_s, "total": time.time() - queued_at}
+        metrics.observe_job(self.request.task.value, JobState.SUCCEEDED.value, phases)
+        return uri
 
 
 def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> Task:
