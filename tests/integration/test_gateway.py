@@ -71,6 +71,19 @@ def test_submit_status_result_overlay_and_cancel_after_finish(gateway: str, imag
         assert late["state"] == "succeeded"
 
 
+def test_overlay_of_ocr_and_referring_jobs(gateway: str, images: dict[str, str]) -> None:
+    jobs = [
+        {"image_uri": images["cat"], "task": "ocr", "max_new_tokens": 1024},
+        {"image_uri": images["cat"], "task": "referring", "region": [0.039, 0.138, 0.283, 0.257], "label": "이 물건"},
+    ]
+    with api(gateway) as http:
+        for job_id in http.post("/v1/jobs/batch", json={"jobs": jobs}).json()["job_ids"]:
+            assert http.get(f"/v1/jobs/{job_id}/result", params={"wait": 60}).status_code == 200
+            overlay = http.get(f"/v1/jobs/{job_id}/overlay.png")
+            assert overlay.status_code == 200 and overlay.headers["content-type"] == "image/png"
+            assert Image.open(io.BytesIO(overlay.content)).size == (640, 480)
+
+
 def test_batch_is_enqueued_in_order(gateway: str, images: dict[str, str]) -> None:
     jobs = [
         {"image_uri": images["cat"], "task": "caption"},
