@@ -13,11 +13,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from varco.gateway.problems import Problem
 from varco.gateway.ratelimit import retry_after
 from varco.gateway.state import GatewayState, gateway
+from varco.tasks.job_ids import JOB_ID_PATTERN
 from varco.tasks.schemas import JobStatus
 from varco.tasks.status import record_to_status
 
 ANONYMOUS = "anonymous"  # the caller under --no-auth (one rate-limit bucket)
-JobId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="the job id `POST /v1/jobs` returned")]
+JobId = Annotated[str, Path(pattern=f"^{JOB_ID_PATTERN}$", description="the job id `POST /v1/jobs` returned")]
 _bearer = HTTPBearer(auto_error=False, description="an API key from VARCO_API_KEYS / VARCO_API_KEYS_FILE")
 Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import redis.asyncio as aioredis
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -20,6 +20,7 @@ from varco.gateway.metrics import HttpMetrics
 from varco.gateway.ratelimit import RateLimiter
 from varco.gateway.state import GatewayState
 from varco.producer import Client
+from varco.tasks.connections import BrokerUnavailable, is_sentinel, parse_sentinel_url
 from varco.tasks.requests import JobRequest
 from varco.tasks.settings import Settings
 
@@ -35,13 +36,30 @@ class Health(BaseModel):
     reasons: list[str] = Field(default_factory=list)
 
 
+def async_redis(settings: Settings) -> aioredis.Redis:
+    """The broker's Redis for watching jobs, as `tasks.connections.redis_client` builds it, but asyncio."""
+    timeouts = {"socket_connect_timeout": settings.redis_timeout_s, "socket_timeout": settings.redis_timeout_s}
+    if not is_sentinel(settings.broker_url):
+        return aioredis.Redis.from_url(settings.broker_url, decode_responses=True, socket_keepalive=True, **timeouts)
+    target = parse_sentinel_url(settings.broker_url)
+    sentinel = aioredis.sentinel.Sentinel(target.sentinels, sentinel_kwargs=timeouts, **timeouts)
+    return sentinel.master_for(
+        settings.sentinel_master, db=target.db, username=target.username, password=target.password,
+        decode_responses=True,
+    )  # fmt: skip
+
+
+async def _broker_unavailable(_: Request, exc: Exception) -> JSONResponse:
+    return problems.problem_response(503, "broker-unavailable", str(exc), {"Retry-After": "5"})
+
+
 def create_app(settings: Settings, keys: list[str] | None, *, client: Client | None = None) -> FastAPI:
     """`keys=None` serves without authentication (`varco gateway --no-auth`)."""
     metrics = HttpMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        aredis = aioredis.Redis.from_url(settings.broker_url, decode_responses=True)
+        aredis = async_redis(settings)
         sync_client = client or Client(settings)
         app.state.gateway = GatewayState(
             client=sync_client,
@@ -64,6 +82,7 @@ def create_app(settings: Settings, keys: list[str] | None, *, client: Client | N
         lifespan=lifespan,
     )
     problems.install(app)
+    app.add_exception_handler(BrokerUnavailable, _broker_unavailable)
     app.add_middleware(
         BodyLimits, max_bytes=settings.gateway_max_body_bytes, read_timeout_s=settings.gateway_body_timeout_s
     )

@@ -27,7 +27,7 @@ from varco.tasks.schemas import JobResult, JobState, JobStatus
 MAX_WAIT_S = 60.0
 MAX_IDEMPOTENCY_KEY_CHARS = 128  # namespaced by key id below, within JobRequest's 200
 
-router = APIRouter(prefix="/v1", tags=["jobs"], responses=responses(401, 422, 429))
+router = APIRouter(prefix="/v1", tags=["jobs"], responses=responses(401, 422, 429, 503))
 Caller = Annotated[str, Depends(caller)]
 JobCaller = Annotated[str, Depends(job_caller)]
 State = Annotated[GatewayState, Depends(gateway)]

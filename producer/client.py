@@ -1,21 +1,26 @@
 """The client a web backend imports: submit jobs, poll or wait for them, read results, cancel.
 
 It talks to Redis (the Celery broker and the status records) and reads results from the store;
-it never imports torch or `workers/`: tasks are sent by name.
+it never imports torch or `workers/`: tasks are sent by name. When Redis cannot be reached, every call
+raises `BrokerUnavailable` within bounded time (VARCO_REDIS_TIMEOUT_S, a few retries), never a raw
+redis or kombu exception.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
-from urllib.parse import unquote_to_bytes
 
 import redis
+from redis.client import PubSub
 
 from varco.tasks.celery_app import INFER_TASK, broker_priority, create_app, infer_queue
-from varco.tasks.requests import InvalidRequest, JobRequest, validate_request
+from varco.tasks.connections import BrokerUnavailable, broker_errors, redis_client
+from varco.tasks.job_ids import is_valid_job_id
+from varco.tasks.requests import InvalidRequest, JobRequest, check_data_uri_size, validate_request
 from varco.tasks.results_store import ResultStore, result_store
 from varco.tasks.schemas import ErrorInfo, JobResult, JobState, JobStatus
 from varco.tasks.settings import Settings, get_settings
@@ -23,6 +28,9 @@ from varco.tasks.status import EVENTS_CHANNEL, StatusStore, now_iso, parse_event
 
 # A pub/sub message can be missed (reconnects); `wait` re-reads the records this often regardless.
 _POLL_INTERVAL_S = 1.0
+# A `wait` that has reached Redis once rides out an outage this long (a restart, or a sentinel failover:
+# down-after-milliseconds, 30 s by default, plus the election) before it raises BrokerUnavailable.
+_OUTAGE_GRACE_S = 60.0
 
 
 class JobNotFound(KeyError):
@@ -42,19 +50,10 @@ class JobCancelled(RuntimeError):
     """`result()` of a job that was cancelled."""
 
 
-def data_uri_size(uri: str) -> int:
-    """Bytes a data URI's payload decodes to, estimated without decoding: decoding is the worker's job,
-    which fails a broken payload as an ImageDecodeError on the job."""
-    header, _, payload = uri.partition(",")
-    if header.lower().endswith(";base64"):
-        return len(payload.strip()) * 3 // 4
-    return len(unquote_to_bytes(payload))
-
-
 class Client:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
-        self.redis = redis.Redis.from_url(self.settings.broker_url, decode_responses=True)
+        self.redis = redis_client(self.settings)
         self.statuses = StatusStore(self.redis, self.settings.status_ttl)
         self.app = create_app(self.settings)
         self._store: ResultStore | None = None
@@ -69,15 +68,7 @@ class Client:
     def validate(self, image_uri: str, task: str, **fields: Any) -> JobRequest:
         """Everything submit checks before enqueueing; raises InvalidRequest (a ValueError)."""
         request = validate_request(image_uri=image_uri, task=task, **{k: v for k, v in fields.items() if v is not None})
-        # Broker messages stay small: an inline image has its own cap, and results never travel through Redis.
-        if request.image_uri.startswith("data:"):
-            size = data_uri_size(request.image_uri)
-            if size > self.settings.max_data_uri_bytes:
-                raise InvalidRequest(
-                    f"invalid job request: image_uri: data URI holds {size} bytes; the limit is "
-                    f"{self.settings.max_data_uri_bytes} (VARCO_MAX_DATA_URI_BYTES): upload it and send a URL",
-                    field="image_uri",
-                )
+        check_data_uri_size(request.image_uri, self.settings.max_data_uri_bytes)  # the worker checks it too
         return request
 
     def submit(
@@ -97,6 +88,7 @@ class Client:
         owner: str | None = None,
     ) -> str:
         """Validate and enqueue one job; returns its id. Same idempotency key -> same id, one run.
+        InvalidRequest for a bad request, BrokerUnavailable when Redis cannot be reached.
 
         `owner` is an opaque id of who submitted it (the HTTP gateway passes its API key's id), kept in
         the job's status record as `owner`; it is not part of the job request the worker sees."""
@@ -105,7 +97,8 @@ class Client:
             callback_events=callback_events, idempotency_key=idempotency_key, priority=priority,
             metadata=metadata, max_new_tokens=max_new_tokens,
         )  # fmt: skip
-        return self._enqueue(request, owner)
+        with broker_errors(self.settings):
+            return self._enqueue(request, owner)
 
     def submit_many(self, requests: Iterable[Mapping[str, Any]], *, owner: str | None = None) -> list[str]:
         """Validate every request first (nothing is enqueued if one is bad), then enqueue them in order."""
@@ -117,7 +110,14 @@ class Client:
             except InvalidRequest as exc:
                 message = f"request #{index}: {exc}"
                 raise InvalidRequest(message, index=index, reason=exc.reason, field=exc.field) from None
-        return [self._enqueue(r, owner) for r in validated]
+        job_ids: list[str] = []
+        try:
+            with broker_errors(self.settings):
+                for request in validated:
+                    job_ids.append(self._enqueue(request, owner))
+        except BrokerUnavailable as exc:
+            raise BrokerUnavailable(f"{exc} ({len(job_ids)} of {len(validated)} enqueued)", job_ids) from exc
+        return job_ids
 
     def _enqueue(self, request: JobRequest, owner: str | None = None) -> str:
         job_id = uuid.uuid4().hex
@@ -136,52 +136,85 @@ class Client:
                 priority=broker_priority(request.priority),
             )
         except Exception:
-            # Not enqueued: leave no record behind that would wait forever.
-            self.statuses.delete(job_id)
-            if request.idempotency_key:
-                self.statuses.release_idempotency_key(request.idempotency_key, job_id)
+            # Not enqueued: leave no record behind that would wait forever (if Redis still answers).
+            with contextlib.suppress(redis.RedisError):
+                self.statuses.delete(job_id)
+                if request.idempotency_key:
+                    self.statuses.release_idempotency_key(request.idempotency_key, job_id)
             raise
         return job_id
 
     # --- reading --------------------------------------------------------------------------
     def status(self, job_id: str) -> JobStatus:
-        status = self.statuses.get(job_id)
+        with broker_errors(self.settings):
+            status = self.statuses.get(job_id) if is_valid_job_id(job_id) else None  # no job has a malformed id
         if status is None:
             raise JobNotFound(job_id)
         return status
 
     def wait(self, job_ids: str | Iterable[str], timeout: float | None = None) -> Iterator[JobStatus]:
         """Yield each job's final status as it finishes (in finishing order); TimeoutError past `timeout`."""
+        with broker_errors(self.settings):
+            yield from self._wait(job_ids, timeout)
+
+    def _wait(self, job_ids: str | Iterable[str], timeout: float | None) -> Iterator[JobStatus]:
         pending = {job_ids} if isinstance(job_ids, str) else set(job_ids)
+        if malformed := sorted(j for j in pending if not is_valid_job_id(j)):
+            raise JobNotFound(malformed[0])
         deadline = None if timeout is None else time.monotonic() + timeout
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(EVENTS_CHANNEL)  # subscribe before reading records, so no finish slips between
+        pubsub: PubSub | None = self._subscribe()  # before reading records, so no finish slips between
+        outage_since: float | None = None  # when Redis stopped answering this wait
         try:
             next_poll = 0.0
             while pending:
-                if time.monotonic() >= next_poll:
-                    for job_id, status in self.statuses.get_many(sorted(pending)).items():
-                        if status is None:
-                            raise JobNotFound(job_id)
-                        if status.state.finished:
-                            pending.discard(job_id)
-                            yield status
-                    next_poll = time.monotonic() + _POLL_INTERVAL_S
+                statuses: dict[str, JobStatus | None] = {}
+                message = None
+                try:
+                    if pubsub is None:
+                        pubsub = self._subscribe()
+                    if time.monotonic() >= next_poll:
+                        statuses = self.statuses.get_many(sorted(pending))
+                        next_poll = time.monotonic() + _POLL_INTERVAL_S
+                    else:
+                        if deadline is not None and time.monotonic() >= deadline:
+                            raise TimeoutError(f"{len(pending)} job(s) not finished after {timeout}s")
+                        wait_s = next_poll - time.monotonic()
+                        if deadline is not None:
+                            wait_s = min(wait_s, deadline - time.monotonic())
+                        message = pubsub.get_message(timeout=max(0.0, wait_s))
+                    outage_since = None
+                except (redis.ConnectionError, redis.TimeoutError):
+                    # A failover or restart under way: ride it out for a while, then read the records
+                    # again (events sent meanwhile are lost). Past the grace (or the timeout) it raises.
+                    now = time.monotonic()
+                    outage_since = outage_since or now
+                    if now - outage_since >= _OUTAGE_GRACE_S or (deadline is not None and now >= deadline):
+                        raise
+                    if pubsub is not None:
+                        with contextlib.suppress(redis.RedisError):
+                            pubsub.close()
+                    pubsub, next_poll = None, 0.0
+                    time.sleep(_POLL_INTERVAL_S)
                     continue
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"{len(pending)} job(s) not finished after {timeout}s")
-                wait_s = next_poll - time.monotonic()
-                if deadline is not None:
-                    wait_s = min(wait_s, deadline - time.monotonic())
-                message = pubsub.get_message(timeout=max(0.0, wait_s))
-                if message is None:
-                    continue
-                event = parse_event(message["data"])
+                for job_id, status in statuses.items():
+                    if status is None:
+                        raise JobNotFound(job_id)
+                    if status.state.finished:
+                        pending.discard(job_id)
+                        yield status
+                event = parse_event(message["data"]) if message is not None else None
                 if event is not None and event.job_id in pending and event.state.finished:
                     pending.discard(event.job_id)
                     yield event
         finally:
-            pubsub.close()
+            if pubsub is not None:
+                with contextlib.suppress(redis.RedisError):
+                    pubsub.close()
+
+    def _subscribe(self) -> PubSub:
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(EVENTS_CHANNEL)
+        return pubsub
 
     def result(self, job_id: str, timeout: float | None = None) -> JobResult:
         """Wait for the job (up to `timeout`), then read its result JSON from the store."""
@@ -195,7 +228,8 @@ class Client:
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued, retrying or running job. False when it had already finished."""
-        state = self.statuses.request_cancel(job_id)
+        with broker_errors(self.settings):
+            state = self.statuses.request_cancel(job_id) if is_valid_job_id(job_id) else None
         if state is None:
             raise JobNotFound(job_id)
         return state is JobState.CANCELLED or not state.finished

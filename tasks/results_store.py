@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
+from varco.tasks.job_ids import check_job_id
 from varco.tasks.settings import Settings
 
 
@@ -34,14 +35,15 @@ class FileResultStore:
         self._root_made = False
 
     def uri_for(self, job_id: str) -> str:
-        return f"{self.prefix}{job_id}.json"
+        return f"{self.prefix}{check_job_id(job_id)}.json"
 
     def write(self, job_id: str, data: bytes) -> str:
-        self._write(f"{job_id}.json", data)
+        self._write(f"{check_job_id(job_id)}.json", data)
         return self.uri_for(job_id)
 
     def write_image(self, job_id: str, data: bytes) -> str:
-        self._write(f"{job_id}.image", data)
+        # a malformed id never becomes a path outside the result directory
+        self._write(f"{check_job_id(job_id)}.image", data)
         return f"{self.prefix}{job_id}.image"
 
     def _write(self, name: str, data: bytes) -> None:
@@ -86,15 +88,15 @@ class S3ResultStore:
         )
 
     def uri_for(self, job_id: str) -> str:
-        return f"{self.prefix}{job_id}.json"
+        return f"{self.prefix}{check_job_id(job_id)}.json"
 
     def write(self, job_id: str, data: bytes) -> str:
-        key = f"{self.key_prefix}{job_id}.json"
+        key = f"{self.key_prefix}{check_job_id(job_id)}.json"
         self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="application/json")
         return self.uri_for(job_id)
 
     def write_image(self, job_id: str, data: bytes) -> str:
-        key = f"{self.key_prefix}{job_id}.image"
+        key = f"{self.key_prefix}{check_job_id(job_id)}.image"
         self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="application/octet-stream")
         return f"{self.prefix}{job_id}.image"
 

@@ -22,6 +22,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VARCO_", extra="ignore")
 
     broker_url: str = "redis://127.0.0.1:6379/0"
+    # The master group of a sentinel:// broker URL (VARCO_BROKER_URL=sentinel://h1:26379/0;sentinel://h2:26379/0).
+    sentinel_master: str = "mymaster"
+    # Connect and command timeout for Redis: a broker that is down or hung fails a call in bounded time.
+    redis_timeout_s: float = Field(default=5.0, gt=0, le=300)
     result_store: str = Field(default_factory=_default_result_store)
     s3_endpoint_url: str | None = None
     model: str = "NCSOFT/VARCO-VISION-14B-HF"
@@ -45,6 +49,8 @@ class Settings(BaseSettings):
     callback_secret: SecretStr | None = None
     allow_private_urls: bool = False
     file_root: Path | None = None
+    # Buckets s3:// image URIs may name, comma-separated ("*": any); empty: s3:// images are refused.
+    s3_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(default=64_000_000, ge=1)
     max_data_uri_bytes: int = Field(default=256 * 1024, ge=1)
@@ -55,6 +61,10 @@ class Settings(BaseSettings):
     # Task type -> queue, e.g. VARCO_TASK_ROUTES='{"ocr": "varco.ocr"}'; unlisted types use "varco".
     task_routes: dict[str, str] = Field(default_factory=dict)
     callback_max_retries: int = Field(default=8, ge=0)
+    # One webhook attempt, connect + headers + body, ends after this long (a trickling receiver is cut).
+    callback_timeout_s: float = Field(default=10.0, gt=0)
+    # Concurrent deliveries per receiver (scheme, host, port) in one callback worker; more are put back.
+    callback_host_concurrency: int = Field(default=2, ge=1)
     # Worker logs: text, or one JSON object per line with job_id, task and worker fields.
     log_format: Literal["text", "json"] = "text"
     # Each `varco worker` node serves /metrics, /livez and /readyz here (0: not at all).
@@ -78,7 +88,7 @@ class Settings(BaseSettings):
     gateway_max_connections: int = Field(default=1000, ge=1)
     gateway_body_timeout_s: float = Field(default=30.0, gt=0)  # a request body must be in within this (408)
 
-    @field_validator("engine_plugins", "api_keys", mode="before")
+    @field_validator("engine_plugins", "s3_buckets", "api_keys", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):

@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 
+from varco.tasks.job_ids import check_job_id
 from varco.tasks.schemas import ErrorInfo, JobState, JobStatus
 
 EVENTS_CHANNEL = "varco:events"
@@ -124,7 +125,7 @@ class StatusStore:
         self._cancel = client.register_script(_CANCEL)
 
     def key(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}"
+        return f"{self.prefix}:job:{check_job_id(job_id)}"  # a malformed id never becomes a key
 
     def create(self, job_id: str, task: str, **fields: str) -> None:
         now = now_iso()

@@ -21,7 +21,9 @@ from pydantic import ValidationError
 
 from varco.tasks.celery_app import INFER_TASK
 from varco.tasks.errors import InferenceError, JobError, ResultStoreError, error_info
-from varco.tasks.requests import JobRequest
+from varco.tasks.job_ids import is_valid_job_id
+from varco.tasks.messages import InferMessage
+from varco.tasks.requests import InvalidRequest, JobRequest
 from varco.tasks.results_store import ResultStore
 from varco.tasks.schemas import ErrorInfo, ImageInfo, JobResult, JobState, Timings, Usage
 from varco.tasks.settings import Settings
@@ -34,6 +36,7 @@ from varco.workers.engines.base import Cancelled, EngineBackend, GenerationReque
 from varco.workers.fetch import FetchedImage, ImageFetcher
 from varco.workers.logs import job_context
 from varco.workers.result_cache import ResultCache
+from varco.workers.undecodable import on_undecodable
 
 log = logging.getLogger(__name__)
 
@@ -174,31 +177,47 @@ class _Job:
 
 def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> Task:
     @app.task(name=INFER_TASK, bind=True, acks_late=True, max_retries=None)
-    def infer(self: Task, job_id: str, request: dict, enqueued_at: str | None = None) -> None:
+    def infer(self: Task, *args: Any, **kwargs: Any) -> None:
         rt: Runtime = get_runtime()
+        message = InferMessage.from_task_args(args, kwargs)  # never raises: the message is not trusted yet
+        if message.job_id is None:
+            log.error("dropped a %s message (task id %.80r): %s", INFER_TASK, self.request.id, message.problem)
+            return
+        job_id, request = message.job_id, message.request
         # Watched before the record says started: a cancel from then on reaches this process on
         # varco:cancel, and one requested earlier is honoured by begin_attempt itself, so no extra read.
         rt.cancels.watch(job_id)
         try:
             with job_context(job_id=job_id, task=request.get("task") if isinstance(request, dict) else None):
-                _deliver(self, rt, job_id, request, enqueued_at)
+                _deliver(self, rt, job_id, message)
         finally:
             rt.cancels.forget(job_id)
 
     def on_revoked(sender: Task | None = None, request: Any = None, **_: Any) -> None:
         # `celery control revoke` of a queued job: Celery drops its message when it arrives here; the
         # record must end too, or pollers would wait on a job that never runs.
-        if getattr(sender, "name", None) != INFER_TASK or request is None:
+        if getattr(sender, "name", None) != INFER_TASK or request is None or not is_valid_job_id(request.id):
             return
         if get_runtime().statuses.transition(request.id, JobState.CANCELLED):
             log.info("job %s cancelled by a Celery revoke", request.id)
 
     task_revoked.connect(on_revoked, weak=False)
+
+    def fail_undecodable(headers: dict[str, Any], exc: Exception) -> None:
+        task_id = headers.get("id")
+        if headers.get("task") != INFER_TASK or not is_valid_job_id(task_id):
+            return
+        error = ErrorInfo(type="InvalidRequest", message=f"the job message cannot be decoded: {exc!s:.300}")
+        if get_runtime().statuses.transition(task_id, JobState.FAILED, error=error):
+            log.warning("job %s failed: its message cannot be decoded", task_id)
+
+    on_undecodable(app, fail_undecodable)
     return infer
 
 
-def _deliver(task: Task, rt: Runtime, job_id: str, request: dict, enqueued_at: str | None) -> None:
+def _deliver(task: Task, rt: Runtime, job_id: str, message: InferMessage) -> None:
     """One delivery of a job: count it, run it, and record how it ended."""
+    request = message.request
     state, attempts = rt.statuses.begin_attempt(job_id, rt.hostname, rt.settings.max_attempts)
     if state is not JobState.STARTED:
         log.info("job %s not run: it is %s (delivery %d)", job_id, state.value, attempts)
@@ -206,9 +225,10 @@ def _deliver(task: Task, rt: Runtime, job_id: str, request: dict, enqueued_at: s
             status = rt.statuses.get(job_id)
             _notify_poison(rt, job_id, request, status.error if status else None)
         return
-    try:
-        job_request = JobRequest.model_validate(request)
-    except ValidationError as exc:
+    try:  # everything the Client checks, before any fetch or inference
+        job_request, enqueued_at = message.validate(rt.settings.max_data_uri_bytes)
+    except InvalidRequest as exc:
+        log.warning("job %s failed: invalid message: %s", job_id, exc)
         rt.statuses.transition(job_id, JobState.FAILED, error=ErrorInfo(type="InvalidRequest", message=str(exc)))
         return
     job = _Job(rt, job_id, job_request, enqueued_at)
@@ -236,10 +256,10 @@ def _deliver(task: Task, rt: Runtime, job_id: str, request: dict, enqueued_at: s
         job.fail(error_info(exc))
 
 
-def _notify_poison(rt: Runtime, job_id: str, request: dict, error: ErrorInfo | None) -> None:
+def _notify_poison(rt: Runtime, job_id: str, request: Any, error: ErrorInfo | None) -> None:
     try:
         job_request = JobRequest.model_validate(request)
-    except ValidationError:
+    except (ValidationError, RecursionError):
         return
     _Job(rt, job_id, job_request, None).notify("job.failed", JobState.FAILED, error=error)
 
