@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import redis.asyncio as aioredis
+import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
@@ -50,7 +51,8 @@ def async_redis(settings: Settings) -> aioredis.Redis:
 
 
 async def _broker_unavailable(_: Request, exc: Exception) -> JSONResponse:
-    return problems.problem_response(503, "broker-unavailable", str(exc), {"Retry-After": "5"})
+    detail = str(exc) if isinstance(exc, BrokerUnavailable) else f"Redis is unavailable: {type(exc).__name__}: {exc}"
+    return problems.problem_response(503, "broker-unavailable", detail, {"Retry-After": "5"})
 
 
 def create_app(settings: Settings, keys: list[str] | None, *, client: Client | None = None) -> FastAPI:
@@ -83,6 +85,7 @@ def create_app(settings: Settings, keys: list[str] | None, *, client: Client | N
     )
     problems.install(app)
     app.add_exception_handler(BrokerUnavailable, _broker_unavailable)
+    app.add_exception_handler(redis.exceptions.RedisError, _broker_unavailable)  # the asyncio client's own errors
     app.add_middleware(
         BodyLimits, max_bytes=settings.gateway_max_body_bytes, read_timeout_s=settings.gateway_body_timeout_s
     )

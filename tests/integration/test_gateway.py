@@ -16,6 +16,7 @@ from helpers import VARCO_CLI, ServedFiles
 from PIL import Image
 
 from varco.producer import Client, InvalidRequest
+from varco.workers.devtools.local_redis import free_port
 
 ALICE, BOB = GATEWAY_KEYS
 pytest.importorskip("fastapi")
@@ -274,6 +275,15 @@ def test_a_body_that_never_arrives_gets_408(gateway_env: dict[str, str], tmp_pat
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408") and b"application/problem+json" in head, reply
     assert json.loads(body)["type"] == "urn:varco:problem:body-timeout"
+
+
+def test_redis_down_is_a_503_problem_not_a_crash(gateway_env: dict[str, str], tmp_path) -> None:
+    env = {**gateway_env, "VARCO_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0", "VARCO_REDIS_TIMEOUT_S": "1"}
+    with running_gateway(env, tmp_path / "gateway.log") as base, api(base) as http:
+        assert http.get("/readyz").status_code == 503
+        body = problem(http.post("/v1/jobs", json={"image_uri": "https://example.com/a.png", "task": "caption"}), 503)
+        assert body["type"].endswith("broker-unavailable")
+        assert problem(http.get(f"/v1/jobs/{'a' * 32}"), 503)["type"].endswith("broker-unavailable")
 
 
 def test_access_log_never_holds_a_key_or_token(gateway_env: dict[str, str], tmp_path) -> None:
