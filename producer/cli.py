@@ -235,6 +235,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return _worker_module("supervisor").run(args.gpus, args.queues, not args.no_callbacks, args.concurrency)
 
 
+def cmd_gateway(args: argparse.Namespace) -> int:
+    try:
+        server = importlib.import_module("varco.gateway.server")
+    except ImportError as exc:
+        raise SystemExit(f"varco gateway needs the gateway extra: pip install 'varco-queue[gateway]' ({exc})") from None
+    return server.serve(args.host, args.port, no_auth=args.no_auth)
+
+
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     out = _worker_module("devtools.tiny_model").make_tiny_model(args.directory)
     console.print(f"tiny model saved to {out}")
@@ -298,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, help="task threads per GPU process (default 2x batch size)")
     p.add_argument("--no-callbacks", action="store_true", help="do not start the webhook delivery process")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("gateway", help="serve the HTTP API (needs the gateway extra)")
+    p.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    p.add_argument("--port", type=int, help="port (default VARCO_GATEWAY_PORT, 8000)")
+    p.add_argument("--no-auth", action="store_true", help="serve without API keys (every caller sees every job)")
+    p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("make-tiny-model", help="build the tiny offline test model into DIR")
     p.add_argument("directory")

@@ -85,18 +85,22 @@ class Client:
         priority: int | None = None,
         metadata: Mapping[str, Any] | None = None,
         max_new_tokens: int | None = None,
+        owner: str | None = None,
     ) -> str:
         """Validate and enqueue one job; returns its id. Same idempotency key -> same id, one run.
-        InvalidRequest for a bad request, BrokerUnavailable when Redis cannot be reached."""
+        InvalidRequest for a bad request, BrokerUnavailable when Redis cannot be reached.
+
+        `owner` is an opaque id of who submitted it (the HTTP gateway passes its API key's id), kept in
+        the job's status record as `owner`; it is not part of the job request the worker sees."""
         request = self.validate(
             image_uri, task, prompt=prompt, region=region, label=label, callback_url=callback_url,
             callback_events=callback_events, idempotency_key=idempotency_key, priority=priority,
             metadata=metadata, max_new_tokens=max_new_tokens,
         )  # fmt: skip
         with broker_errors(self.settings):
-            return self._enqueue(request)
+            return self._enqueue(request, owner)
 
-    def submit_many(self, requests: Iterable[Mapping[str, Any]]) -> list[str]:
+    def submit_many(self, requests: Iterable[Mapping[str, Any]], *, owner: str | None = None) -> list[str]:
         """Validate every request first (nothing is enqueued if one is bad), then enqueue them in order."""
         validated = []
         for index, fields in enumerate(requests):
@@ -104,23 +108,24 @@ class Client:
             try:
                 validated.append(self.validate(fields.pop("image_uri", None), fields.pop("task", None), **fields))
             except InvalidRequest as exc:
-                raise InvalidRequest(f"request #{index}: {exc}", index=index, reason=exc.reason) from None
+                message = f"request #{index}: {exc}"
+                raise InvalidRequest(message, index=index, reason=exc.reason, field=exc.field) from None
         job_ids: list[str] = []
         try:
             with broker_errors(self.settings):
                 for request in validated:
-                    job_ids.append(self._enqueue(request))
+                    job_ids.append(self._enqueue(request, owner))
         except BrokerUnavailable as exc:
             raise BrokerUnavailable(f"{exc} ({len(job_ids)} of {len(validated)} enqueued)", job_ids) from exc
         return job_ids
 
-    def _enqueue(self, request: JobRequest) -> str:
+    def _enqueue(self, request: JobRequest, owner: str | None = None) -> str:
         job_id = uuid.uuid4().hex
         if request.idempotency_key:
-            owner = self.statuses.claim_idempotency_key(request.idempotency_key, job_id)
-            if owner != job_id:
-                return owner
-        self.statuses.create(job_id, request.task.value)
+            first = self.statuses.claim_idempotency_key(request.idempotency_key, job_id)
+            if first != job_id:
+                return first
+        self.statuses.create(job_id, request.task.value, **({"owner": owner} if owner else {}))
         try:
             self.app.send_task(
                 INFER_TASK,

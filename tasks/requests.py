@@ -23,13 +23,17 @@ class InvalidRequest(ValueError):
     """A request that can never succeed; raised at submit time, before anything is enqueued.
 
     `index` is the request's position in a `submit_many` batch (None for a single submit) and
-    `reason` the message without that position, so callers can say where it came from.
+    `reason` the message without that position, so callers can say where it came from; `field` names
+    the first offending field when there is one (the HTTP gateway reports it).
     """
 
-    def __init__(self, message: str, *, index: int | None = None, reason: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, index: int | None = None, reason: str | None = None, field: str | None = None
+    ) -> None:
         super().__init__(message)
         self.index = index
         self.reason = reason or message
+        self.field = field
 
 
 class JobRequest(BaseModel):
@@ -180,7 +184,8 @@ def check_data_uri_size(image_uri: str, max_bytes: int) -> None:
     if image_uri.startswith("data:") and (size := data_uri_size(image_uri)) > max_bytes:
         raise InvalidRequest(
             f"invalid job request: image_uri: data URI holds {size} bytes; the limit is "
-            f"{max_bytes} (VARCO_MAX_DATA_URI_BYTES): upload it and send a URL"
+            f"{max_bytes} (VARCO_MAX_DATA_URI_BYTES): upload it and send a URL",
+            field="image_uri",
         )
 
 
@@ -198,4 +203,6 @@ def validate_request(**fields: Any) -> JobRequest:
     try:
         return JobRequest(**fields)
     except ValidationError as exc:
-        raise InvalidRequest(f"invalid job request: {_describe(exc)}") from None
+        loc = exc.errors(include_url=False)[0]["loc"] if exc.error_count() else ()
+        field = str(loc[0]) if loc else None
+        raise InvalidRequest(f"invalid job request: {_describe(exc)}", field=field) from None

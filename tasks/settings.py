@@ -76,8 +76,19 @@ class Settings(BaseSettings):
     # Seconds a result may answer a repeat job (same image bytes, task, prompt, region, label,
     # max_new_tokens and model) without inference; 0: no result cache.
     result_cache_ttl: int = Field(default=0, ge=0)
+    # HTTP gateway (`varco gateway`): port, API keys (comma-separated, or one per line in a file), an
+    # optional per-key rate limit in requests/s (a token bucket per gateway process), the request body
+    # cap and read timeout, the most jobs one batch may hold, and the connections uvicorn serves at once.
+    gateway_port: int = Field(default=8000, ge=1, le=65535)
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    api_keys_file: Path | None = None
+    rate_limit: float | None = Field(default=None, gt=0)
+    gateway_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    gateway_max_batch: int = Field(default=100, ge=1, le=10_000)
+    gateway_max_connections: int = Field(default=1000, ge=1)
+    gateway_body_timeout_s: float = Field(default=30.0, gt=0)  # a request body must be in within this (408)
 
-    @field_validator("engine_plugins", "s3_buckets", mode="before")
+    @field_validator("engine_plugins", "s3_buckets", "api_keys", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):

@@ -103,6 +103,14 @@ def test_producer_wheel_installs_under_one_root_and_survives_a_local_tasks_modul
     assert overlay.returncode == 1, overlay.stdout + overlay.stderr
     assert "pip install 'varco-queue[gateway]'" in overlay.stderr and "Traceback" not in overlay.stderr
 
+    # Without the gateway extra, `varco gateway` says what to install.
+    gateway = subprocess.run(
+        [str(env_dir / "bin" / "varco"), "gateway", "--no-auth"],
+        cwd=backend, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert gateway.returncode == 1, gateway.stdout + gateway.stderr
+    assert "pip install 'varco-queue[gateway]'" in gateway.stderr and "Traceback" not in gateway.stderr
+
 
 def test_base_install_tests_pass_without_any_extra(base_install: BaseInstall, tmp_path: Path) -> None:
     """The parser, request, signing and client tests, run by the base install's own interpreter."""

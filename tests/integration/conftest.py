@@ -214,3 +214,49 @@ def forced_tokens(env: dict[str, str], image: bytes) -> int:
             if sample.name == "varco_scripted_tokens_total" and sample.labels.get("image_id") == sha(image):
                 return int(sample.value)
     return 0
+
+
+# --- the HTTP gateway ---------------------------------------------------------------------------
+GATEWAY_KEYS = ("key-alice-0123456789", "key-bob-9876543210")
+
+
+@contextlib.contextmanager
+def running_gateway(env: dict[str, str], log_path: Path, *args: str) -> Iterator[str]:
+    """`varco gateway` as a subprocess on a free port; yields its base URL once /livez answers."""
+    import httpx
+
+    port = free_port()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [*VARCO_CLI, "gateway", "--host", "127.0.0.1", "--port", str(port), *args],
+            env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, f"gateway exited: {log_path.read_text()}"
+            assert time.monotonic() < deadline, f"gateway never answered: {log_path.read_text()}"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(base + "/livez", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.2)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="session")
+def gateway_env(worker_env: dict[str, str]) -> dict[str, str]:
+    return {**worker_env, "VARCO_API_KEYS": ",".join(GATEWAY_KEYS)}
+
+
+@pytest.fixture(scope="session")
+def gateway(gateway_env: dict[str, str], worker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The gateway's base URL, with a worker behind it; keys GATEWAY_KEYS."""
+    with running_gateway(gateway_env, tmp_path_factory.mktemp("logs") / "gateway.log") as base:
+        yield base

@@ -1,0 +1,128 @@
+"""The app factory: routes, problem handlers, body limits, metrics, health, and the OpenAPI document."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+
+from varco.gateway import page, problems, routes
+from varco.gateway.auth import KeyRing
+from varco.gateway.limits import BodyLimits
+from varco.gateway.metrics import HttpMetrics
+from varco.gateway.ratelimit import RateLimiter
+from varco.gateway.state import GatewayState
+from varco.producer import Client
+from varco.tasks.connections import BrokerUnavailable, is_sentinel, parse_sentinel_url
+from varco.tasks.requests import JobRequest
+from varco.tasks.settings import Settings
+
+
+class JobBatch(BaseModel):
+    """`POST /v1/jobs/batch`: up to VARCO_GATEWAY_MAX_BATCH jobs (100 by default)."""
+
+    jobs: list[JobRequest] = Field(min_length=1)
+
+
+class Health(BaseModel):
+    status: str
+    reasons: list[str] = Field(default_factory=list)
+
+
+def async_redis(settings: Settings) -> aioredis.Redis:
+    """The broker's Redis for watching jobs, as `tasks.connections.redis_client` builds it, but asyncio."""
+    timeouts = {"socket_connect_timeout": settings.redis_timeout_s, "socket_timeout": settings.redis_timeout_s}
+    if not is_sentinel(settings.broker_url):
+        return aioredis.Redis.from_url(settings.broker_url, decode_responses=True, socket_keepalive=True, **timeouts)
+    target = parse_sentinel_url(settings.broker_url)
+    sentinel = aioredis.sentinel.Sentinel(target.sentinels, sentinel_kwargs=timeouts, **timeouts)
+    return sentinel.master_for(
+        settings.sentinel_master, db=target.db, username=target.username, password=target.password,
+        decode_responses=True,
+    )  # fmt: skip
+
+
+async def _broker_unavailable(_: Request, exc: Exception) -> JSONResponse:
+    detail = str(exc) if isinstance(exc, BrokerUnavailable) else f"Redis is unavailable: {type(exc).__name__}: {exc}"
+    return problems.problem_response(503, "broker-unavailable", detail, {"Retry-After": "5"})
+
+
+def create_app(settings: Settings, keys: list[str] | None, *, client: Client | None = None) -> FastAPI:
+    """`keys=None` serves without authentication (`varco gateway --no-auth`)."""
+    metrics = HttpMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        aredis = async_redis(settings)
+        sync_client = client or Client(settings)
+        app.state.gateway = GatewayState(
+            client=sync_client,
+            keys=KeyRing(keys) if keys is not None else None,
+            limiter=RateLimiter(settings.rate_limit) if settings.rate_limit else None,
+            metrics=metrics,
+            aredis=aredis,
+        )
+        try:
+            yield
+        finally:
+            await aredis.aclose()
+            if client is None:
+                sync_client.close()
+
+    app = FastAPI(
+        title="varco-queue gateway",
+        version="1",
+        summary="Submit VARCO-VISION jobs over HTTP, follow them, read their results.",
+        lifespan=lifespan,
+    )
+    problems.install(app)
+    app.add_exception_handler(BrokerUnavailable, _broker_unavailable)
+    app.add_exception_handler(redis.exceptions.RedisError, _broker_unavailable)  # the asyncio client's own errors
+    app.add_middleware(
+        BodyLimits, max_bytes=settings.gateway_max_body_bytes, read_timeout_s=settings.gateway_body_timeout_s
+    )
+    app.add_middleware(metrics.middleware)  # outermost: counts 413s from BodyLimits too
+    app.include_router(routes.router)
+    app.include_router(page.router)
+
+    @app.get("/livez", response_model=Health, tags=["health"])
+    async def livez() -> Health:
+        return Health(status="ok")
+
+    @app.get("/readyz", response_model=Health, tags=["health"],
+             responses={503: {"model": Health, "description": "Redis does not answer"}})  # fmt: skip
+    async def readyz() -> Any:
+        try:
+            await app.state.gateway.aredis.ping()
+        except Exception as exc:  # any failure to reach the broker means not ready
+            return JSONResponse(Health(status="unavailable", reasons=[f"redis: {type(exc).__name__}: {exc}"])
+                                .model_dump(), status_code=503)  # fmt: skip
+        return Health(status="ok")
+
+    @app.get("/metrics", response_class=Response, tags=["health"],
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})  # fmt: skip
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def openapi() -> dict[str, Any]:
+        # The submit bodies are read raw (so errors are InvalidRequest's own messages); document their schemas.
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (JobBatch, problems.ProblemDetails):
+                found = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(found.pop("$defs", {}))
+                components[model.__name__] = found
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,51 @@
+"""Request body limits as ASGI middleware: a size cap (413) and a read timeout (408) for slow senders.
+
+uvicorn bounds headers (h11's incomplete-event size), idle keep-alive connections and concurrent
+connections (server.py); it has no limit on a body's size or on how slowly it arrives, hence this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from varco.gateway.problems import Problem, problem_response
+
+
+class BodyLimits:
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float) -> None:
+        self.app, self.max_bytes, self.read_timeout_s = app, max_bytes, read_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await problem_response(413, "body-too-large", self._too_large())(scope, receive, send)
+            return
+        received = 0
+        done = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, done
+            if done:  # the body is in: later receives wait for a disconnect (streaming responses)
+                return await receive()
+            try:
+                message: dict[str, Any] = dict(await asyncio.wait_for(receive(), self.read_timeout_s))
+            except TimeoutError:
+                detail = f"request body not received within {self.read_timeout_s:g}s (VARCO_GATEWAY_BODY_TIMEOUT_S)"
+                raise Problem(408, "body-timeout", detail) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise Problem(413, "body-too-large", self._too_large())
+                done = not message.get("more_body", False)
+            return message  # type: ignore[return-value]
+
+        await self.app(scope, limited_receive, send)
+
+    def _too_large(self) -> str:
+        return f"request body is over {self.max_bytes} bytes (VARCO_GATEWAY_MAX_BODY_BYTES)"

@@ -1,0 +1,210 @@
+"""The /v1 API: submit, batch, status, result (with wait), cancel, events (SSE), overlay.
+
+Each handler is a thin layer over `Client`: the same validation (InvalidRequest messages become 422
+problems), the same status records and results. Blocking Client calls run in the threadpool;
+waiting uses redis.asyncio pub/sub (sse.watch), so a waiting request holds no thread.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from varco.gateway import overlay
+from varco.gateway.access import JobId, caller, job_caller, not_found, owned_status
+from varco.gateway.problems import Problem, responses
+from varco.gateway.sse import event_stream, watch
+from varco.gateway.state import GatewayState, gateway
+from varco.producer.client import JobCancelled, JobFailed, JobNotFound
+from varco.tasks.requests import InvalidRequest, JobRequest
+from varco.tasks.schemas import JobResult, JobState, JobStatus
+
+MAX_WAIT_S = 60.0
+MAX_IDEMPOTENCY_KEY_CHARS = 128  # namespaced by key id below, within JobRequest's 200
+
+router = APIRouter(prefix="/v1", tags=["jobs"], responses=responses(401, 422, 429, 503))
+Caller = Annotated[str, Depends(caller)]
+JobCaller = Annotated[str, Depends(job_caller)]
+State = Annotated[GatewayState, Depends(gateway)]
+
+
+class Submitted(BaseModel):
+    job_id: str
+    status_url: str
+
+
+class BatchSubmitted(BaseModel):
+    job_ids: list[str]
+    status_urls: list[str]
+
+
+def status_url(job_id: str) -> str:
+    return f"/v1/jobs/{job_id}"
+
+
+def _request_body(schema: str) -> dict[str, Any]:
+    ref = {"$ref": f"#/components/schemas/{schema}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+async def _json(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except ValueError as exc:
+        raise Problem(422, "invalid-json", f"request body is not JSON: {exc}") from None
+
+
+def _job_fields(item: Any, who: str, idempotency_key: str | None, index: int | None = None) -> dict[str, Any]:
+    """A submitted object as Client keyword arguments; the same messages InvalidRequest gives."""
+    where = f"request #{index}: " if index is not None else ""
+    if not isinstance(item, dict):
+        raise Problem(422, "invalid-request", f"{where}invalid job request: expected a JSON object", index=index)
+    if unknown := sorted(set(item) - set(JobRequest.model_fields)):
+        raise Problem(
+            422, "invalid-request", f"{where}invalid job request: {unknown[0]}: Extra inputs are not permitted",
+            field=unknown[0], index=index,
+        )  # fmt: skip
+    fields = dict(item)
+    key = idempotency_key if idempotency_key is not None else fields.get("idempotency_key")
+    if key is not None:
+        if not isinstance(key, str) or not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS:
+            raise Problem(
+                422, "invalid-request", f"{where}idempotency key must be 1..{MAX_IDEMPOTENCY_KEY_CHARS} characters",
+                field="idempotency_key", index=index,
+            )  # fmt: skip
+        fields["idempotency_key"] = f"{who}:{key}"  # one key's Idempotency-Key never names another key's job
+    return fields
+
+
+def _invalid(exc: InvalidRequest) -> Problem:
+    detail = str(exc) if exc.index is not None else exc.reason
+    return Problem(422, "invalid-request", detail, field=exc.field, index=exc.index)
+
+
+@router.post(
+    "/jobs", status_code=202, response_model=Submitted, openapi_extra=_request_body("JobRequest"),
+    responses=responses(408, 413), summary="Submit a job",
+)  # fmt: skip
+async def submit_job(
+    request: Request, response: Response, state: State, who: Caller,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
+) -> Submitted:  # fmt: skip
+    """Body: submit's fields. The same Idempotency-Key (per API key) returns the first job's id."""
+    fields = _job_fields(await _json(request), who, idempotency_key)
+    try:
+        [job_id] = await run_in_threadpool(state.client.submit_many, [fields], owner=who)
+    except InvalidRequest as exc:
+        raise Problem(422, "invalid-request", exc.reason, field=exc.field) from None
+    state.metrics.submitted.inc()
+    response.headers["Location"] = status_url(job_id)
+    return Submitted(job_id=job_id, status_url=status_url(job_id))
+
+
+@router.post(
+    "/jobs/batch", status_code=202, response_model=BatchSubmitted, openapi_extra=_request_body("JobBatch"),
+    responses=responses(408, 413), summary="Submit several jobs, all validated before any is enqueued",
+)  # fmt: skip
+async def submit_batch(request: Request, state: State, who: Caller) -> BatchSubmitted:
+    body = await _json(request)
+    jobs = body.get("jobs") if isinstance(body, dict) else None
+    if not isinstance(jobs, list) or not jobs or (isinstance(body, dict) and set(body) != {"jobs"}):
+        raise Problem(422, "invalid-request", 'body must be {"jobs": [job, ...]} with at least one job', field="jobs")
+    limit = state.client.settings.gateway_max_batch
+    if len(jobs) > limit:
+        raise Problem(
+            422, "invalid-request", f"{len(jobs)} jobs in one batch; the limit is {limit} (VARCO_GATEWAY_MAX_BATCH)",
+            field="jobs",
+        )  # fmt: skip
+    fields = [_job_fields(item, who, None, index) for index, item in enumerate(jobs)]
+    try:
+        job_ids = await run_in_threadpool(state.client.submit_many, fields, owner=who)
+    except InvalidRequest as exc:
+        raise _invalid(exc) from None
+    state.metrics.submitted.inc(len(job_ids))
+    return BatchSubmitted(job_ids=job_ids, status_urls=[status_url(j) for j in job_ids])
+
+
+@router.get("/jobs/{job_id}", response_model=JobStatus, responses=responses(404), summary="A job's status")
+async def get_job(job_id: JobId, state: State, who: JobCaller) -> JobStatus:
+    return await owned_status(state, job_id, who)
+
+
+def _finished_or_409(status: JobStatus) -> None:
+    if status.state is JobState.FAILED:
+        raise Problem(409, "job-failed", f"job {status.job_id} failed", state=status.state.value,
+                      error=status.error.model_dump() if status.error else None)  # fmt: skip
+    if status.state is JobState.CANCELLED:
+        raise Problem(409, "job-cancelled", f"job {status.job_id} was cancelled", state=status.state.value)
+    if not status.state.finished:
+        raise Problem(409, "job-not-finished", f"job {status.job_id} is {status.state.value}", state=status.state.value)
+
+
+@router.get(
+    "/jobs/{job_id}/result", response_model=JobResult, responses=responses(404, 409, 503),
+    summary="A job's result; waits up to `wait` seconds for a running job",
+)  # fmt: skip
+async def get_result(
+    job_id: JobId, state: State, who: JobCaller,
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description="seconds to wait for the job to finish")] = 0,
+) -> JobResult:  # fmt: skip
+    status = await owned_status(state, job_id, who)
+    if not status.state.finished and wait > 0:
+        async for update in watch(state.aredis, state.client.statuses, job_id, timeout=wait):
+            status = update or status
+    _finished_or_409(status)
+    try:
+        return await run_in_threadpool(state.client.result, job_id, 5.0)
+    except JobNotFound:
+        raise not_found(job_id) from None
+    except Exception as exc:  # the store is down or the object is gone: say so, never a bare 500
+        raise Problem(503, "result-unavailable", f"result could not be read: {type(exc).__name__}: {exc}") from None
+
+
+@router.delete(
+    "/jobs/{job_id}", response_model=JobStatus, responses=responses(404, 409),
+    summary="Cancel a queued, retrying or running job",
+)  # fmt: skip
+async def cancel_job(job_id: JobId, state: State, who: Caller) -> JobStatus:
+    status = await owned_status(state, job_id, who)
+    if status.state.finished or not await run_in_threadpool(state.client.cancel, job_id):
+        final = await owned_status(state, job_id, who)
+        raise Problem(409, "job-finished", f"job {job_id} already finished ({final.state.value})",
+                      state=final.state.value)  # fmt: skip
+    return await owned_status(state, job_id, who)  # cancelled, or still running with the cancel on its way
+
+
+@router.get(
+    "/jobs/{job_id}/events", response_class=StreamingResponse, summary="Server-Sent Events: each status change",
+    responses={200: {"description": "`event: status` frames, JSON status in `data`, until the job is finished",
+                     "content": {"text/event-stream": {"schema": {"type": "string"}}}}, **responses(404)},
+)  # fmt: skip
+async def job_events(job_id: JobId, state: State, who: JobCaller) -> StreamingResponse:
+    await owned_status(state, job_id, who)
+    return StreamingResponse(
+        event_stream(state.aredis, state.client.statuses, job_id),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},  # nginx: do not buffer the stream
+    )
+
+
+@router.get(
+    "/jobs/{job_id}/overlay.png", response_class=Response, summary="The image with its parsed result drawn on it",
+    responses={200: {"description": "PNG at the image's own size", "content": {"image/png": {}}},
+               **responses(404, 409)},
+)  # fmt: skip
+async def job_overlay(job_id: JobId, state: State, who: JobCaller) -> Response:
+    _finished_or_409(await owned_status(state, job_id, who))
+    try:
+        png = await run_in_threadpool(overlay.overlay_png, state.client, job_id)
+    except JobNotFound:
+        raise not_found(job_id) from None
+    except (JobFailed, JobCancelled) as exc:
+        raise Problem(409, "job-failed", str(exc)) from None
+    except overlay.OverlayUnavailable as exc:
+        raise Problem(409, "overlay-unavailable", str(exc)) from None
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})

@@ -1,0 +1,54 @@
+"""`varco gateway`: serve the app with uvicorn, limits set so slow or numerous clients cannot hold it."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+
+import uvicorn
+
+from varco.gateway.app import create_app
+from varco.gateway.auth import load_keys
+from varco.tasks.settings import Settings, get_settings
+
+_SECRET_QUERY = re.compile(r"([?&](?:key|token)=)[^&\s]*", re.IGNORECASE)
+
+
+class RedactSecrets(logging.Filter):
+    """Access-log lines never carry a page's `?key=` or `?token=` value."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_SECRET_QUERY.sub(r"\1[redacted]", a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def uvicorn_config(app: object, settings: Settings, host: str, port: int) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        timeout_keep_alive=5,  # idle keep-alive connections are closed after 5 s
+        limit_concurrency=settings.gateway_max_connections,  # beyond: 503 at once, instead of piling up
+        h11_max_incomplete_event_size=16 * 1024,  # request line + headers
+        timeout_graceful_shutdown=10,  # open SSE streams do not hold a shutdown
+        server_header=False,
+    )
+
+
+def serve(host: str, port: int | None, *, no_auth: bool = False) -> int:
+    settings = get_settings()
+    keys = load_keys(settings)
+    if not keys and not no_auth:
+        print(
+            "varco gateway: no API keys: set VARCO_API_KEYS or VARCO_API_KEYS_FILE, or pass --no-auth "
+            "to serve every caller without authentication",
+            file=sys.stderr,
+        )
+        return 2
+    app = create_app(settings, None if no_auth else keys)
+    config = uvicorn_config(app, settings, host, port or settings.gateway_port)
+    logging.getLogger("uvicorn.access").addFilter(RedactSecrets())
+    uvicorn.Server(config).run()
+    return 0

@@ -1,0 +1,26 @@
+"""What the app's handlers share, kept on `app.state.gateway`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from fastapi import Request
+
+from varco.gateway.auth import KeyRing
+from varco.gateway.metrics import HttpMetrics
+from varco.gateway.ratelimit import RateLimiter
+from varco.producer import Client
+
+
+@dataclass
+class GatewayState:
+    client: Client
+    keys: KeyRing | None  # None: --no-auth, every caller sees every job
+    limiter: RateLimiter | None
+    metrics: HttpMetrics
+    aredis: aioredis.Redis  # watching jobs (SSE, result?wait) without blocking the event loop
+
+
+def gateway(request: Request) -> GatewayState:
+    return request.app.state.gateway
