@@ -54,7 +54,11 @@ def test_a_celery_revoke_of_a_queued_job_ends_it_cancelled(
     try:
         job_id = parked.submit("https://example.com/never-fetched.png", "caption")
         assert celery(worker_env, "control", "revoke", job_id).returncode == 0
-        added = celery(worker_env, "control", "add_consumer", "varco.revoke-test")
+        # Only inference workers may consume it: a broadcast would also reach the webhook worker, which
+        # has no varco.infer task and would drop the message as unregistered.
+        ping = json.loads(celery(worker_env, "inspect", "ping", "--json").stdout)
+        inference = ",".join(name for name in ping if not name.startswith("callbacks@"))
+        added = celery(worker_env, "control", "add_consumer", "varco.revoke-test", "-d", inference)
         assert added.returncode == 0, added.stderr
         wait_for_state(parked, job_id, {"cancelled"}, timeout=60)
         assert parked.status(job_id).attempts == 0  # never run

@@ -57,7 +57,7 @@ def test_a_job_id_that_climbs_out_is_dropped_and_writes_nothing(client: Client, 
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:  # nothing may show up late either
         new = set(result_keys(s3)) - before
-        assert new <= {f"jobs/{marker}.json"}, new
+        assert new <= {f"jobs/{marker}.json", f"jobs/{marker}.image"}, new  # the marker's result and kept image
         assert not [k for k in client.redis.scan_iter("varco:job:*") if "escaped" in k or k.endswith("a:b")]
         time.sleep(0.5)
 
