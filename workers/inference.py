@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,7 +33,9 @@ from varco.workers.callbacks import backoff_s, event_payload, send_event
 from varco.workers.cancels import CancelWatcher
 from varco.workers.engines.base import Cancelled, EngineBackend, GenerationRequest
 from varco.workers.fetch import ImageFetcher
+from varco.workers.leases import LeaseKeeper
 from varco.workers.logs import job_context
+from varco.workers.result_writer import write_result
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,7 @@ class Runtime:
     statuses: StatusStore
     cancels: CancelWatcher
     app: Celery
+    leases: LeaseKeeper
 
 
 def _parse_time(value: str | None) -> float | None:
@@ -73,9 +77,13 @@ class _Job:
             )
             send_event(self.rt.app, url, payload)
 
+    def end(self, state: JobState, **fields: Any) -> bool:
+        """This run's terminal transition; a record Redis lost meanwhile is made anew, so it still ends."""
+        return self.rt.statuses.transition(self.job_id, state, recreate_task=self.request.task.value, **fields)
+
     def fail(self, error: ErrorInfo) -> None:
         log.info("job %s failed: %s: %s", self.job_id, error.type, error.message)
-        if self.rt.statuses.transition(self.job_id, JobState.FAILED, error=error):
+        if self.end(JobState.FAILED, error=error):
             metrics.observe_job(self.request.task.value, JobState.FAILED.value)
             self.notify("job.failed", JobState.FAILED, error=error)
 
@@ -132,12 +140,15 @@ class _Job:
             metadata=request.metadata,
         )
         t2 = time.perf_counter()
-        try:
-            uri = rt.store.write(self.job_id, result.model_dump_json().encode())
-        except Exception as exc:
-            raise ResultStoreError(f"cannot write the result: {exc!r}") from exc
+        uri = write_result(
+            rt.store, self.job_id, result.model_dump_json().encode(), rt.settings.store_retry_s,
+            ended=self.ended, on_wait=self.store_waits,
+        )  # fmt: skip
+        if uri is None:
+            log.info("job %s ended while its result waited; nothing written", self.job_id)
+            return
         store_s = time.perf_counter() - t2
-        if rt.statuses.transition(self.job_id, JobState.SUCCEEDED, result_uri=uri):
+        if self.end(JobState.SUCCEEDED, result_uri=uri):
             self.notify("job.succeeded", JobState.SUCCEEDED, result_uri=uri)
             timings = result.timings
             phases = {"fetch": fetch_s, "inference": inference_s, "store": store_s}
@@ -146,6 +157,30 @@ class _Job:
             metrics.observe_job(request.task.value, JobState.SUCCEEDED.value, phases)
             metrics.TOKENS.labels(kind="prompt").inc(output.prompt_tokens)
             metrics.TOKENS.labels(kind="output").inc(output.output_tokens)
+        else:
+            self.unwrite()
+
+    def ended(self) -> bool:
+        """Whether the record already says how this job ended (then this run must not write a result)."""
+        status = self.rt.statuses.get(self.job_id)
+        return status is not None and status.state in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+    def store_waits(self, error: ResultStoreError) -> None:
+        # Shown as retrying, not counted as an attempt: the result is kept and only its write is retried.
+        self.rt.statuses.transition(self.job_id, JobState.RETRYING, error=error.info())
+
+    def unwrite(self) -> None:
+        """The record turned failed or cancelled while the result was written: remove it, so the stored
+        result and the job's state never disagree (a result another run stored for a succeeded job stays)."""
+        status = self.rt.statuses.get(self.job_id)
+        if status is not None and status.state is JobState.SUCCEEDED:
+            return
+        log.warning("job %s ended %s while its result was written; removing it", self.job_id,
+                    status.state.value if status else "unknown")  # fmt: skip
+        try:
+            self.rt.store.delete(self.job_id)
+        except Exception:
+            log.exception("job %s: could not remove its result", self.job_id)
 
 
 def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> Task:
@@ -160,6 +195,7 @@ def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> 
                 _deliver(self, rt, job_id, request, enqueued_at)
         finally:
             rt.cancels.forget(job_id)
+            rt.leases.release(job_id)
 
     def on_revoked(sender: Task | None = None, request: Any = None, **_: Any) -> None:
         # `celery control revoke` of a queued job: Celery drops its message when it arrives here; the
@@ -174,9 +210,19 @@ def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> 
 
 
 def _deliver(task: Task, rt: Runtime, job_id: str, request: dict, enqueued_at: str | None) -> None:
-    """One delivery of a job: count it, run it, and record how it ended."""
-    state, attempts = rt.statuses.begin_attempt(job_id, rt.hostname, rt.settings.max_attempts)
-    if state is not JobState.STARTED:
+    """One delivery of a job: claim it (unless a live run holds it), run it, and record how it ended."""
+    token = f"{rt.hostname}/{uuid.uuid4().hex[:12]}"
+    claim = rt.statuses.claim(job_id, rt.hostname, rt.settings.max_attempts, token, rt.leases.lease_s)
+    if claim.state is None:
+        # A live run elsewhere holds the job (this copy came back through the visibility timeout): neither
+        # run nor counted, and not dropped either. It returns when the lease would have lapsed, and runs
+        # then only if the holder has died.
+        log.info("job %s is running under a live lease; this delivery waits %.1fs", job_id, claim.leased_s)
+        raise task.retry(countdown=claim.leased_s + 1.0, max_retries=None)
+    state, attempts = claim.state, claim.attempts
+    if state is JobState.STARTED:
+        rt.leases.hold(job_id, token, (getattr(task.request, "properties", None) or {}).get("delivery_tag"))
+    else:
         log.info("job %s not run: it is %s (delivery %d)", job_id, state.value, attempts)
         if state is JobState.FAILED and attempts > rt.settings.max_attempts:
             status = rt.statuses.get(job_id)
@@ -193,7 +239,7 @@ def _deliver(task: Task, rt: Runtime, job_id: str, request: dict, enqueued_at: s
     try:
         job.run()
     except Cancelled:
-        if rt.statuses.transition(job_id, JobState.CANCELLED):
+        if job.end(JobState.CANCELLED):
             metrics.observe_job(job_request.task.value, JobState.CANCELLED.value)
     except JobError as exc:
         if exc.transient and attempts < rt.settings.max_attempts:
