@@ -26,7 +26,6 @@ from varco.tasks.celery_app import create_app
 from varco.tasks.schemas import ErrorInfo, JobState
 from varco.tasks.settings import settings_from_env
 from varco.workers.devtools.local_redis import LocalRedis, start_redis
-from varco.workers.leases import unacked_index_key
 
 VISIBILITY_S = 10
 
@@ -161,9 +160,13 @@ def test_a_copy_delivered_while_the_job_runs_waits_and_is_neither_run_nor_counte
     path = "/hook/copy"
     job_id = lease_client.submit(slow.url("copy", 20), "caption", callback_url=receiver.url(path))
     wait_for_state(lease_client, job_id, {"started"})
-    # As if its heartbeat had come late: age the running message so kombu's sweep delivers it again now.
-    index = unacked_index_key(create_app(settings_from_env(lease_env)))
-    lease_client.redis.zadd(index, dict.fromkeys(lease_client.redis.zrange(index, 0, -1), 0))
+    # As if its heartbeat had come late: kombu's own restore puts the running job's message back in the queue.
+    with create_app(settings_from_env(lease_env)).connection_for_write() as connection:
+        channel = connection.default_channel
+        tags = [tag for tag, raw in lease_client.redis.hgetall("unacked").items()
+                if json.loads(raw)[0]["headers"]["id"] == job_id]  # fmt: skip
+        assert len(tags) == 1
+        channel.qos.restore_by_tag(tags[0])
     wait_logged(nodes, f"job {job_id} is running under a live lease; this delivery waits")
     [status] = lease_client.wait(job_id, timeout=120)
     assert status.state.value == "succeeded" and status.attempts == 1, status
