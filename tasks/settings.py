@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     callback_secret: SecretStr | None = None
     allow_private_urls: bool = False
     file_root: Path | None = None
+    # Buckets s3:// image URIs may name, comma-separated ("*": any); empty: s3:// images are refused.
+    s3_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(default=64_000_000, ge=1)
     max_data_uri_bytes: int = Field(default=256 * 1024, ge=1)
@@ -59,14 +61,23 @@ class Settings(BaseSettings):
     # Task type -> queue, e.g. VARCO_TASK_ROUTES='{"ocr": "varco.ocr"}'; unlisted types use "varco".
     task_routes: dict[str, str] = Field(default_factory=dict)
     callback_max_retries: int = Field(default=8, ge=0)
+    # One webhook attempt, connect + headers + body, ends after this long (a trickling receiver is cut).
+    callback_timeout_s: float = Field(default=10.0, gt=0)
+    # Concurrent deliveries per receiver (scheme, host, port) in one callback worker; more are put back.
+    callback_host_concurrency: int = Field(default=2, ge=1)
     # Worker logs: text, or one JSON object per line with job_id, task and worker fields.
     log_format: Literal["text", "json"] = "text"
     # Each `varco worker` node serves /metrics, /livez and /readyz here (0: not at all).
     metrics_port: int = Field(default=9808, ge=0, le=65535)
     # /livez fails when an engine holds requests but has made no progress (a decode step) for this long.
     liveness_stall_s: float = Field(default=300.0, gt=0)
+    # Workers keep each job's fetched image bytes beside its result (`{job_id}.image`) for overlays.
+    keep_images: bool = True
+    # Seconds a result may answer a repeat job (same image bytes, task, prompt, region, label,
+    # max_new_tokens and model) without inference; 0: no result cache.
+    result_cache_ttl: int = Field(default=0, ge=0)
 
-    @field_validator("engine_plugins", mode="before")
+    @field_validator("engine_plugins", "s3_buckets", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import redis
 
+from varco.tasks.job_ids import check_job_id
 from varco.tasks.schemas import ErrorInfo, JobState, JobStatus
 
 EVENTS_CHANNEL = "varco:events"
@@ -194,7 +195,7 @@ class StatusStore:
         self._release = client.register_script(_RELEASE)
 
     def key(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}"
+        return f"{self.prefix}:job:{check_job_id(job_id)}"  # a malformed id never becomes a key
 
     def create(self, job_id: str, task: str, **fields: str) -> None:
         now = now_iso()

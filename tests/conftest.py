@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import PUBLIC, ScriptedResolver
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +78,15 @@ def _flask_request_context() -> Iterator[None]:
 def engine(request: pytest.FixtureRequest):
     """Each engine backend in turn, behind the one interface."""
     return request.getfixturevalue(f"{request.param}_engine")
+
+
+@pytest.fixture
+def scripted_dns(monkeypatch: pytest.MonkeyPatch) -> ScriptedResolver:
+    """Scripted DNS answers for test names, and PUBLIC counted as a public address (`is_global`) by all."""
+    scripted = ScriptedResolver(socket.getaddrinfo)
+    monkeypatch.setattr(socket, "getaddrinfo", scripted)
+    real_is_global = ipaddress.IPv4Address.is_global
+    monkeypatch.setattr(
+        ipaddress.IPv4Address, "is_global", property(lambda ip: str(ip) == PUBLIC or real_is_global.fget(ip))
+    )
+    return scripted

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import io
+import socket
+import ssl
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,6 +17,8 @@ from typing import Any
 
 from PIL import Image
 
+# Loopback is the only network tests have: with the `scripted_dns` fixture, 127.0.0.2 plays a public address.
+PUBLIC = "127.0.0.2"
 # The `varco` console script as a module run by this interpreter (works without the venv on PATH).
 VARCO_CLI = [sys.executable, "-m", "varco.producer.cli"]
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
@@ -52,14 +57,16 @@ class Route:
 
 
 class ServedFiles:
-    """A threaded HTTP server on 127.0.0.1 answering from a dict of routes."""
+    """A threaded HTTP server on 127.0.0.1 (or `host`) answering from a dict of routes; HTTPS with `tls`."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> None:
         self.routes: dict[str, Route] = {}
-        routes = self.routes
+        self.host_headers: list[str] = []  # the Host header of every request, in order
+        routes, host_headers = self.routes, self.host_headers
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                host_headers.append(self.headers.get("host", ""))
                 route = routes.get(self.path)
                 if route is None:
                     self.send_response(404)
@@ -78,13 +85,20 @@ class ServedFiles:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer((host, 0), Handler)
+        self.scheme = "https" if tls else "http"
+        if tls:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     @property
+    def port(self) -> int:
+        return self.server.server_port
+
+    @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_port}"
+        return f"{self.scheme}://{self.server.server_address[0]}:{self.server.server_port}"
 
     def add(self, path: str, body: bytes = b"", **kwargs: Any) -> str:
         self.routes[path] = Route(body=body, **kwargs)
@@ -136,3 +150,20 @@ class WebhookReceiver:
 
     def close(self) -> None:
         self.server.shutdown()
+
+
+class ScriptedResolver:
+    """getaddrinfo that answers scripted names with successive addresses (the last one repeats)."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+        self.answers: dict[str, list[str]] = {}
+        self.calls: Counter[str] = Counter()
+
+    def __call__(self, host, port, *args, **kwargs):
+        if host not in self.answers:
+            return self.real(host, port, *args, **kwargs)
+        seq = self.answers[host]
+        address = seq[min(self.calls[host], len(seq) - 1)]
+        self.calls[host] += 1
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, int(port or 0)))]

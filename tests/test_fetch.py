@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import os
 import re
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,3 +125,48 @@ def test_data_uris() -> None:
         fetcher().fetch("data:image/png;base64,@@@")
     with pytest.raises(ImageDecodeError, match="not a decodable image"):
         fetcher().fetch("data:image/png;base64," + base64.b64encode(b"not a png").decode())
+
+
+def _fetch_in_thread(fetch, uri: str, seconds: float = 10.0) -> BaseException | None:
+    """The error fetch(uri) raised, failing the test if it is still blocked after `seconds`."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            fetch(uri)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"fetching {uri} was still blocked after {seconds}s"
+    return outcome[0]
+
+
+def test_a_fifo_under_the_root_is_refused_without_blocking(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.png")
+    error = _fetch_in_thread(fetcher(tmp_path).fetch, (tmp_path / "pipe.png").as_uri())
+    assert isinstance(error, ImageFetchError) and "FIFO" in str(error)
+
+
+def test_only_regular_files_are_read(tmp_path: Path) -> None:
+    (tmp_path / "dir.png").mkdir()
+    with pytest.raises(ImageFetchError, match="directory"):
+        fetcher(tmp_path).fetch((tmp_path / "dir.png").as_uri())
+
+
+def test_nul_bytes_and_overlong_names_are_typed_errors(tmp_path: Path) -> None:
+    with pytest.raises(ImageFetchError, match="NUL"):
+        fetcher(tmp_path).fetch(tmp_path.as_uri() + "/a%00b.png")
+    with pytest.raises(ImageFetchError, match="too long"):
+        fetcher(tmp_path).fetch(tmp_path.as_uri() + "/" + "a" * 5000 + ".png")
+
+
+def test_s3_buckets_must_be_allowed() -> None:
+    with pytest.raises(ForbiddenURLError, match="VARCO_S3_BUCKETS"):
+        fetcher().fetch("s3://anything/cat.png")
+    with pytest.raises(ForbiddenURLError, match="'results' is not in VARCO_S3_BUCKETS"):
+        fetcher(s3_buckets="images,thumbs").fetch("s3://results/jobs/x.json")
+    assert Settings(s3_buckets="images, thumbs").s3_buckets == ["images", "thumbs"]

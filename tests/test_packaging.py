@@ -61,3 +61,10 @@ def test_producer_wheel_installs_under_one_root_and_survives_a_local_tasks_modul
     )  # fmt: skip
     assert worker.returncode == 1, worker.stdout + worker.stderr
     assert "pip install 'varco-queue[worker]'" in worker.stderr and "Traceback" not in worker.stderr
+    # Without the gateway extra (no Pillow, no font), `varco overlay` says what to install.
+    overlay = subprocess.run(
+        [str(env_dir / "bin" / "varco"), "overlay", "some-job"],
+        cwd=backend, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert overlay.returncode == 1, overlay.stdout + overlay.stderr
+    assert "pip install 'varco-queue[gateway]'" in overlay.stderr and "Traceback" not in overlay.stderr

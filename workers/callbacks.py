@@ -16,13 +16,15 @@ import httpx
 from celery import Celery, Task
 
 from varco.tasks.celery_app import CALLBACK_QUEUE, CALLBACK_TASK
-from varco.tasks.errors import ImageFetchError
+from varco.tasks.errors import ForbiddenURLError
 from varco.tasks.requests import JobRequest
 from varco.tasks.schemas import ErrorInfo, JobState, WebhookEvent
 from varco.tasks.settings import Settings
 from varco.tasks.signing import sign_headers
+from varco.workers.host_slots import HostSlots, host_of
 from varco.workers.metrics import CALLBACKS
-from varco.workers.netguard import check_public_url
+from varco.workers.netguard import UnresolvableHostError
+from varco.workers.pinned_http import pinned_client, total_deadline
 
 log = logging.getLogger(__name__)
 _RETRY_STATUS = {408, 425, 429}
@@ -64,23 +66,36 @@ def register_callback_task(app: Celery, settings: Settings) -> Task:
     secret = settings.callback_secret.get_secret_value() if settings.callback_secret else None
     if secret is None:
         log.warning("VARCO_CALLBACK_SECRET is not set: webhooks are sent unsigned")
-    http = httpx.Client(timeout=httpx.Timeout(10.0, connect=5.0), follow_redirects=False)
+    # Connections go only to checked addresses; each attempt has one deadline for connect, headers and
+    # body, and each receiver host at most callback_host_concurrency attempts at a time, so a slow or
+    # hanging receiver delays only its own webhooks.
+    timeout_s = settings.callback_timeout_s
+    http = pinned_client(settings.allow_private_urls, httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)))
+    slots = HostSlots(settings.callback_host_concurrency)
 
     @app.task(name=CALLBACK_TASK, bind=True, max_retries=settings.callback_max_retries, acks_late=True)
     def deliver(self: Task, url: str, payload: dict[str, Any], msg_id: str) -> int:
         body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        host = host_of(url)
+        if not slots.try_acquire(host):
+            # The host is at its cap: put the delivery back for later, keeping its retry count.
+            log.debug("callback %s: %s is busy; put back", msg_id, host)
+            CALLBACKS.labels(outcome="deferred").inc()
+            self.signature_from_request(countdown=random.uniform(1.0, 3.0), retries=self.request.retries).apply_async()
+            return 0
         try:
-            check_public_url(url, settings.allow_private_urls)
-        except ImageFetchError as exc:
+            with total_deadline(timeout_s):
+                response = http.post(url, content=body, headers=sign_headers(secret, msg_id, body))
+        except ForbiddenURLError as exc:
             log.error("callback %s to %s refused: %s", msg_id, url, exc)
             CALLBACKS.labels(outcome="refused").inc()
             return 0
-        try:
-            response = http.post(url, content=body, headers=sign_headers(secret, msg_id, body))
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, UnresolvableHostError) as exc:  # a DNS failure is transient too
             log.info("callback %s to %s failed (%r); retry %d", msg_id, url, exc, self.request.retries + 1)
             CALLBACKS.labels(outcome="retry").inc()
             raise self.retry(countdown=backoff_s(self.request.retries), exc=exc) from None
+        finally:
+            slots.release(host)
         if response.status_code >= 500 or response.status_code in _RETRY_STATUS:
             log.info("callback %s got HTTP %d; retry %d", msg_id, response.status_code, self.request.retries + 1)
             CALLBACKS.labels(outcome="retry").inc()

@@ -11,16 +11,17 @@ import base64
 import binascii
 import hashlib
 import io
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from urllib.parse import unquote, unquote_to_bytes, urljoin, urlsplit
 
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from varco.tasks.errors import ForbiddenURLError, ImageDecodeError, ImageFetchError, ImageTooLargeError
+from varco.tasks.errors import ImageDecodeError, ImageFetchError, ImageTooLargeError
 from varco.tasks.settings import Settings
-from varco.workers.netguard import check_public_url
+from varco.workers.file_source import read_regular_file
+from varco.workers.pinned_http import pinned_client, total_deadline
+from varco.workers.s3_buckets import check_s3_bucket
 
 MAX_REDIRECTS = 5
 _PERMANENT_HTTP = {400, 401, 403, 404, 405, 410, 414, 451}
@@ -31,6 +32,7 @@ class FetchedImage:
     image: Image.Image  # RGB, EXIF orientation applied
     sha256: str  # of the bytes as fetched
     size_bytes: int
+    data: bytes = field(default=b"", repr=False)  # the bytes as fetched: kept for overlays (VARCO_KEEP_IMAGES)
 
     @property
     def width(self) -> int:
@@ -45,8 +47,9 @@ class ImageFetcher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         timeout = httpx.Timeout(settings.fetch_timeout_s, connect=min(5.0, settings.fetch_timeout_s))
-        # Redirects are followed by hand so every hop's address is checked.
-        self.http = httpx.Client(timeout=timeout, follow_redirects=False, headers={"user-agent": "varco-queue"})
+        # Connections go only to the address that was checked (DNS rebinding); redirects are followed by
+        # hand so every hop is checked too.
+        self.http = pinned_client(settings.allow_private_urls, timeout, headers={"user-agent": "varco-queue"})
         self._s3 = None
 
     def close(self) -> None:
@@ -55,13 +58,14 @@ class ImageFetcher:
     # --- entry point ----------------------------------------------------------------------
     def fetch(self, uri: str) -> FetchedImage:
         data = self.fetch_bytes(uri)
-        return FetchedImage(self.decode(data), hashlib.sha256(data).hexdigest(), len(data))
+        return FetchedImage(self.decode(data), hashlib.sha256(data).hexdigest(), len(data), data)
 
     def fetch_bytes(self, uri: str) -> bytes:
         scheme = urlsplit(uri).scheme.lower()
         if scheme in ("http", "https"):
             return self._http(uri)
         if scheme == "s3":
+            check_s3_bucket(uri, self.settings.s3_buckets)
             return self._s3_get(uri)
         if scheme == "file":
             return self._file(uri)
@@ -92,9 +96,8 @@ class ImageFetcher:
     def _http(self, url: str) -> bytes:
         limit = self.settings.max_image_bytes
         for _ in range(MAX_REDIRECTS + 1):
-            check_public_url(url, self.settings.allow_private_urls)
-            try:
-                with self.http.stream("GET", url) as response:
+            try:  # the fetch timeout bounds a hop as a whole, so a server trickling bytes cannot hold a thread
+                with total_deadline(self.settings.fetch_timeout_s), self.http.stream("GET", url) as response:
                     if response.is_redirect:
                         url = urljoin(url, response.headers.get("location", ""))
                         continue
@@ -170,21 +173,7 @@ class ImageFetcher:
             raise ImageFetchError(f"cannot reach S3 for {uri}: {exc}", transient=True) from None
 
     def _file(self, uri: str) -> bytes:
-        root = self.settings.file_root
-        if root is None:
-            raise ImageFetchError("file:// URIs are disabled: set VARCO_FILE_ROOT to the directory they may read")
-        path = Path(unquote(urlsplit(uri).path)).resolve()
-        if not path.is_relative_to(root.resolve()):
-            raise ForbiddenURLError(f"{path} is outside VARCO_FILE_ROOT ({root})")
-        limit = self.settings.max_image_bytes
-        try:
-            if path.stat().st_size > limit:
-                raise ImageTooLargeError(f"image is {path.stat().st_size} bytes; the limit is {limit}")
-            return path.read_bytes()
-        except FileNotFoundError:
-            raise ImageFetchError(f"no such file: {path}") from None
-        except (IsADirectoryError, PermissionError) as exc:
-            raise ImageFetchError(f"cannot read {path}: {exc.strerror}") from None
+        return read_regular_file(self.settings.file_root, uri, self.settings.max_image_bytes)
 
     def _data(self, uri: str) -> bytes:
         header, sep, payload = uri.partition(",")

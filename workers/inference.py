@@ -22,7 +22,9 @@ from pydantic import ValidationError
 
 from varco.tasks.celery_app import INFER_TASK
 from varco.tasks.errors import InferenceError, JobError, ResultStoreError, error_info
-from varco.tasks.requests import JobRequest
+from varco.tasks.job_ids import is_valid_job_id
+from varco.tasks.messages import InferMessage
+from varco.tasks.requests import InvalidRequest, JobRequest
 from varco.tasks.results_store import ResultStore
 from varco.tasks.schemas import ErrorInfo, ImageInfo, JobResult, JobState, Timings, Usage
 from varco.tasks.settings import Settings
@@ -32,10 +34,12 @@ from varco.workers import metrics
 from varco.workers.callbacks import backoff_s, event_payload, send_event
 from varco.workers.cancels import CancelWatcher
 from varco.workers.engines.base import Cancelled, EngineBackend, GenerationRequest
-from varco.workers.fetch import ImageFetcher
+from varco.workers.fetch import FetchedImage, ImageFetcher
 from varco.workers.leases import LeaseKeeper
 from varco.workers.logs import job_context
+from varco.workers.result_cache import ResultCache
 from varco.workers.result_writer import write_result
+from varco.workers.undecodable import on_undecodable
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +97,11 @@ class _Job:
         t0 = time.perf_counter()
         fetched = rt.fetcher.fetch(request.image_uri)
         fetch_s = time.perf_counter() - t0
+        cache = ResultCache(rt.statuses.redis, rt.store, rt.settings)
+        if (source := cache.lookup(request, fetched.sha256)) is not None:  # a repeat: no engine
+            own = self.own_fields(fetched, started, fetch_s, 0.0) | {"usage": Usage(), "cached_from": source.job_id}
+            self.finish(JobResult.model_validate(source.model_dump() | own), fetched, fetch_s, 0.0)
+            return
         generation = GenerationRequest(
             image=fetched.image,
             prompt=request.model_prompt,
@@ -112,53 +121,72 @@ class _Job:
         parsed = parse(output.text, (fetched.width, fetched.height))
         if output.finish_reason == "length":
             parsed.warnings.append(f"output stopped at max_new_tokens={generation.max_new_tokens}; it may be cut")
-        finished = now_iso()
-        queued_at = _parse_time(self.enqueued_at)
         result = JobResult(
-            job_id=self.job_id,
             task=request.task.value,
             state=JobState.SUCCEEDED,
             model=rt.settings.model,
             prompt=generation.prompt,
-            image=ImageInfo(
-                uri=_uri_for_result(request.image_uri),
+            output=parsed,
+            usage=Usage(prompt_tokens=output.prompt_tokens, output_tokens=output.output_tokens),
+            region=request.region,
+            label=request.label,
+            **self.own_fields(fetched, started, fetch_s, inference_s),
+        )
+        if (uri := self.finish(result, fetched, fetch_s, inference_s)) is not None:
+            metrics.TOKENS.labels(kind="prompt").inc(output.prompt_tokens)
+            metrics.TOKENS.labels(kind="output").inc(output.output_tokens)
+            cache.remember(request, fetched.sha256, self.job_id, uri)
+
+    def own_fields(self, fetched: FetchedImage, started: float, fetch_s: float, inference_s: float) -> dict[str, Any]:
+        """The result fields that belong to this job alone (a cached answer takes the rest from its source)."""
+        queued_at = _parse_time(self.enqueued_at)
+        return {
+            "job_id": self.job_id,
+            "image": ImageInfo(
+                uri=_uri_for_result(self.request.image_uri),
                 width=fetched.width,
                 height=fetched.height,
                 sha256=fetched.sha256,
             ),
-            output=parsed,
-            usage=Usage(prompt_tokens=output.prompt_tokens, output_tokens=output.output_tokens),
-            timings=Timings(
+            "timings": Timings(
                 queued_s=round(max(0.0, started - queued_at), 4) if queued_at else 0.0,
                 fetch_s=round(fetch_s, 4),
                 inference_s=round(inference_s, 4),
                 total_s=round(max(0.0, time.time() - queued_at), 4) if queued_at else 0.0,
             ),
-            worker=rt.hostname,
-            created_at=self.enqueued_at,
-            finished_at=finished,
-            metadata=request.metadata,
-        )
+            "worker": self.rt.hostname,
+            "created_at": self.enqueued_at,
+            "finished_at": now_iso(),
+            "metadata": self.request.metadata,
+        }
+
+    def finish(self, result: JobResult, fetched: FetchedImage, fetch_s: float, inference_s: float) -> str | None:
+        """Keep the image, store the result, mark the job succeeded; its URI, or None if it had already ended."""
+        rt, queued_at = self.rt, _parse_time(self.enqueued_at)
         t2 = time.perf_counter()
-        uri = write_result(
-            rt.store, self.job_id, result.model_dump_json().encode(), rt.settings.store_retry_s,
-            ended=self.ended, on_wait=self.store_waits,
-        )  # fmt: skip
+
+        def write() -> str:
+            if rt.settings.keep_images:  # for overlays: before the result, so a result names only what exists
+                result.image.kept_uri = rt.store.write_image(self.job_id, fetched.data)
+            return rt.store.write(self.job_id, result.model_dump_json().encode())
+
+        uri = write_result(write, rt.settings.store_retry_s, job_id=self.job_id, ended=self.ended,
+                           on_wait=self.store_waits)  # fmt: skip
         if uri is None:
             log.info("job %s ended while its result waited; nothing written", self.job_id)
-            return
+            return None
         store_s = time.perf_counter() - t2
-        if self.end(JobState.SUCCEEDED, result_uri=uri):
-            self.notify("job.succeeded", JobState.SUCCEEDED, result_uri=uri)
-            timings = result.timings
-            phases = {"fetch": fetch_s, "inference": inference_s, "store": store_s}
-            if queued_at:
-                phases |= {"queue": timings.queued_s, "total": time.time() - queued_at}
-            metrics.observe_job(request.task.value, JobState.SUCCEEDED.value, phases)
-            metrics.TOKENS.labels(kind="prompt").inc(output.prompt_tokens)
-            metrics.TOKENS.labels(kind="output").inc(output.output_tokens)
-        else:
+        if not self.end(JobState.SUCCEEDED, result_uri=uri):
             self.unwrite()
+            return None
+        self.notify("job.succeeded", JobState.SUCCEEDED, result_uri=uri)
+        phases = {"fetch": fetch_s, "store": store_s}
+        if result.cached_from is None:  # a cached answer ran no inference: nothing to observe
+            phases["inference"] = inference_s
+        if queued_at:
+            phases |= {"queue": result.timings.queued_s, "total": time.time() - queued_at}
+        metrics.observe_job(self.request.task.value, JobState.SUCCEEDED.value, phases)
+        return uri
 
     def ended(self) -> bool:
         """Whether the record already says how this job ended (then this run must not write a result)."""
@@ -185,14 +213,19 @@ class _Job:
 
 def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> Task:
     @app.task(name=INFER_TASK, bind=True, acks_late=True, max_retries=None)
-    def infer(self: Task, job_id: str, request: dict, enqueued_at: str | None = None) -> None:
+    def infer(self: Task, *args: Any, **kwargs: Any) -> None:
         rt: Runtime = get_runtime()
+        message = InferMessage.from_task_args(args, kwargs)  # never raises: the message is not trusted yet
+        if message.job_id is None:
+            log.error("dropped a %s message (task id %.80r): %s", INFER_TASK, self.request.id, message.problem)
+            return
+        job_id, request = message.job_id, message.request
         # Watched before the record says started: a cancel from then on reaches this process on
         # varco:cancel, and one requested earlier is honoured by begin_attempt itself, so no extra read.
         rt.cancels.watch(job_id)
         try:
             with job_context(job_id=job_id, task=request.get("task") if isinstance(request, dict) else None):
-                _deliver(self, rt, job_id, request, enqueued_at)
+                _deliver(self, rt, job_id, message)
         finally:
             rt.cancels.forget(job_id)
             rt.leases.release(job_id)
@@ -200,17 +233,28 @@ def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> 
     def on_revoked(sender: Task | None = None, request: Any = None, **_: Any) -> None:
         # `celery control revoke` of a queued job: Celery drops its message when it arrives here; the
         # record must end too, or pollers would wait on a job that never runs.
-        if getattr(sender, "name", None) != INFER_TASK or request is None:
+        if getattr(sender, "name", None) != INFER_TASK or request is None or not is_valid_job_id(request.id):
             return
         if get_runtime().statuses.transition(request.id, JobState.CANCELLED):
             log.info("job %s cancelled by a Celery revoke", request.id)
 
     task_revoked.connect(on_revoked, weak=False)
+
+    def fail_undecodable(headers: dict[str, Any], exc: Exception) -> None:
+        task_id = headers.get("id")
+        if headers.get("task") != INFER_TASK or not is_valid_job_id(task_id):
+            return
+        error = ErrorInfo(type="InvalidRequest", message=f"the job message cannot be decoded: {exc!s:.300}")
+        if get_runtime().statuses.transition(task_id, JobState.FAILED, error=error):
+            log.warning("job %s failed: its message cannot be decoded", task_id)
+
+    on_undecodable(app, fail_undecodable)
     return infer
 
 
-def _deliver(task: Task, rt: Runtime, job_id: str, request: dict, enqueued_at: str | None) -> None:
+def _deliver(task: Task, rt: Runtime, job_id: str, message: InferMessage) -> None:
     """One delivery of a job: claim it (unless a live run holds it), run it, and record how it ended."""
+    request = message.request
     token = f"{rt.hostname}/{uuid.uuid4().hex[:12]}"
     claim = rt.statuses.claim(job_id, rt.hostname, rt.settings.max_attempts, token, rt.leases.lease_s)
     if claim.state is None:
@@ -228,9 +272,10 @@ def _deliver(task: Task, rt: Runtime, job_id: str, request: dict, enqueued_at: s
             status = rt.statuses.get(job_id)
             _notify_poison(rt, job_id, request, status.error if status else None)
         return
-    try:
-        job_request = JobRequest.model_validate(request)
-    except ValidationError as exc:
+    try:  # everything the Client checks, before any fetch or inference
+        job_request, enqueued_at = message.validate(rt.settings.max_data_uri_bytes)
+    except InvalidRequest as exc:
+        log.warning("job %s failed: invalid message: %s", job_id, exc)
         rt.statuses.transition(job_id, JobState.FAILED, error=ErrorInfo(type="InvalidRequest", message=str(exc)))
         return
     job = _Job(rt, job_id, job_request, enqueued_at)
@@ -258,10 +303,10 @@ def _deliver(task: Task, rt: Runtime, job_id: str, request: dict, enqueued_at: s
         job.fail(error_info(exc))
 
 
-def _notify_poison(rt: Runtime, job_id: str, request: dict, error: ErrorInfo | None) -> None:
+def _notify_poison(rt: Runtime, job_id: str, request: Any, error: ErrorInfo | None) -> None:
     try:
         job_request = JobRequest.model_validate(request)
-    except ValidationError:
+    except (ValidationError, RecursionError):
         return
     _Job(rt, job_id, job_request, None).notify("job.failed", JobState.FAILED, error=error)
 

@@ -26,6 +26,7 @@ BATCH_SIZE = Histogram(
 )
 TOKENS = Counter("varco_tokens", "Tokens of finished jobs", ["kind"])  # kind: prompt | output
 ENGINE_BUSY = Counter("varco_engine_busy_seconds", "Seconds the engine thread spent generating")
+RESULT_CACHE = Counter("varco_result_cache_lookups", "Result cache lookups by outcome", ["outcome"])  # hit | miss
 CALLBACKS = Counter("varco_callback_deliveries", "Webhook delivery attempts by outcome", ["outcome"])
 GPU_MEMORY = Gauge(
     "varco_gpu_memory_bytes", "GPU memory allocated by the engine process", ["gpu"], multiprocess_mode="liveall"

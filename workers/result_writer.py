@@ -14,7 +14,6 @@ from collections.abc import Callable
 from tenacity import RetryCallState, Retrying, retry_if_not_exception_type, stop_after_delay, wait_exponential_jitter
 
 from varco.tasks.errors import ResultStoreError
-from varco.tasks.results_store import ResultStore
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +26,15 @@ class _JobEnded(Exception):
 
 
 def write_result(
-    store: ResultStore,
-    job_id: str,
-    data: bytes,
+    write: Callable[[], str],
     deadline_s: float,
     *,
+    job_id: str,
     ended: Callable[[], bool],
     on_wait: Callable[[ResultStoreError], None],
 ) -> str | None:
-    """The result's URI once written; None when the job ended before it could be (nothing written).
+    """The result's URI once `write` (the job's store writes, safe to repeat) succeeded; None when the job
+    ended before it could (nothing written).
 
     `on_wait` is told each failed try (the job shows `retrying` with it); past `deadline_s` the last
     error is raised as a permanent ResultStoreError.
@@ -44,7 +43,7 @@ def write_result(
     def attempt() -> str:
         if ended():
             raise _JobEnded
-        return store.write(job_id, data)
+        return write()
 
     def waiting(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None

@@ -117,6 +117,8 @@ def worker_env(redis_server: LocalRedis, s3_server: str, s3, tiny_model_dir: Pat
         "VARCO_ENGINE_PLUGINS": SCRIPTED_PLUGIN,
         "VARCO_METRICS_PORT": str(free_port()),  # never the default 9808 of a real node on this machine
         "VARCO_FILE_ROOT": str(file_root),
+        "VARCO_S3_BUCKETS": IMAGES_BUCKET,  # s3:// images may come from this bucket only (not the results one)
+        "VARCO_CALLBACK_TIMEOUT_S": "3",  # one webhook attempt, all of it (test_webhook_starvation)
         "VARCO_ALLOW_PRIVATE_URLS": "true",  # every test server is on loopback
         "VARCO_CALLBACK_SECRET": SECRET,
         "VARCO_MAX_ATTEMPTS": "3",

@@ -84,8 +84,9 @@ def lease_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis
 
 @pytest.fixture(scope="module")
 def lease_env(worker_env: dict[str, str], lease_redis: LocalRedis) -> dict[str, str]:
+    # A fetch's deadline must outlast the slowest image here.
     return {**worker_env, "VARCO_BROKER_URL": lease_redis.url, "VARCO_VISIBILITY_TIMEOUT": str(VISIBILITY_S),
-            "VARCO_MAX_ATTEMPTS": "3", "VARCO_METRICS_PORT": "0"}  # fmt: skip
+            "VARCO_MAX_ATTEMPTS": "3", "VARCO_METRICS_PORT": "0", "VARCO_FETCH_TIMEOUT_S": "120"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,9 @@ def test_every_task_type_succeeds_with_the_documented_result(client: Client, htt
         assert set(data) >= {"job_id", "task", "state", "model", "prompt", "image", "output", "usage", "timings",
                              "worker", "created_at", "finished_at", "metadata"}  # fmt: skip
         assert (data["job_id"], data["task"], data["state"]) == (job_id, task, "succeeded")
-        assert data["image"] == {"uri": url, "width": 640, "height": 480, "sha256": sha(CAT)}
+        kept = f"s3://{RESULTS_BUCKET}/jobs/{job_id}.image"  # the fetched bytes, kept for overlays
+        assert data["image"] == {"uri": url, "width": 640, "height": 480, "sha256": sha(CAT), "kept_uri": kept}
+        assert s3.get_object(Bucket=RESULTS_BUCKET, Key=f"jobs/{job_id}.image")["Body"].read() == CAT
         assert set(data["output"]) == {"raw", "text", "objects", "ocr", "warnings"}
         assert data["usage"]["prompt_tokens"] > 0 and data["usage"]["output_tokens"] > 0
         assert set(data["timings"]) == {"queued_s", "fetch_s", "inference_s", "total_s"}
@@ -53,6 +55,7 @@ def test_every_task_type_succeeds_with_the_documented_result(client: Client, htt
                                          "box_px": [110, 128, 210, 164]}  # fmt: skip
     referring = stored_result(s3, jobs["referring"])
     assert referring["prompt"] == "<obj>이 물건</obj><bbox>0.039, 0.138, 0.283, 0.257</bbox>은 어떻게 쓰는거야?"
+    assert (referring["region"], referring["label"]) == ([0.039, 0.138, 0.283, 0.257], "이 물건")  # for overlays
     assert referring["output"]["text"] == card_output("referring")
     assert stored_result(s3, jobs["caption"])["metadata"] == {"user": 7}
 
