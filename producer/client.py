@@ -1,19 +1,24 @@
 """The client a web backend imports: submit jobs, poll or wait for them, read results, cancel.
 
 It talks to Redis (the Celery broker and the status records) and reads results from the store;
-it never imports torch or `workers/`: tasks are sent by name.
+it never imports torch or `workers/`: tasks are sent by name. When Redis cannot be reached, every call
+raises `BrokerUnavailable` within bounded time (VARCO_REDIS_TIMEOUT_S, a few retries), never a raw
+redis or kombu exception.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import redis
+from redis.client import PubSub
 
 from varco.tasks.celery_app import INFER_TASK, broker_priority, create_app, infer_queue
+from varco.tasks.connections import BrokerUnavailable, broker_errors, redis_client
 from varco.tasks.job_ids import is_valid_job_id
 from varco.tasks.requests import InvalidRequest, JobRequest, check_data_uri_size, validate_request
 from varco.tasks.results_store import ResultStore, result_store
@@ -23,6 +28,9 @@ from varco.tasks.status import EVENTS_CHANNEL, StatusStore, now_iso, parse_event
 
 # A pub/sub message can be missed (reconnects); `wait` re-reads the records this often regardless.
 _POLL_INTERVAL_S = 1.0
+# A `wait` that has reached Redis once rides out an outage this long (a restart, or a sentinel failover:
+# down-after-milliseconds, 30 s by default, plus the election) before it raises BrokerUnavailable.
+_OUTAGE_GRACE_S = 60.0
 
 
 class JobNotFound(KeyError):
@@ -45,7 +53,7 @@ class JobCancelled(RuntimeError):
 class Client:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
-        self.redis = redis.Redis.from_url(self.settings.broker_url, decode_responses=True)
+        self.redis = redis_client(self.settings)
         self.statuses = StatusStore(self.redis, self.settings.status_ttl)
         self.app = create_app(self.settings)
         self._store: ResultStore | None = None
@@ -78,13 +86,15 @@ class Client:
         metadata: Mapping[str, Any] | None = None,
         max_new_tokens: int | None = None,
     ) -> str:
-        """Validate and enqueue one job; returns its id. Same idempotency key -> same id, one run."""
+        """Validate and enqueue one job; returns its id. Same idempotency key -> same id, one run.
+        InvalidRequest for a bad request, BrokerUnavailable when Redis cannot be reached."""
         request = self.validate(
             image_uri, task, prompt=prompt, region=region, label=label, callback_url=callback_url,
             callback_events=callback_events, idempotency_key=idempotency_key, priority=priority,
             metadata=metadata, max_new_tokens=max_new_tokens,
         )  # fmt: skip
-        return self._enqueue(request)
+        with broker_errors(self.settings):
+            return self._enqueue(request)
 
     def submit_many(self, requests: Iterable[Mapping[str, Any]]) -> list[str]:
         """Validate every request first (nothing is enqueued if one is bad), then enqueue them in order."""
@@ -95,7 +105,14 @@ class Client:
                 validated.append(self.validate(fields.pop("image_uri", None), fields.pop("task", None), **fields))
             except InvalidRequest as exc:
                 raise InvalidRequest(f"request #{index}: {exc}", index=index, reason=exc.reason) from None
-        return [self._enqueue(r) for r in validated]
+        job_ids: list[str] = []
+        try:
+            with broker_errors(self.settings):
+                for request in validated:
+                    job_ids.append(self._enqueue(request))
+        except BrokerUnavailable as exc:
+            raise BrokerUnavailable(f"{exc} ({len(job_ids)} of {len(validated)} enqueued)", job_ids) from exc
+        return job_ids
 
     def _enqueue(self, request: JobRequest) -> str:
         job_id = uuid.uuid4().hex
@@ -114,54 +131,85 @@ class Client:
                 priority=broker_priority(request.priority),
             )
         except Exception:
-            # Not enqueued: leave no record behind that would wait forever.
-            self.statuses.delete(job_id)
-            if request.idempotency_key:
-                self.statuses.release_idempotency_key(request.idempotency_key, job_id)
+            # Not enqueued: leave no record behind that would wait forever (if Redis still answers).
+            with contextlib.suppress(redis.RedisError):
+                self.statuses.delete(job_id)
+                if request.idempotency_key:
+                    self.statuses.release_idempotency_key(request.idempotency_key, job_id)
             raise
         return job_id
 
     # --- reading --------------------------------------------------------------------------
     def status(self, job_id: str) -> JobStatus:
-        status = self.statuses.get(job_id) if is_valid_job_id(job_id) else None  # no job has a malformed id
+        with broker_errors(self.settings):
+            status = self.statuses.get(job_id) if is_valid_job_id(job_id) else None  # no job has a malformed id
         if status is None:
             raise JobNotFound(job_id)
         return status
 
     def wait(self, job_ids: str | Iterable[str], timeout: float | None = None) -> Iterator[JobStatus]:
         """Yield each job's final status as it finishes (in finishing order); TimeoutError past `timeout`."""
+        with broker_errors(self.settings):
+            yield from self._wait(job_ids, timeout)
+
+    def _wait(self, job_ids: str | Iterable[str], timeout: float | None) -> Iterator[JobStatus]:
         pending = {job_ids} if isinstance(job_ids, str) else set(job_ids)
         if malformed := sorted(j for j in pending if not is_valid_job_id(j)):
             raise JobNotFound(malformed[0])
         deadline = None if timeout is None else time.monotonic() + timeout
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(EVENTS_CHANNEL)  # subscribe before reading records, so no finish slips between
+        pubsub: PubSub | None = self._subscribe()  # before reading records, so no finish slips between
+        outage_since: float | None = None  # when Redis stopped answering this wait
         try:
             next_poll = 0.0
             while pending:
-                if time.monotonic() >= next_poll:
-                    for job_id, status in self.statuses.get_many(sorted(pending)).items():
-                        if status is None:
-                            raise JobNotFound(job_id)
-                        if status.state.finished:
-                            pending.discard(job_id)
-                            yield status
-                    next_poll = time.monotonic() + _POLL_INTERVAL_S
+                statuses: dict[str, JobStatus | None] = {}
+                message = None
+                try:
+                    if pubsub is None:
+                        pubsub = self._subscribe()
+                    if time.monotonic() >= next_poll:
+                        statuses = self.statuses.get_many(sorted(pending))
+                        next_poll = time.monotonic() + _POLL_INTERVAL_S
+                    else:
+                        if deadline is not None and time.monotonic() >= deadline:
+                            raise TimeoutError(f"{len(pending)} job(s) not finished after {timeout}s")
+                        wait_s = next_poll - time.monotonic()
+                        if deadline is not None:
+                            wait_s = min(wait_s, deadline - time.monotonic())
+                        message = pubsub.get_message(timeout=max(0.0, wait_s))
+                    outage_since = None
+                except (redis.ConnectionError, redis.TimeoutError):
+                    # A failover or restart under way: ride it out for a while, then read the records
+                    # again (events sent meanwhile are lost). Past the grace (or the timeout) it raises.
+                    now = time.monotonic()
+                    outage_since = outage_since or now
+                    if now - outage_since >= _OUTAGE_GRACE_S or (deadline is not None and now >= deadline):
+                        raise
+                    if pubsub is not None:
+                        with contextlib.suppress(redis.RedisError):
+                            pubsub.close()
+                    pubsub, next_poll = None, 0.0
+                    time.sleep(_POLL_INTERVAL_S)
                     continue
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"{len(pending)} job(s) not finished after {timeout}s")
-                wait_s = next_poll - time.monotonic()
-                if deadline is not None:
-                    wait_s = min(wait_s, deadline - time.monotonic())
-                message = pubsub.get_message(timeout=max(0.0, wait_s))
-                if message is None:
-                    continue
-                event = parse_event(message["data"])
+                for job_id, status in statuses.items():
+                    if status is None:
+                        raise JobNotFound(job_id)
+                    if status.state.finished:
+                        pending.discard(job_id)
+                        yield status
+                event = parse_event(message["data"]) if message is not None else None
                 if event is not None and event.job_id in pending and event.state.finished:
                     pending.discard(event.job_id)
                     yield event
         finally:
-            pubsub.close()
+            if pubsub is not None:
+                with contextlib.suppress(redis.RedisError):
+                    pubsub.close()
+
+    def _subscribe(self) -> PubSub:
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(EVENTS_CHANNEL)
+        return pubsub
 
     def result(self, job_id: str, timeout: float | None = None) -> JobResult:
         """Wait for the job (up to `timeout`), then read its result JSON from the store."""
@@ -175,7 +223,8 @@ class Client:
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued, retrying or running job. False when it had already finished."""
-        state = self.statuses.request_cancel(job_id) if is_valid_job_id(job_id) else None
+        with broker_errors(self.settings):
+            state = self.statuses.request_cancel(job_id) if is_valid_job_id(job_id) else None
         if state is None:
             raise JobNotFound(job_id)
         return state is JobState.CANCELLED or not state.finished

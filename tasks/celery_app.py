@@ -11,6 +11,7 @@ import redis
 from celery import Celery
 from kombu import Queue
 
+from varco.tasks.connections import PUBLISH_RETRY_POLICY, broker_transport_options
 from varco.tasks.prompts import TaskType
 from varco.tasks.settings import Settings, get_settings
 
@@ -57,9 +58,11 @@ def create_app(settings: Settings) -> Celery:
             # that "after" means seconds, not kombu's default of up to 100 s more.
             "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 5)),
             "unacked_restore_throttle": 1,
-            "socket_connect_timeout": 5,
-            "health_check_interval": 25,
+            # Timeouts, and master_name for a sentinel:// URL.
+            **broker_transport_options(settings),
         },
+        # A publish to a dead broker gives up after a few quick tries: submit fails in bounded time.
+        task_publish_retry_policy=PUBLISH_RETRY_POLICY,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         # Task events for `celery events` and Flower (a few small pub/sub messages per job).

@@ -170,7 +170,8 @@ def data_uri_size(uri: str) -> int:
     which fails a broken payload as an ImageDecodeError on the job."""
     header, _, payload = uri.partition(",")
     if header.lower().endswith(";base64"):
-        return len(payload.strip()) * 3 // 4
+        encoded = payload.strip()
+        return len(encoded) * 3 // 4 - encoded[-2:].count("=")  # "=" padding decodes to nothing
     return len(unquote_to_bytes(payload))
 
 

@@ -22,6 +22,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VARCO_", extra="ignore")
 
     broker_url: str = "redis://127.0.0.1:6379/0"
+    # The master group of a sentinel:// broker URL (VARCO_BROKER_URL=sentinel://h1:26379/0;sentinel://h2:26379/0).
+    sentinel_master: str = "mymaster"
+    # Connect and command timeout for Redis: a broker that is down or hung fails a call in bounded time.
+    redis_timeout_s: float = Field(default=5.0, gt=0, le=300)
     result_store: str = Field(default_factory=_default_result_store)
     s3_endpoint_url: str | None = None
     model: str = "NCSOFT/VARCO-VISION-14B-HF"

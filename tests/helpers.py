@@ -1,8 +1,11 @@
-"""Small real servers for tests: an HTTP image server and a webhook receiver, both on loopback."""
+"""Small real servers for tests: an HTTP image server and a webhook receiver, both on loopback.
+
+Needs only the base install (no Pillow): the parser and request tests import it there too. Image
+builders live in `images.py`.
+"""
 
 from __future__ import annotations
 
-import io
 import socket
 import ssl
 import sys
@@ -15,35 +18,28 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 # Loopback is the only network tests have: with the `scripted_dns` fixture, 127.0.0.2 plays a public address.
 PUBLIC = "127.0.0.2"
 # The `varco` console script as a module run by this interpreter (works without the venv on PATH).
 VARCO_CLI = [sys.executable, "-m", "varco.producer.cli"]
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+
+def _fixtures() -> Path:
+    """`shared/fixtures` beside the checkout: the nearest ancestor that has it, so the tests find it
+    from a copy of the tree too (mutmut runs them from `mutants/`, one level deeper)."""
+    for parent in Path(__file__).resolve().parents:
+        if (parent / "shared" / "fixtures").is_dir():
+            return parent / "shared" / "fixtures"
+    raise FileNotFoundError("no shared/fixtures above " + str(Path(__file__).parent))
+
+
+FIXTURES = _fixtures()
 
 
 def card_output(name: str) -> str:
     """A model-card example output; the fixture's final newline is not part of it (fixtures/README)."""
     text = (FIXTURES / f"card_{name}_output.txt").read_text(encoding="utf-8")
     return text[:-1] if text.endswith("\n") else text
-
-
-def png(width: int, height: int, colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), colour).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def jpeg_rotated(width: int, height: int) -> bytes:
-    """A JPEG stored width x height with EXIF orientation 6: it displays as height x width."""
-    image = Image.new("RGB", (width, height), (10, 120, 200))
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", exif=exif.tobytes())
-    return buffer.getvalue()
 
 
 @dataclass
@@ -54,6 +50,9 @@ class Route:
     # Status codes to answer before the real response, one per request (to test retries).
     failures: list[int] = field(default_factory=list)
     hits: int = 0
+    hit_times: list[float] = field(default_factory=list)  # time.monotonic() of each request
+    # False: no Content-Length, the body ends when the connection closes (the reader must count bytes).
+    send_length: bool = True
 
 
 class ServedFiles:
@@ -73,12 +72,16 @@ class ServedFiles:
                     self.end_headers()
                     return
                 route.hits += 1
+                route.hit_times.append(time.monotonic())
                 status = route.failures.pop(0) if route.failures else route.status
                 self.send_response(status)
                 for name, value in route.headers.items():
                     self.send_header(name, value)
                 body = route.body if status < 300 else b"error"
-                self.send_header("content-length", str(len(body)))
+                if route.send_length:
+                    self.send_header("content-length", str(len(body)))
+                else:
+                    self.close_connection = True
                 self.end_headers()
                 self.wfile.write(body)
 

@@ -17,14 +17,22 @@ def test_json_only_late_acks_and_visibility_timeout() -> None:
     assert conf.task_routes[CALLBACK_TASK] == {"queue": CALLBACK_QUEUE}
 
 
-def test_pickle_is_refused() -> None:
+def test_pickle_is_refused_by_the_apps_both_sides_build() -> None:
+    """The app producers and workers build (create_app) decodes JSON messages and refuses pickle ones."""
+    import json
     import pickle
 
-    from kombu.serialization import loads
+    from kombu.serialization import loads, prepare_accept_content
 
-    payload = pickle.dumps({"evil": True})
+    app = create_app(Settings(broker_url="memory://", _env_file=None))
+    accept = prepare_accept_content(app.conf.accept_content)  # what Celery's consumer hands kombu
+    assert loads(json.dumps({"ok": 1}), "application/json", "utf-8", accept=accept) == {"ok": 1}
     with pytest.raises(ContentDisallowed):
-        loads(payload, "application/x-python-serialize", "binary", accept=["application/json"])
+        loads(pickle.dumps({"evil": True}), "application/x-python-serialize", "binary", accept=accept)
+    # What a worker's consumer is given: Celery passes the app's accept_content on to kombu.
+    with app.connection_for_read() as connection:
+        consumer = app.amqp.TaskConsumer(connection, queues=[app.amqp.queues[INFER_QUEUE]])
+        assert set(consumer.accept) == {"application/json"}
 
 
 def test_priority_and_routing() -> None:

@@ -114,31 +114,33 @@ def test_the_backends_agree_token_for_token(hf_engine: EngineBackend, vllm_engin
     assert vllm == hf
 
 
-class CancelAfter:
-    """Reports cancelled once it has been polled `polls` times: the engine polls between decode steps."""
-
-    def __init__(self, polls: int) -> None:
-        self.polls, self.calls = polls, 0
-        self.lock = threading.Lock()
-
-    def __call__(self) -> bool:
-        with self.lock:
-            self.calls += 1
-            return self.calls > self.polls
-
-
 def test_cancel_stops_a_running_generation_and_spares_its_neighbour(
     engine: EngineBackend, script_book: ScriptBook
 ) -> None:
+    from varco.workers.devtools import scripted as dev
+
     with pytest.raises(Cancelled):  # cancelled before it starts: never generated
         engine.generate(scripted(script_book, "pre", "x", "never"), is_cancelled=lambda: True)
-    long = scripted(script_book, "long", "y", "y" * 3000, (64, 64), 3000)
-    short = scripted(script_book, "short", "z", GROUNDING, (80, 80), 1024)
-    cancel = CancelAfter(polls=20)
-    long_future = engine.submit(engine.prepare(long), is_cancelled=cancel)
-    short_future = engine.submit(engine.prepare(short))
-    with pytest.raises(Cancelled):
-        long_future.result(timeout=300)
+    long_id = f"long-{engine.name}"
+    long = scripted(script_book, long_id, "y", "y" * 3000, (64, 64), 3000)
+    short = scripted(script_book, f"short-{engine.name}", "z", GROUNDING, (80, 80), 1024)
+    cancel = threading.Event()
+
+    def cancel_once_running(image_id: str, step: int) -> None:
+        # Runs in the engine's thread as the 10th token is forced: the request is generating, for sure.
+        if image_id == long_id and step == 9:
+            cancel.set()
+
+    dev.TOKEN_LISTENERS.append(cancel_once_running)
+    try:
+        before = dev.forced_tokens(long_id)
+        long_future = engine.submit(engine.prepare(long), is_cancelled=cancel.is_set)
+        short_future = engine.submit(engine.prepare(short))
+        with pytest.raises(Cancelled):
+            long_future.result(timeout=300)
+    finally:
+        dev.TOKEN_LISTENERS.remove(cancel_once_running)
+    assert cancel.is_set()  # the cancel landed while it was running
     assert short_future.result(timeout=300).text == GROUNDING  # its neighbour is unaffected
-    # It was running (polled 20 times) and stopped long before its 3,000 tokens.
-    assert 20 < cancel.calls < 500
+    # It stopped within a step or two of the cancel, not at the end of its 3,000 tokens.
+    assert 10 <= dev.forced_tokens(long_id) - before <= 12

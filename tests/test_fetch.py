@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ServedFiles, jpeg_rotated, png
+from helpers import ServedFiles
+from images import jpeg_rotated, png
 
 from varco.tasks.errors import ForbiddenURLError, ImageDecodeError, ImageFetchError, ImageTooLargeError
 from varco.tasks.settings import Settings
@@ -170,3 +171,51 @@ def test_s3_buckets_must_be_allowed() -> None:
     with pytest.raises(ForbiddenURLError, match="'results' is not in VARCO_S3_BUCKETS"):
         fetcher(s3_buckets="images,thumbs").fetch("s3://results/jobs/x.json")
     assert Settings(s3_buckets="images, thumbs").s3_buckets == ["images", "thumbs"]
+
+
+def test_the_byte_limit_counts_a_stream_without_content_length(served: ServedFiles) -> None:
+    # No Content-Length: the shortcut on the header cannot fire, so only the counter on the stream stops it.
+    url = served.add("/unsized.png", png(400, 400), send_length=False)
+    size = len(png(400, 400))
+    assert fetcher(max_image_bytes=size).fetch(url).width == 400  # exactly at the limit: fine
+    with pytest.raises(ImageTooLargeError, match=f"over the {size - 1}-byte limit"):
+        fetcher(max_image_bytes=size - 1).fetch(url)
+
+
+def test_s3_byte_limit_by_header_and_by_counting(served: ServedFiles, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The local HTTP server answers S3's path-style GET /bucket/key; one object declares its length, one does not.
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    big = png(400, 400)
+    served.add("/bucket/sized.png", big)
+    served.add("/bucket/unsized.png", big, send_length=False)
+    s3 = fetcher(max_image_bytes=len(big) - 1, s3_endpoint_url=served.base, s3_buckets="bucket")
+    with pytest.raises(ImageTooLargeError, match=f"image is {len(big)} bytes"):
+        s3.fetch("s3://bucket/sized.png")
+    with pytest.raises(ImageTooLargeError, match="over the"):
+        s3.fetch("s3://bucket/unsized.png")
+    fits = fetcher(max_image_bytes=len(big), s3_endpoint_url=served.base, s3_buckets="bucket")
+    assert fits.fetch("s3://bucket/unsized.png").width == fits.fetch("s3://bucket/sized.png").width == 400
+
+
+def test_file_and_data_byte_limits(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(IMAGE)
+    with pytest.raises(ImageTooLargeError, match=f"image is {len(IMAGE)} bytes"):
+        fetcher(tmp_path, max_image_bytes=len(IMAGE) - 1).fetch((tmp_path / "a.png").as_uri())
+    assert fetcher(tmp_path, max_image_bytes=len(IMAGE)).fetch((tmp_path / "a.png").as_uri()).width == 64
+    data = "data:image/png;base64," + base64.b64encode(IMAGE).decode()
+    with pytest.raises(ImageTooLargeError, match=f"image is {len(IMAGE)} bytes"):
+        fetcher(max_image_bytes=len(IMAGE) - 1).fetch(data)
+    assert fetcher(max_image_bytes=len(IMAGE)).fetch(data).width == 64
+
+
+def test_a_server_that_never_answers_times_out_as_transient() -> None:
+    # Accepts the connection (the kernel's backlog) and never sends a byte: the read timeout fires.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        port = silent.getsockname()[1]
+        with pytest.raises(ImageFetchError, match=r"^timed out fetching") as info:
+            fetcher(fetch_timeout_s=0.5).fetch(f"http://127.0.0.1:{port}/x.png")
+    assert info.value.transient is True

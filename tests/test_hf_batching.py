@@ -50,6 +50,44 @@ def test_out_of_memory_lowers_the_cap_below_what_failed() -> None:
     assert len(policy.select([Row(100, 900)] * 8)) == 2
 
 
+def test_budget_class_boundaries() -> None:
+    edges = {1: 0, 64: 0, 65: 1, 256: 1, 257: 2, 1024: 2, 1025: 3, 4096: 3, 4097: 4, 8192: 4}
+    assert {budget: budget_class(budget) for budget in edges} == edges
+
+
+def test_padded_tokens_of_nothing_is_zero_and_rows_pad_to_the_longest() -> None:
+    assert padded_tokens([]) == 0
+    assert padded_tokens([Row(10, prompt_tokens=5), Row(3, prompt_tokens=50)]) == 2 * (50 + 10)
+
+
+def test_a_row_left_out_by_the_cap_does_not_stop_smaller_ones_joining() -> None:
+    rows = [Row(100, prompt_tokens=100), Row(100, prompt_tokens=5000), Row(100, prompt_tokens=100)]
+    assert BatchPolicy(max_batch_size=8, max_batch_tokens=1000).select(rows) == [0, 2]
+    assert BatchPolicy(max_batch_size=8, max_batch_tokens=10).select([]) == []
+
+
+def test_full_means_waiting_longer_cannot_grow_the_batch() -> None:
+    policy = BatchPolicy(max_batch_size=2, max_batch_tokens=10**9)
+    assert policy.full([Row(100), Row(100)])  # max_batch_size rows: nothing more can join
+    assert not policy.full([Row(100)])  # room left: a class mate may still come
+    assert not policy.full([Row(100), Row(8192)])  # the one left out is of another class
+    assert not policy.full([Row(8192), Row(100)])
+    # A class mate already left out by the token cap: it will not fit by waiting either.
+    capped = BatchPolicy(max_batch_size=8, max_batch_tokens=2 * 200)
+    assert capped.full([Row(100), Row(100), Row(100)])
+    assert not capped.full([Row(100), Row(100)])
+
+
+def test_out_of_memory_halves_in_whole_tokens_and_never_below_one() -> None:
+    policy = BatchPolicy(max_batch_size=8, max_batch_tokens=100_000)
+    policy.out_of_memory([Row(100, prompt_tokens=901)])
+    assert policy.max_batch_tokens == 500 and isinstance(policy.max_batch_tokens, int)
+    policy.out_of_memory([Row(1, prompt_tokens=0)])
+    assert policy.max_batch_tokens == 1
+    policy.out_of_memory([Row(100, prompt_tokens=900)] * 4)  # a larger failure never raises the cap
+    assert policy.max_batch_tokens == 1
+
+
 class FakeModel:
     """Stands in for HFModel on a small GPU: generate fails with CUDA OOM above `memory` padded tokens."""
 
@@ -123,5 +161,31 @@ def test_a_long_budget_does_not_hold_short_jobs_in_its_batch(fake: FakeModel) ->
         run(engine, requests)
         long_batch = next(c for c in fake.calls if "long" in c)
         assert long_batch == ["long"]
+    finally:
+        engine.stop()
+
+
+class BrokenBatches(FakeModel):
+    """generate fails (not of memory) for any batch of more than one request, and for the request "bad" alone."""
+
+    def generate(self, prepared, stopping_criteria=None) -> list[GenerationOutput]:
+        self.calls.append([p.request.prompt for p in prepared])
+        if len(prepared) > 1 or prepared[0].request.prompt == "bad":
+            raise ValueError("this batch cannot run")
+        return [GenerationOutput(p.request.prompt, p.prompt_tokens, 1, "stop") for p in prepared]
+
+
+def test_a_failed_batch_reruns_its_requests_one_by_one() -> None:
+    model = BrokenBatches(memory=10**9)
+    engine = HFEngine("fake", max_batch_size=8, max_wait_ms=0, hf_model=model)
+    try:
+        futures = [engine.submit(engine.prepare(request(p, 100))) for p in ("a", "bad", "c")]
+        engine.load()
+        assert futures[0].result(timeout=30).text == "a"
+        with pytest.raises(ValueError, match="cannot run"):  # only the request that fails alone fails
+            futures[1].result(timeout=30)
+        assert futures[2].result(timeout=30).text == "c"
+        assert model.calls == [["a", "bad", "c"], ["a"], ["bad"], ["c"]]  # the batch, then each alone
+        assert engine.policy.max_batch_tokens == 65536  # not an out-of-memory: the cap stays
     finally:
         engine.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import itertools
 import math
 from pathlib import Path
 
@@ -29,6 +30,35 @@ def test_compose_runs_redis_storage_and_gpu_workers() -> None:
     assert set(worker["environment"]) - {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_HOME"} <= {
         "VARCO_" + name.upper() for name in Settings.model_fields
     }
+
+
+def option_values(argv: list[str]) -> dict[str, str]:
+    """redis-server's command line as {"--option": "value"}."""
+    return {flag: value for flag, value in itertools.pairwise(argv) if flag.startswith("--")}
+
+
+def test_redis_keeps_queued_jobs_across_restarts_with_aof() -> None:
+    """Without persistence a Redis restart loses every queued job and status record (README)."""
+    services = yaml.safe_load((INFRA / "compose.yaml").read_text())["services"]
+    options = option_values(services["redis"]["command"][1:])
+    assert options["--appendonly"] == "yes" and options["--appendfsync"] == "everysec"
+    assert any(v.startswith("redis-data:") and v.endswith(":/data") for v in services["redis"]["volumes"])
+
+    docs = [d for f in sorted((INFRA / "k8s").glob("*.yaml")) for d in load_all(f)]
+    by_kind = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    redis_set = by_kind[("StatefulSet", "varco-redis")]["spec"]
+    container = redis_set["template"]["spec"]["containers"][0]
+    options = option_values(container["args"])
+    assert options["--appendonly"] == "yes" and options["--appendfsync"] == "everysec"
+    data = next(m for m in container["volumeMounts"] if m["mountPath"] == options["--dir"])
+    claims = {c["metadata"]["name"] for c in redis_set["volumeClaimTemplates"]}
+    assert data["name"] in claims  # the AOF lives on a PersistentVolumeClaim, not in the pod
+    # The Service is what the broker URL in the Secret names, with TLS and the same password.
+    service = by_kind[("Service", "varco-redis")]["spec"]
+    assert service["selector"] == redis_set["selector"]["matchLabels"]
+    assert options["--tls-port"] == str(service["ports"][0]["port"]) and options["--port"] == "0"
+    assert "@varco-redis:6379/" in by_kind[("Secret", "varco-secrets")]["stringData"]["VARCO_BROKER_URL"]
+    assert options["--requirepass"] == "$(REDIS_PASSWORD)"
 
 
 def test_kubernetes_one_gpu_per_pod_and_queue_autoscaling() -> None:
@@ -114,7 +144,7 @@ def test_kubernetes_manifests_validate_against_the_api_schemas() -> None:
                 continue
             kubernetes_validate.validate(doc, "1.30.0", strict=True)  # raises on any unknown or mistyped field
             checked.append(doc["kind"])
-    assert sorted(checked) == ["ConfigMap", "Deployment", "Deployment", "Secret"]
+    assert sorted(checked) == ["ConfigMap", "Deployment", "Deployment", "Secret", "Service", "StatefulSet"]
 
 
 def fields_the_schema_does_not_know(original: object, validated: object, path: str = "") -> list[str]:

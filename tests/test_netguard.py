@@ -17,7 +17,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import trustme
-from helpers import PUBLIC, ScriptedResolver, ServedFiles, png
+from helpers import PUBLIC, ScriptedResolver, ServedFiles
+from images import png
 
 from varco.tasks.errors import ForbiddenURLError, ImageFetchError
 from varco.tasks.settings import Settings

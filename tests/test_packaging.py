@@ -1,4 +1,5 @@
-"""The producer-only wheel, installed in a fresh venv, imports under `varco` beside a backend's own `tasks.py`."""
+"""The base install (no extras) in a fresh venv: the wheel imports under `varco` beside a backend's own
+`tasks.py`, and the tests that need only the base install pass there."""
 
 from __future__ import annotations
 
@@ -7,9 +8,24 @@ import subprocess
 import sys
 import venv
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+from helpers import FIXTURES
+
 ROOT = Path(__file__).resolve().parents[1]
+# Parser, request validation, webhook signing and the client's own checks: none needs torch or Pillow.
+BASE_INSTALL_TESTS = [
+    "test_tags_card.py",
+    "test_tags_robust.py",
+    "test_requests.py",
+    "test_webhooks.py",
+    "test_client_checks.py",
+    "test_settings.py",
+]
+# Test tools only: the project itself is installed with no extras.
+TEST_TOOLS = ["pytest>=8", "hypothesis>=6.100"]
 
 
 def _run(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -18,22 +34,40 @@ def _run(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProces
     return result
 
 
-def test_producer_wheel_installs_under_one_root_and_survives_a_local_tasks_module(tmp_path: Path) -> None:
+@dataclass
+class BaseInstall:
+    wheel: Path
+    env_dir: Path
+
+    @property
+    def python(self) -> Path:
+        return self.env_dir / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def base_install(tmp_path_factory: pytest.TempPathFactory) -> BaseInstall:
+    """The project's wheel installed in a fresh venv with no extras."""
+    tmp_path = tmp_path_factory.mktemp("base-install")
     # Build from a clean copy: setuptools reuses a source tree's build/ folder, stale files included.
     source = tmp_path / "source"
-    skip = shutil.ignore_patterns(".*", "build", "dist", "*.egg-info", "__pycache__", "tests", "bench")
+    skip = shutil.ignore_patterns(".*", "build", "dist", "*.egg-info", "__pycache__", "tests", "bench", "mutants")
     shutil.copytree(ROOT, source, ignore=skip)
     wheels = tmp_path / "wheels"
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(source)])
     (wheel,) = wheels.glob("varco_queue-*.whl")
-    with zipfile.ZipFile(wheel) as archive:
-        top = {name.split("/")[0] for name in archive.namelist() if not name.split("/")[0].endswith(".dist-info")}
-    assert top == {"varco"}, f"the wheel installs more than the varco root: {sorted(top)}"
-
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
-    python = env_dir / "bin" / "python"
-    _run([str(python), "-m", "pip", "install", "-q", str(wheel)])  # the base install: no extras
+    _run([str(env_dir / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)])  # the base install: no extras
+    return BaseInstall(wheel, env_dir)
+
+
+def test_producer_wheel_installs_under_one_root_and_survives_a_local_tasks_module(
+    base_install: BaseInstall, tmp_path: Path
+) -> None:
+    with zipfile.ZipFile(base_install.wheel) as archive:
+        top = {name.split("/")[0] for name in archive.namelist() if not name.split("/")[0].endswith(".dist-info")}
+    assert top == {"varco"}, f"the wheel installs more than the varco root: {sorted(top)}"
+    env_dir, python = base_install.env_dir, base_install.python
 
     backend = tmp_path / "backend"  # a web backend in the usual Celery layout, with its own tasks.py
     backend.mkdir()
@@ -68,3 +102,24 @@ def test_producer_wheel_installs_under_one_root_and_survives_a_local_tasks_modul
     )  # fmt: skip
     assert overlay.returncode == 1, overlay.stdout + overlay.stderr
     assert "pip install 'varco-queue[gateway]'" in overlay.stderr and "Traceback" not in overlay.stderr
+
+
+def test_base_install_tests_pass_without_any_extra(base_install: BaseInstall, tmp_path: Path) -> None:
+    """The parser, request, signing and client tests, run by the base install's own interpreter."""
+    python = str(base_install.python)
+    _run([python, "-m", "pip", "install", "-q", *TEST_TOOLS])
+    missing = subprocess.run([python, "-c", "import torch"], capture_output=True).returncode != 0
+    assert missing and subprocess.run([python, "-c", "import PIL"], capture_output=True).returncode != 0
+    # A copy of the tests outside the checkout (so `varco` can only come from the install), with the
+    # model-card fixtures they read.
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    for name in ["conftest.py", "helpers.py", *BASE_INSTALL_TESTS]:
+        shutil.copy2(ROOT / "tests" / name, tests / name)
+    shutil.copytree(FIXTURES, tmp_path / "shared" / "fixtures")
+    result = subprocess.run(
+        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *BASE_INSTALL_TESTS],
+        cwd=tests, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]

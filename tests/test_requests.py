@@ -108,3 +108,30 @@ def test_request_round_trips_through_json() -> None:
     )
     again = type(request).model_validate_json(request.model_dump_json())
     assert again == request
+
+
+def test_the_error_message_names_each_field_and_joins_several() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        validate_request(image_uri=IMG, task="vqa")
+    assert str(info.value) == "invalid job request: task 'vqa' needs a prompt (the question to ask about the image)"
+    with pytest.raises(InvalidRequest) as info:
+        validate_request(image_uri=IMG, task="caption", priority=42, max_new_tokens=0)
+    assert str(info.value) == (
+        "invalid job request: priority: Input should be less than or equal to 9; "
+        "max_new_tokens: Input should be greater than or equal to 1"
+    )
+    with pytest.raises(InvalidRequest) as info:
+        validate_request(image_uri=IMG, task="referring", region=[0.1, "x", 0.3, 0.4])
+    assert str(info.value).startswith("invalid job request: region.1: Input should be a valid number")
+    with pytest.raises(InvalidRequest) as info:
+        validate_request(image_uri="ftp://h/x", task="caption")
+    assert str(info.value) == (
+        "invalid job request: image_uri: unsupported URI scheme 'ftp'; expected one of http, https, s3, file, data"
+    )
+
+
+def test_invalid_request_carries_its_index_and_reason() -> None:
+    plain = InvalidRequest("bad")
+    assert (plain.index, plain.reason, str(plain)) == (None, "bad", "bad")
+    placed = InvalidRequest("request #3: bad", index=3, reason="bad")
+    assert (placed.index, placed.reason, str(placed)) == (3, "bad", "request #3: bad")

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from varco.tasks.settings import Settings
@@ -36,12 +39,18 @@ def test_every_design_setting_is_read_from_the_environment(monkeypatch: pytest.M
     assert (s.visibility_timeout, s.max_attempts, s.status_ttl) == (7200, 5, 600)
 
 
-def test_defaults() -> None:
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The documented defaults, whatever VARCO_* variables the shell running the tests has.
+    for name in [n for n in os.environ if n.upper().startswith("VARCO_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
     s = Settings(_env_file=None)
     assert s.broker_url == "redis://127.0.0.1:6379/0"
     assert s.model == "NCSOFT/VARCO-VISION-14B-HF"
     assert s.result_store.startswith("file:///") and s.result_store.endswith("/")
     assert s.allow_private_urls is False
+    assert s.result_store == (Path.home() / ".local/share/varco-queue/results").as_uri() + "/"
+    assert (s.max_attempts, s.status_ttl, s.max_new_tokens) == (3, 604800, 1024)
 
 
 def test_bad_store_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:

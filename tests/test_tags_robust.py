@@ -1,10 +1,13 @@
-"""The parser never raises on truncated or malformed output, and its invariants always hold."""
+"""The parser never raises on truncated or malformed output, and its invariants always hold.
+
+Property tests run without hypothesis' per-example deadline: on a loaded machine (or under mutmut's
+trampolines) a slow example is not a failure.
+"""
 
 from __future__ import annotations
 
 import re
 
-import pytest
 from helpers import card_output
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -36,23 +39,25 @@ GROUNDING = card_output("grounding")
 OCR = card_output("ocr")
 
 
-@pytest.mark.parametrize("cut", range(0, len(GROUNDING) + 1, 7))
-def test_every_truncation_of_the_grounding_example(cut: int) -> None:
-    out = parse(GROUNDING[:cut], image_size=(640, 480))
-    assert_invariants(out)
-    # Whatever survives is a prefix of the full parse: never an invented object.
+def test_every_truncation_of_the_grounding_example() -> None:
     full = parse(GROUNDING, image_size=(640, 480))
-    for got, want in zip(out.objects, full.objects, strict=False):
-        assert got.label == want.label or want.label.startswith(got.label)
-        assert set(got.boxes) <= set(want.boxes)
+    for cut in range(len(GROUNDING) + 1):  # every one of the 599 prefixes, not a sample
+        out = parse(GROUNDING[:cut], image_size=(640, 480))
+        assert_invariants(out)
+        # Whatever survives is a prefix of the full parse: never an invented object, label or box.
+        assert len(out.objects) <= len(full.objects), cut
+        for got, want in zip(out.objects, full.objects, strict=False):
+            assert want.label.startswith(got.label), cut
+            assert set(got.boxes) <= set(want.boxes), cut
 
 
-@pytest.mark.parametrize("cut", range(0, len(OCR) + 1, 5))
-def test_every_truncation_of_the_ocr_example(cut: int) -> None:
-    out = parse(OCR[:cut])
-    assert_invariants(out)
-    full = {(i.text, i.box) for i in parse(OCR).ocr}
-    assert {(i.text, i.box) for i in out.ocr} <= full
+def test_every_truncation_of_the_ocr_example() -> None:
+    full = [(i.text, i.box) for i in parse(OCR).ocr]
+    for cut in range(len(OCR) + 1):  # every one of the 928 prefixes
+        out = parse(OCR[:cut])
+        assert_invariants(out)
+        got = [(i.text, i.box) for i in out.ocr]
+        assert got == full[: len(got)], cut  # a prefix of the full reading, in order
 
 
 def test_cut_inside_coordinates_drops_the_cut_box_only() -> None:
@@ -151,7 +156,7 @@ segment = st.one_of(
 )
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(segment, max_size=8))
 def test_render_then_parse_gives_the_same_structure(segments: list) -> None:
     raw, text, expected = "", "", []
@@ -178,7 +183,7 @@ def ocr_lines(draw: st.DrawFn) -> list[tuple[str, tuple[float, float, float, flo
     return draw(st.lists(st.tuples(label, boxes()), max_size=10))
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(ocr_lines())
 def test_ocr_render_then_parse(lines: list) -> None:
     raw = "\n".join(render_object(t, [b], tag="char") for t, b in lines)
@@ -196,7 +201,7 @@ tagged_noise = st.lists(
 ).map("".join)  # fmt: skip
 
 
-@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(st.text(), tagged_noise))
 def test_arbitrary_input_never_raises_and_invariants_hold(raw: str) -> None:
     out = parse(raw, image_size=(640, 480))

@@ -53,3 +53,51 @@ def test_verify_rejects_stale_timestamps() -> None:
 def test_bad_secret_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="whsec_"):
         sign_headers("whsec_***", "m", BODY)
+
+
+def test_signed_headers_are_exactly_the_standard_ones() -> None:
+    headers = sign_headers(SECRET, "msg_2", BODY, timestamp=1_700_000_000)
+    assert set(headers) == {"webhook-id", "webhook-timestamp", "webhook-signature", "content-type"}
+    assert headers["content-type"] == "application/json"
+    unsigned = sign_headers(None, "msg_2", BODY, timestamp=1_700_000_000)
+    assert unsigned == {"webhook-id": "msg_2", "webhook-timestamp": "1700000000", "content-type": "application/json"}
+
+
+@pytest.mark.parametrize("missing", ["webhook-id", "webhook-timestamp", "webhook-signature"])
+def test_each_missing_header_is_refused_alone(missing: str) -> None:
+    headers = {k: v for k, v in sign_headers(SECRET, "m", BODY).items() if k != missing}
+    with pytest.raises(WebhookVerificationError) as info:
+        verify(SECRET, headers, BODY)
+    assert str(info.value) == "missing webhook-id, webhook-timestamp or webhook-signature header"
+
+
+def test_header_names_are_case_insensitive() -> None:
+    headers = {k.upper(): v for k, v in sign_headers(SECRET, "m", BODY).items()}
+    assert verify(SECRET, headers, BODY)["job_id"] == "j"
+
+
+def test_each_refusal_says_why() -> None:
+    headers = sign_headers(SECRET, "m", BODY)
+    with pytest.raises(WebhookVerificationError) as info:
+        verify(SECRET, {**headers, "webhook-timestamp": "soon"}, BODY)
+    assert str(info.value) == "bad webhook-timestamp 'soon'"
+    with pytest.raises(WebhookVerificationError) as info:
+        verify(SECRET, {**headers, "webhook-signature": "v1,AAAA v1,BBBB"}, BODY)
+    assert str(info.value) == "no webhook-signature matches"
+    not_json = b"<xml/>"
+    with pytest.raises(WebhookVerificationError) as info:
+        verify(SECRET, sign_headers(SECRET, "m", not_json), not_json)
+    assert str(info.value) == "webhook body is not JSON"
+    with pytest.raises(ValueError) as bad_secret:
+        sign_headers("whsec_***", "m", BODY)
+    assert str(bad_secret.value) == "callback secret must be 'whsec_' + base64 of the key bytes"
+
+
+def test_the_tolerance_is_inclusive(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(time, "time", lambda: 1_700_000_300.0)
+    assert verify(SECRET, sign_headers(SECRET, "m", BODY, timestamp=1_700_000_000), BODY)["job_id"] == "j"
+    assert verify(SECRET, sign_headers(SECRET, "m", BODY, timestamp=1_700_000_600), BODY)["job_id"] == "j"
+    for off_by_one in (1_699_999_999, 1_700_000_601):
+        with pytest.raises(WebhookVerificationError) as info:
+            verify(SECRET, sign_headers(SECRET, "m", BODY, timestamp=off_by_one), BODY)
+        assert str(info.value) == f"webhook-timestamp {off_by_one} is more than 300s from now"

@@ -23,6 +23,7 @@ from typing import Any
 
 import redis
 
+from varco.tasks.connections import redis_client
 from varco.tasks.results_store import ResultStore, result_store
 from varco.tasks.settings import Settings
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 NODE_STATE_ENV = "VARCO_NODE_STATE_DIR"  # set by the supervisor for its children, not by users
 HEARTBEAT_EVERY_S = 2.0
 HEARTBEAT_STALE_S = 30.0  # a child whose heartbeat is older is hung (or gone)
+PROBE_TIMEOUT_S = 3.0  # a Redis check behind /readyz and /metrics answers within the probe's own timeout
 
 
 def state_file(directory: Path, name: str) -> Path:
@@ -107,7 +109,7 @@ class NodeHealth:
         self.directory = directory
         self.children = children  # names of the inference children now
         self.settings = settings
-        self._redis = redis.Redis.from_url(settings.broker_url, socket_timeout=3, socket_connect_timeout=3)
+        self._redis = redis_client(settings, timeout_s=PROBE_TIMEOUT_S, retries=0, decode_responses=False)
         self._store: ResultStore | None = None
         self._store_checked: tuple[float, str | None] = (0.0, None)
 

@@ -23,8 +23,8 @@ log = logging.getLogger("varco.supervisor")
 class QueueLengthCollector:
     """varco_queue_length{queue}: jobs waiting, all priority lanes summed (read from Redis at scrape time)."""
 
-    def __init__(self, broker_url: str, queues: Iterable[str]) -> None:
-        self.redis = redis.Redis.from_url(broker_url, socket_timeout=3, socket_connect_timeout=3)
+    def __init__(self, client: redis.Redis, queues: Iterable[str]) -> None:
+        self.redis = client
         self.queues = list(queues)
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
@@ -38,12 +38,12 @@ class QueueLengthCollector:
 
 
 def serve(
-    port: int, state_dir: Path, health: NodeHealth, broker_url: str, queues: Iterable[str]
+    port: int, state_dir: Path, health: NodeHealth, client: redis.Redis, queues: Iterable[str]
 ) -> ThreadingHTTPServer:
     """Start the endpoint on a daemon thread; raises OSError if the port is taken."""
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(state_dir))
-    registry.register(QueueLengthCollector(broker_url, queues))
+    registry.register(QueueLengthCollector(client, queues))
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:

@@ -15,11 +15,11 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import redis
 from celery import Celery
 from pydantic import ValidationError
 
 from varco.tasks.celery_app import INFER_QUEUE, create_app
+from varco.tasks.connections import WORKER_RETRIES, redis_client
 from varco.tasks.results_store import result_store
 from varco.tasks.settings import Settings
 from varco.tasks.status import StatusStore
@@ -69,7 +69,7 @@ def run_inference_worker(hostname: str, queues: list[str], concurrency: int | No
         hostname, settings.model, engine.name, engine.device, engine.load_seconds,
         os.environ.get("CUDA_VISIBLE_DEVICES"),
     )  # fmt: skip
-    client = redis.Redis.from_url(settings.broker_url, decode_responses=True)
+    client = redis_client(settings, retries=WORKER_RETRIES)
     app = create_app(settings)
     statuses = StatusStore(client, settings.status_ttl)
     runtime = Runtime(

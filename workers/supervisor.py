@@ -25,9 +25,11 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from varco.tasks.celery_app import CALLBACK_QUEUE
+from varco.tasks.connections import describe, redis_client
 from varco.tasks.settings import Settings
 from varco.workers import exit_codes, node_http
-from varco.workers.health import NODE_STATE_ENV, NodeHealth
+from varco.workers.broker_persistence import log_broker_persistence
+from varco.workers.health import NODE_STATE_ENV, PROBE_TIMEOUT_S, NodeHealth
 from varco.workers.logs import configure_logging
 
 log = logging.getLogger("varco.supervisor")
@@ -181,6 +183,8 @@ def run(gpus: str, queues: str, callbacks: bool = True, concurrency: int | None 
     except ValidationError as exc:
         log.error("this node cannot start: %s; giving up", exc)
         return 1
+    with redis_client(settings, timeout_s=PROBE_TIMEOUT_S, retries=0) as probe:
+        log_broker_persistence(probe, describe(settings.broker_url))
     state_dir = Path(tempfile.mkdtemp(prefix="varco-node-"))
     try:
         children = plan_children(gpus, queues, callbacks, concurrency, state_dir)
@@ -203,7 +207,8 @@ def _serve_endpoint(
     health = NodeHealth(state_dir, lambda: inference, settings)
     watched = [*queues, CALLBACK_QUEUE] if callbacks else queues
     try:
-        return node_http.serve(settings.metrics_port, state_dir, health, settings.broker_url, watched)
+        client = redis_client(settings, timeout_s=PROBE_TIMEOUT_S, retries=0)
+        return node_http.serve(settings.metrics_port, state_dir, health, client, watched)
     except OSError as exc:  # serving jobs matters more than being scraped
         log.error("cannot serve /metrics, /livez, /readyz on port %d (%s); running without them",
                   settings.metrics_port, exc)  # fmt: skip

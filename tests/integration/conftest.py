@@ -13,17 +13,24 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import pytest
-from helpers import VARCO_CLI, ServedFiles, WebhookReceiver, card_output, jpeg_rotated, png
-from moto.server import ThreadedMotoServer
 
-from varco.producer import Client
-from varco.tasks.settings import Settings, settings_from_env
-from varco.workers.devtools.local_redis import LocalRedis, free_port, start_redis
-from varco.workers.devtools.scripted import SCRIPTED_PLUGIN, SCRIPTS_FILE
+# The integration suite runs real workers: it needs the `worker` extra (torch, Pillow) and the test
+# tools. Without them it is skipped with the reason, before anything below imports them.
+for _needed in ("torch", "PIL", "boto3", "moto"):
+    pytest.importorskip(_needed, reason=f"the integration tests need {_needed} (pip install '.[worker,test]')")
 
-pytest.importorskip("torch")
+import boto3  # noqa: E402
+import httpx  # noqa: E402
+from helpers import VARCO_CLI, ServedFiles, WebhookReceiver, card_output  # noqa: E402
+from images import jpeg_rotated, png  # noqa: E402
+from moto.server import ThreadedMotoServer  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from varco.producer import Client  # noqa: E402
+from varco.tasks.settings import Settings, settings_from_env  # noqa: E402
+from varco.workers.devtools.local_redis import LocalRedis, free_port, start_redis  # noqa: E402
+from varco.workers.devtools.scripted import SCRIPTED_PLUGIN, SCRIPTS_FILE  # noqa: E402
 
 SECRET = "whsec_dGVzdC1zZWNyZXQtZm9yLXZhcmNvLXF1ZXVl"
 RESULTS_BUCKET, IMAGES_BUCKET = "varco-results", "varco-images"
@@ -190,3 +197,20 @@ def wait_for_state(client: Client, job_id: str, states: set[str], timeout: float
             return
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} never reached {states}; it is {client.status(job_id).state.value}")
+
+
+def forced_tokens(env: dict[str, str], image: bytes) -> int:
+    """Tokens the scripted plugin has forced for this image in the worker node (its /metrics)."""
+    deadline = time.monotonic() + 120
+    while True:  # the node's endpoint comes up with the worker
+        try:
+            text = httpx.get(f"http://127.0.0.1:{env['VARCO_METRICS_PORT']}/metrics", timeout=5).text
+            break
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "the worker node's /metrics never answered"
+            time.sleep(0.2)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "varco_scripted_tokens_total" and sample.labels.get("image_id") == sha(image):
+                return int(sample.value)
+    return 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
-from conftest import LONG, RESULTS_BUCKET, wait_for_state
+from conftest import LONG, LONG_ANSWER_TOKENS, RESULTS_BUCKET, forced_tokens
 
 from varco.producer import Client, JobCancelled
 from varco.tasks.celery_app import queue_depth
@@ -26,13 +28,21 @@ def test_cancel_a_queued_job(settings: Settings, worker, http_files) -> None:
     assert parked.cancel(job_id) is True  # cancelling again is harmless
 
 
-def test_cancel_a_running_job_stops_generation(client: Client, http_files, s3) -> None:
+def test_cancel_a_running_job_stops_generation(client: Client, http_files, s3, worker_env) -> None:
+    before = forced_tokens(worker_env, LONG)
     url = http_files.add("/long.png", LONG)
-    job_id = client.submit(url, "caption", max_new_tokens=6500)  # scripted: 6000 tokens, no EOS before
-    wait_for_state(client, job_id, {"started"})
+    job_id = client.submit(url, "caption", max_new_tokens=LONG_ANSWER_TOKENS + 500)  # scripted, no EOS before
+    # Cancel once its tokens are being generated, not while it is still fetched or waiting for a batch.
+    deadline = time.monotonic() + 60
+    while forced_tokens(worker_env, LONG) == before:
+        assert time.monotonic() < deadline, "the long job never started generating"
+        time.sleep(0.05)
+    assert client.status(job_id).state.value == "started"
     assert client.cancel(job_id) is True
     [status] = client.wait(job_id, timeout=60)
     assert status.state.value == "cancelled"
+    # Generation stopped: the script was not forced to its end (a cancel that did nothing would reach it).
+    assert forced_tokens(worker_env, LONG) - before < LONG_ANSWER_TOKENS
     listing = s3.list_objects_v2(Bucket=RESULTS_BUCKET, Prefix=f"jobs/{job_id}")
     assert listing.get("KeyCount", 0) == 0  # no result written
     # The engine is free again.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 
 import pytest
@@ -123,7 +124,11 @@ def test_transient_failures_retry_with_backoff_then_succeed(client: Client, http
     job_id = client.submit(url, "caption")
     [status] = client.wait(job_id, timeout=90)
     assert status.state.value == "succeeded" and status.attempts == 3
-    assert http_files.routes["/flaky.png"].hits == 3
+    route = http_files.routes["/flaky.png"]
+    assert route.hits == 3
+    # Backoff, not a retry loop: retry n waits at least half of 2**(n-1) seconds (full jitter over [0.5, 1]).
+    first_wait, second_wait = (b - a for a, b in itertools.pairwise(route.hit_times))
+    assert first_wait >= 0.5 and second_wait >= 1.0, (first_wait, second_wait)
 
 
 def test_transient_failures_give_up_after_max_attempts(client: Client, http_files) -> None:
@@ -160,8 +165,14 @@ def test_callback_events_filter(client: Client, http_files, receiver) -> None:
     job_id = client.submit(http_files.base + "/cat.png", "caption", callback_url=receiver.url("/hook/only-done"),
                            callback_events=["job.succeeded"])  # fmt: skip
     next(client.wait(job_id, timeout=60))
-    posts = receiver.wait_for(lambda got: any(r.path == "/hook/only-done" for r in got))
-    assert [json.loads(p.body)["type"] for p in posts if p.path == "/hook/only-done"] == ["job.succeeded"]
+    receiver.wait_for(lambda got: any(r.path == "/hook/only-done" for r in got))
+    # A later job's events are queued after any this job could have sent: once they have arrived, a
+    # wrongly sent job.started would have arrived too.
+    later = client.submit(http_files.base + "/cat.png", "caption", callback_url=receiver.url("/hook/after-only-done"))
+    next(client.wait(later, timeout=60))
+    receiver.wait_for(lambda got: any(r.path == "/hook/after-only-done" and b"job.succeeded" in r.body for r in got))
+    posts = [json.loads(p.body)["type"] for p in receiver.received if p.path == "/hook/only-done"]
+    assert posts == ["job.succeeded"]
 
 
 def test_a_dead_receiver_never_fails_the_job(client: Client, http_files, receiver) -> None:
@@ -183,21 +194,47 @@ def test_sixty_jobs_at_once_none_lost_none_duplicated(client: Client, http_files
         assert stored_result(s3, job_id)["metadata"] == {"n": n}
 
 
-def test_idempotency_key_gives_one_job(client: Client, http_files) -> None:
+def parked_client(settings, name: str) -> Client:
+    """A client whose every task type goes to a queue no worker reads: what it enqueues stays countable."""
+    return Client(settings.model_copy(update={"task_routes": {task: name for task in SUBMITTED_TASKS}}))
+
+
+SUBMITTED_TASKS = ("caption", "grounding", "referring", "ocr", "vqa")
+
+
+def test_idempotency_key_gives_one_job(client: Client, settings, http_files) -> None:
     url = http_files.base + "/cat.png"
+    # Enqueued once: on a queue nobody consumes, the second submit adds no message.
+    parked = parked_client(settings, "varco.parked-idempotency")
+    try:
+        depth = queue_depth(parked.redis, "varco.parked-idempotency")
+        job = parked.submit(url, "caption", idempotency_key="order-43")
+        assert parked.submit(url, "caption", idempotency_key="order-43") == job
+        assert queue_depth(parked.redis, "varco.parked-idempotency") == depth + 1
+        assert parked.cancel(job) is True
+    finally:
+        parked.close()
+    # And run once by a worker.
     first = client.submit(url, "caption", idempotency_key="order-42")
     second = client.submit(url, "caption", idempotency_key="order-42")
     assert first == second
     assert next(client.wait(first, timeout=60)).attempts == 1
 
 
-def test_bad_requests_are_refused_before_enqueueing(client: Client, http_files) -> None:
-    queued_before = queue_depth(client.redis)
-    with pytest.raises(ValueError, match="needs a prompt"):
-        client.submit(http_files.base + "/cat.png", "vqa")
-    with pytest.raises(InvalidRequest, match="request #1"):
-        client.submit_many([{"image_uri": http_files.base + "/cat.png", "task": "caption"},
-                            {"image_uri": "gopher://x", "task": "caption"}])  # fmt: skip
-    with pytest.raises(InvalidRequest, match="VARCO_MAX_DATA_URI_BYTES"):
-        client.submit("data:image/png;base64," + base64.b64encode(b"x" * 70_000).decode(), "caption")
-    assert queue_depth(client.redis) == queued_before
+def test_bad_requests_are_refused_before_enqueueing(settings, http_files) -> None:
+    parked = parked_client(settings, "varco.parked-refused")  # nothing consumes it, so nothing vanishes from it
+    try:
+        queued_before = queue_depth(parked.redis, "varco.parked-refused")
+        with pytest.raises(ValueError, match="needs a prompt"):
+            parked.submit(http_files.base + "/cat.png", "vqa")
+        with pytest.raises(InvalidRequest, match="request #1"):
+            parked.submit_many([{"image_uri": http_files.base + "/cat.png", "task": "caption"},
+                                {"image_uri": "gopher://x", "task": "caption"}])  # fmt: skip
+        with pytest.raises(InvalidRequest, match="VARCO_MAX_DATA_URI_BYTES"):
+            parked.submit("data:image/png;base64," + base64.b64encode(b"x" * 70_000).decode(), "caption")
+        assert queue_depth(parked.redis, "varco.parked-refused") == queued_before
+        # The queue does count what is enqueued.
+        parked.cancel(parked.submit(http_files.base + "/cat.png", "caption"))
+        assert queue_depth(parked.redis, "varco.parked-refused") == queued_before + 1
+    finally:
+        parked.close()

@@ -6,16 +6,26 @@ It has its own Redis database, so the session's hf worker never takes its jobs.
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CAT, LONG, RESULTS_BUCKET, running_worker, sha, submit_every_task, wait_for_state
+from conftest import (
+    CAT,
+    LONG,
+    LONG_ANSWER_TOKENS,
+    RESULTS_BUCKET,
+    forced_tokens,
+    running_worker,
+    sha,
+    submit_every_task,
+)
 from helpers import card_output
 
 from varco.producer import Client, JobCancelled
 from varco.tasks.settings import settings_from_env
-from varco.workers.devtools.local_redis import LocalRedis
+from varco.workers.devtools.local_redis import LocalRedis, free_port
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +34,7 @@ def vllm_env(worker_env: dict[str, str], redis_server: LocalRedis, tmp_path_fact
         **worker_env,
         "VARCO_BROKER_URL": redis_server.url.rsplit("/", 1)[0] + "/1",
         "VARCO_ENGINE": "vllm",
+        "VARCO_METRICS_PORT": str(free_port()),  # its own node endpoint: the cancel test reads it
         "VARCO_GPU_MEMORY_UTILIZATION": "0.1",  # of RAM, on CPU
         "VARCO_MAX_NUM_SEQS": "8",
         "VARCO_VLLM_ENGINE_ARGS": '{"enforce_eager": true}',  # no compile step: starts in seconds
@@ -63,13 +74,18 @@ def test_every_task_type_through_the_vllm_engine(vllm_client: Client, vllm_worke
     assert "loaded by the vllm engine" in log_path.read_text()
 
 
-def test_cancel_aborts_a_running_vllm_request(vllm_client: Client, http_files, s3) -> None:
+def test_cancel_aborts_a_running_vllm_request(vllm_client: Client, vllm_env: dict, http_files, s3) -> None:
+    before = forced_tokens(vllm_env, LONG)
     url = http_files.add("/long.png", LONG)
-    job_id = vllm_client.submit(url, "caption", max_new_tokens=6500)  # scripted: 6000 tokens
-    wait_for_state(vllm_client, job_id, {"started"}, timeout=120)
+    job_id = vllm_client.submit(url, "caption", max_new_tokens=LONG_ANSWER_TOKENS + 500)  # scripted, no EOS before
+    deadline = time.monotonic() + 120
+    while forced_tokens(vllm_env, LONG) == before:  # cancel once it is generating
+        assert time.monotonic() < deadline, "the long job never started generating"
+        time.sleep(0.05)
     assert vllm_client.cancel(job_id)
     with pytest.raises(JobCancelled):
         vllm_client.result(job_id, timeout=120)
+    assert forced_tokens(vllm_env, LONG) - before < LONG_ANSWER_TOKENS  # aborted before the script's end
     listing = s3.list_objects_v2(Bucket=RESULTS_BUCKET, Prefix=f"jobs/{job_id}")
     assert listing.get("KeyCount", 0) == 0  # nothing written for a cancelled job
     # the engine keeps serving after the abort
