@@ -24,6 +24,9 @@ class ResultStore(Protocol):
     def write(self, job_id: str, data: bytes) -> str: ...
     def write_image(self, job_id: str, data: bytes) -> str: ...  # a job's fetched image bytes, beside its result
     def read(self, uri: str) -> bytes: ...
+    def delete(self, job_id: str) -> None:
+        """Remove a job's result if there is one (a result written for a job that ended otherwise)."""
+
     def probe(self, name: str) -> None:
         """Write and delete a small object: raises unless the store is reachable and writable."""
 
@@ -66,6 +69,9 @@ class FileResultStore:
     def read(self, uri: str) -> bytes:
         return Path(unquote(urlsplit(uri).path)).read_bytes()
 
+    def delete(self, job_id: str) -> None:
+        (self.root / f"{job_id}.json").unlink(missing_ok=True)
+
     def probe(self, name: str) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / name
@@ -103,6 +109,9 @@ class S3ResultStore:
     def read(self, uri: str) -> bytes:
         parts = urlsplit(uri)
         return self.client.get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))["Body"].read()
+
+    def delete(self, job_id: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=f"{self.key_prefix}{job_id}.json")
 
     def probe(self, name: str) -> None:
         key = f"{self.key_prefix}{name}"

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     fetch_timeout_s: float = Field(default=15.0, gt=0)
     visibility_timeout: int = Field(default=3600, ge=10)
     max_attempts: int = Field(default=3, ge=1)
+    # A computed result's write is retried in place (backoff, jitter) this long before the job fails.
+    store_retry_s: float = Field(default=300.0, ge=0)
+    # An s3:// image read is retried in place through transient errors this long before the job retries.
+    s3_read_retry_s: float = Field(default=30.0, ge=0)
     status_ttl: int = Field(default=7 * 24 * 3600, ge=60)
     # Task type -> queue, e.g. VARCO_TASK_ROUTES='{"ocr": "varco.ocr"}'; unlisted types use "varco".
     task_routes: dict[str, str] = Field(default_factory=dict)

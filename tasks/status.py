@@ -4,13 +4,16 @@ A record is a Redis hash `varco:job:{id}`. Every change runs as one Lua script, 
 message or two workers racing can never move a job backwards (`queued -> started/retrying ->
 succeeded | failed | cancelled`), and each change is published on `varco:events` in the same step.
 Records expire `VARCO_STATUS_TTL` seconds after their last change.
+
+A running job holds a lease in its record (`lease_owner`, `lease_until` on Redis's own clock), renewed by
+its worker's heartbeat: a redelivery while the lease lives is told to wait, neither run nor counted.
 """
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -19,6 +22,14 @@ from varco.tasks.schemas import ErrorInfo, JobState, JobStatus
 
 EVENTS_CHANNEL = "varco:events"
 CANCEL_CHANNEL = "varco:cancel"
+
+# Leases are timed on the Redis server's clock, so workers' clocks need not agree.
+_CLOCK = """
+local function clock()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1e6
+end
+"""
 
 _COMMON = """
 local rank = {queued=0, started=1, retrying=1, succeeded=2, failed=2, cancelled=2}
@@ -30,16 +41,25 @@ local function publish(key, channel)
 end
 """
 
-# KEYS[1] record; ARGV: new state, ttl, now, then field/value pairs. Returns {changed, state}.
+# KEYS[1] record; ARGV: new state, ttl, now, recreate ('1': a terminal move makes a missing record anew from
+# the fields, which then carry job_id and task), then field/value pairs. Returns {changed, state}.
 _TRANSITION = (
     _COMMON
     + """
 local cur = redis.call('HGET', KEYS[1], 'state')
-if not cur then return {0, ''} end
+if not cur then
+  if ARGV[4] ~= '1' or rank[ARGV[1]] ~= 2 then return {0, ''} end
+  redis.call('HSET', KEYS[1], 'created_at', ARGV[3], 'recreated', '1')
+  cur = 'queued'
+end
 if rank[cur] == 2 or rank[ARGV[1]] < rank[cur] then return {0, cur} end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at', ARGV[3])
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-if rank[ARGV[1]] == 2 then redis.call('HSET', KEYS[1], 'finished_at', ARGV[3]) end
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[1] == 'succeeded' then redis.call('HDEL', KEYS[1], 'error') end
+if rank[ARGV[1]] == 2 then
+  redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
+  redis.call('HDEL', KEYS[1], 'lease_owner', 'lease_until')
+end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
 publish(KEYS[1], '"""
     + EVENTS_CHANNEL
@@ -48,17 +68,25 @@ return {1, ARGV[1]}
 """
 )
 
-# KEYS[1] record; ARGV: max attempts, ttl, now, worker, poison error JSON, job id.
-# Counts this delivery; fails a poison message, honours a cancel, else marks the job started.
+# KEYS[1] record; ARGV: max attempts, ttl, now, worker, poison error JSON, job id, lease token ('' for
+# none), lease seconds. Returns {state, attempts, lease seconds left}: while another token's lease lives the
+# delivery is neither run nor counted (state 'leased'); else it is counted, a poison message fails, a cancel
+# is honoured, or the job is marked started under this token's lease.
 _BEGIN = (
     _COMMON
+    + _CLOCK
     + """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then
   redis.call('HSET', KEYS[1], 'job_id', ARGV[6], 'state', 'queued', 'created_at', ARGV[3])
   cur = 'queued'
 end
-if rank[cur] == 2 then return {cur, tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')} end
+if rank[cur] == 2 then return {cur, tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0'), '0'} end
+local owner = redis.call('HGET', KEYS[1], 'lease_owner')
+local left = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0') - clock()
+if owner and owner ~= ARGV[7] and left > 0 then
+  return {'leased', tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0'), tostring(left)}
+end
 local n = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 local state = 'started'
 if n > tonumber(ARGV[1]) then
@@ -69,15 +97,46 @@ elseif redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
 else
   redis.call('HSET', KEYS[1], 'started_at', ARGV[3], 'worker', ARGV[4])
+  if ARGV[7] ~= '' then
+    redis.call('HSET', KEYS[1], 'lease_owner', ARGV[7], 'lease_until', tostring(clock() + tonumber(ARGV[8])))
+  end
 end
 redis.call('HSET', KEYS[1], 'state', state, 'updated_at', ARGV[3])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
 publish(KEYS[1], '"""
     + EVENTS_CHANNEL
     + """')
-return {state, n}
+return {state, n, '0'}
 """
 )
+
+# KEYS: records; ARGV: lease seconds, ttl, then one token per key. Extends each lease its token still holds on
+# a running job; returns how many it extended. Not published: a heartbeat is no state change.
+_RENEW = (
+    _CLOCK
+    + """
+local extended = 0
+local expiry = tostring(clock() + tonumber(ARGV[1]))
+for i, key in ipairs(KEYS) do
+  local state = redis.call('HGET', key, 'state')
+  if (state == 'started' or state == 'retrying') and redis.call('HGET', key, 'lease_owner') == ARGV[i + 2] then
+    redis.call('HSET', key, 'lease_until', expiry)
+    redis.call('EXPIRE', key, tonumber(ARGV[2]))
+    extended = extended + 1
+  end
+end
+return extended
+"""
+)
+
+# KEYS[1] record; ARGV[1] token. Ends the lease if this token holds it (a job handing itself to a retry).
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'lease_owner') == ARGV[1] then
+  redis.call('HDEL', KEYS[1], 'lease_owner', 'lease_until')
+  return 1
+end
+return 0
+"""
 
 # KEYS[1] record; ARGV: ttl, now, job id. A queued or retrying job is cancelled at once; a started
 # one is flagged and told over pub/sub so its worker stops generating. Returns the state after.
@@ -104,6 +163,15 @@ return cur
 )
 
 
+class Claim(NamedTuple):
+    """How one delivery's claim on a job went: the state after it, the attempts counted so far, and
+    `leased_s` > 0 when another run holds the job's lease for that many more seconds (not run, not counted)."""
+
+    state: JobState | None
+    attempts: int
+    leased_s: float = 0.0
+
+
 def now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
@@ -123,6 +191,8 @@ class StatusStore:
         self._transition = client.register_script(_TRANSITION)
         self._begin = client.register_script(_BEGIN)
         self._cancel = client.register_script(_CANCEL)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
 
     def key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{check_job_id(job_id)}"  # a malformed id never becomes a key
@@ -154,27 +224,60 @@ class StatusStore:
             records = pipe.execute()
         return {j: record_to_status(r) if r else None for j, r in zip(job_ids, records, strict=True)}
 
-    def transition(self, job_id: str, state: JobState, *, error: ErrorInfo | None = None, **fields: str) -> bool:
-        """Move forward to `state`; False (and nothing written) when that would go backwards."""
+    def transition(
+        self,
+        job_id: str,
+        state: JobState,
+        *,
+        error: ErrorInfo | None = None,
+        recreate_task: str | None = None,
+        **fields: str,
+    ) -> bool:
+        """Move forward to `state`; False (and nothing written) when that would go backwards.
+
+        With `recreate_task`, a terminal move whose record has vanished (Redis lost it) makes it anew:
+        job id, task, the terminal state and its fields, so pollers and webhooks still see the end.
+        """
         if error is not None:
             fields["error"] = error.model_dump_json()
-        args: list[str] = [state.value, str(self.ttl), now_iso()]
+        if recreate_task is not None:
+            fields = {"job_id": job_id, "task": recreate_task, **fields}
+        args: list[str] = [state.value, str(self.ttl), now_iso(), "1" if recreate_task is not None else "0"]
         for name, value in fields.items():
             args += [name, value]
         changed, _ = self._transition(keys=[self.key(job_id)], args=args)
         return bool(changed)
 
     def begin_attempt(self, job_id: str, worker: str, max_attempts: int) -> tuple[JobState, int]:
+        """Count a delivery without a lease (see `claim`)."""
+        claim = self.claim(job_id, worker, max_attempts)
+        assert claim.state is not None  # no lease token: never told to wait
+        return claim.state, claim.attempts
+
+    def claim(self, job_id: str, worker: str, max_attempts: int, token: str = "", lease_s: float = 0.0) -> Claim:
+        """Count this delivery and start the job under `token`'s lease, unless another lease still lives."""
         poison = ErrorInfo(
             type="PoisonMessageError",
             message=f"job was delivered more than {max_attempts} times without finishing "
             "(a worker crashed or ran out of memory on it)",
         )
-        state, attempts = self._begin(
+        state, attempts, left = self._begin(
             keys=[self.key(job_id)],
-            args=[max_attempts, self.ttl, now_iso(), worker, poison.model_dump_json(), job_id],
+            args=[max_attempts, self.ttl, now_iso(), worker, poison.model_dump_json(), job_id, token, lease_s],
         )
-        return JobState(state), int(attempts)
+        if state == "leased":
+            return Claim(None, int(attempts), max(float(left), 0.001))
+        return Claim(JobState(state), int(attempts))
+
+    def renew_leases(self, leases: dict[str, str], lease_s: float) -> int:
+        """Extend the leases of running jobs (job id -> token) for `lease_s` more seconds; how many were."""
+        if not leases:
+            return 0
+        ids = list(leases)
+        return int(self._renew(keys=[self.key(j) for j in ids], args=[lease_s, self.ttl, *(leases[j] for j in ids)]))
+
+    def release_lease(self, job_id: str, token: str) -> None:
+        self._release(keys=[self.key(job_id)], args=[token])
 
     def request_cancel(self, job_id: str) -> JobState | None:
         state = self._cancel(keys=[self.key(job_id)], args=[self.ttl, now_iso(), job_id])

@@ -125,3 +125,16 @@ def test_the_listener_reconnects_after_redis_restarts(
     lost = [r.getMessage() for r in caplog.records if r.name.endswith("workers.cancels")]
     assert lost and all(m.startswith("cancel listener lost Redis (") for m in lost), lost
     assert any("ConnectionError" in m for m in lost) and all(m.endswith("); reconnecting") for m in lost), lost
+
+
+def test_a_deferred_copy_does_not_unwatch_the_running_job() -> None:
+    watcher = CancelWatcher(redis.Redis())  # not started: no connection is made
+    watcher.watch("j")  # the run
+    watcher.watch("j")  # a copy delivered to another thread of this process, deferred at once
+    watcher.forget("j")
+    watcher.mark("j")  # the user cancels while the run goes on
+    assert watcher.is_cancelled("j")
+    watcher.forget("j")
+    assert not watcher.is_cancelled("j")
+    watcher.mark("j")  # no run left here: ignored
+    assert not watcher.is_cancelled("j")

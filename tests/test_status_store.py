@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -96,3 +97,46 @@ def test_idempotency_key_binds_once(store: StatusStore) -> None:
     assert store.claim_idempotency_key("k", "b") == "a"
     store.release_idempotency_key("k", "b")  # not the owner: no effect
     assert store.claim_idempotency_key("k", "c") == "a"
+
+
+def test_a_live_lease_defers_other_deliveries_without_counting_them(store: StatusStore) -> None:
+    store.create("l", "caption")
+    assert store.claim("l", "gpu0@a", 3, token="run-1", lease_s=30) == (JobState.STARTED, 1, 0.0)
+    other = store.claim("l", "gpu1@b", 3, token="run-2", lease_s=30)
+    assert other.state is None and other.attempts == 1 and 25 < other.leased_s <= 30  # told to wait
+    assert store.get("l").attempts == 1 and store.get("l").worker == "gpu0@a"
+    assert store.renew_leases({"l": "run-1", "missing": "x"}, 60) == 1
+    assert 55 < store.claim("l", "gpu1@b", 3, token="run-2", lease_s=30).leased_s <= 60
+    assert store.renew_leases({"l": "run-2"}, 60) == 0  # only the holder renews
+    store.release_lease("l", "run-2")  # not the holder: no effect
+    assert store.claim("l", "gpu1@b", 3, token="run-2", lease_s=30).state is None
+    store.release_lease("l", "run-1")  # handed back (a job going to a retry): the next delivery runs
+    assert store.claim("l", "gpu1@b", 3, token="run-2", lease_s=30) == (JobState.STARTED, 2, 0.0)
+
+
+def test_a_lapsed_lease_lets_the_next_delivery_run(store: StatusStore) -> None:
+    store.create("d", "caption")
+    store.claim("d", "gpu0@a", 3, token="dead", lease_s=0.2)
+    time.sleep(0.3)  # the holder died: nothing renewed it
+    assert store.claim("d", "gpu1@b", 3, token="next", lease_s=30) == (JobState.STARTED, 2, 0.0)
+
+
+def test_the_terminal_transition_ends_the_lease_and_clears_the_error(store: StatusStore) -> None:
+    store.create("s", "ocr")
+    store.claim("s", "w", 3, token="t", lease_s=30)
+    store.transition("s", JobState.RETRYING, error=ErrorInfo(type="ResultStoreError", message="S3 down"))
+    assert store.transition("s", JobState.SUCCEEDED, result_uri="s3://b/s.json")
+    record = store.record("s")
+    assert "error" not in record and "lease_owner" not in record and "lease_until" not in record
+    assert store.get("s").error is None
+
+
+def test_a_vanished_record_is_recreated_only_by_a_terminal_transition_that_asks(store: StatusStore) -> None:
+    assert not store.transition("v", JobState.SUCCEEDED, result_uri="s3://b/v.json")
+    assert not store.transition("v", JobState.RETRYING, recreate_task="caption")
+    assert store.get("v") is None
+    assert store.transition("v", JobState.SUCCEEDED, recreate_task="caption", result_uri="s3://b/v.json")
+    status = store.get("v")
+    assert (status.job_id, status.task, status.state, status.result_uri) == (
+        "v", "caption", JobState.SUCCEEDED, "s3://b/v.json")  # fmt: skip
+    assert 0 < store.redis.ttl(store.key("v")) <= 120

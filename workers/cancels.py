@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 
 import redis
 
@@ -16,7 +17,9 @@ log = logging.getLogger(__name__)
 class CancelWatcher:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
-        self._running: set[str] = set()  # jobs of this process; cancels for others are ignored
+        # Jobs of this process, counted per delivery (a deferred second copy of a running job comes and goes
+        # in another thread and must not unwatch it); cancels for others are ignored.
+        self._running: Counter[str] = Counter()
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -35,12 +38,14 @@ class CancelWatcher:
     def watch(self, job_id: str) -> None:
         """Start tracking a job of this process; call it before the job's record says started."""
         with self._lock:
-            self._running.add(job_id)
+            self._running[job_id] += 1
 
     def forget(self, job_id: str) -> None:
         with self._lock:
-            self._running.discard(job_id)
-            self._cancelled.discard(job_id)
+            self._running[job_id] -= 1
+            if self._running[job_id] <= 0:
+                del self._running[job_id]
+                self._cancelled.discard(job_id)
 
     def mark(self, job_id: str) -> None:
         with self._lock:

@@ -126,6 +126,19 @@ class ImageFetcher:
         raise ImageFetchError(f"HTTP {status} fetching {url}", transient=transient)
 
     def _s3_get(self, uri: str) -> bytes:
+        """An s3:// read, retried in place through transient errors for VARCO_S3_READ_RETRY_S: a short S3
+        outage costs this job a wait, not a failed attempt. Permanent errors (NoSuchKey, 403) end it at once."""
+        from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+
+        retrying = Retrying(
+            stop=stop_after_delay(self.settings.s3_read_retry_s),
+            wait=wait_exponential_jitter(initial=0.2, max=5.0, jitter=0.5),
+            retry=retry_if_exception(lambda exc: isinstance(exc, ImageFetchError) and exc.transient),
+            reraise=True,
+        )
+        return retrying(self._s3_get_once, uri)
+
+    def _s3_get_once(self, uri: str) -> bytes:
         import boto3
         from botocore.config import Config
         from botocore.exceptions import BotoCoreError, ClientError

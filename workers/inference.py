@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,8 +35,10 @@ from varco.workers.callbacks import backoff_s, event_payload, send_event
 from varco.workers.cancels import CancelWatcher
 from varco.workers.engines.base import Cancelled, EngineBackend, GenerationRequest
 from varco.workers.fetch import FetchedImage, ImageFetcher
+from varco.workers.leases import LeaseKeeper
 from varco.workers.logs import job_context
 from varco.workers.result_cache import ResultCache
+from varco.workers.result_writer import write_result
 from varco.workers.undecodable import on_undecodable
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,7 @@ class Runtime:
     statuses: StatusStore
     cancels: CancelWatcher
     app: Celery
+    leases: LeaseKeeper
 
 
 def _parse_time(value: str | None) -> float | None:
@@ -77,9 +81,13 @@ class _Job:
             )
             send_event(self.rt.app, url, payload)
 
+    def end(self, state: JobState, **fields: Any) -> bool:
+        """This run's terminal transition; a record Redis lost meanwhile is made anew, so it still ends."""
+        return self.rt.statuses.transition(self.job_id, state, recreate_task=self.request.task.value, **fields)
+
     def fail(self, error: ErrorInfo) -> None:
         log.info("job %s failed: %s: %s", self.job_id, error.type, error.message)
-        if self.rt.statuses.transition(self.job_id, JobState.FAILED, error=error):
+        if self.end(JobState.FAILED, error=error):
             metrics.observe_job(self.request.task.value, JobState.FAILED.value)
             self.notify("job.failed", JobState.FAILED, error=error)
 
@@ -156,14 +164,20 @@ class _Job:
         """Keep the image, store the result, mark the job succeeded; its URI, or None if it had already ended."""
         rt, queued_at = self.rt, _parse_time(self.enqueued_at)
         t2 = time.perf_counter()
-        try:
+
+        def write() -> str:
             if rt.settings.keep_images:  # for overlays: before the result, so a result names only what exists
                 result.image.kept_uri = rt.store.write_image(self.job_id, fetched.data)
-            uri = rt.store.write(self.job_id, result.model_dump_json().encode())
-        except Exception as exc:
-            raise ResultStoreError(f"cannot write the result: {exc!r}") from exc
+            return rt.store.write(self.job_id, result.model_dump_json().encode())
+
+        uri = write_result(write, rt.settings.store_retry_s, job_id=self.job_id, ended=self.ended,
+                           on_wait=self.store_waits)  # fmt: skip
+        if uri is None:
+            log.info("job %s ended while its result waited; nothing written", self.job_id)
+            return None
         store_s = time.perf_counter() - t2
-        if not rt.statuses.transition(self.job_id, JobState.SUCCEEDED, result_uri=uri):
+        if not self.end(JobState.SUCCEEDED, result_uri=uri):
+            self.unwrite()
             return None
         self.notify("job.succeeded", JobState.SUCCEEDED, result_uri=uri)
         phases = {"fetch": fetch_s, "store": store_s}
@@ -173,6 +187,28 @@ class _Job:
             phases |= {"queue": result.timings.queued_s, "total": time.time() - queued_at}
         metrics.observe_job(self.request.task.value, JobState.SUCCEEDED.value, phases)
         return uri
+
+    def ended(self) -> bool:
+        """Whether the record already says how this job ended (then this run must not write a result)."""
+        status = self.rt.statuses.get(self.job_id)
+        return status is not None and status.state in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+    def store_waits(self, error: ResultStoreError) -> None:
+        # Shown as retrying, not counted as an attempt: the result is kept and only its write is retried.
+        self.rt.statuses.transition(self.job_id, JobState.RETRYING, error=error.info())
+
+    def unwrite(self) -> None:
+        """The record turned failed or cancelled while the result was written: remove it, so the stored
+        result and the job's state never disagree (a result another run stored for a succeeded job stays)."""
+        status = self.rt.statuses.get(self.job_id)
+        if status is not None and status.state is JobState.SUCCEEDED:
+            return
+        log.warning("job %s ended %s while its result was written; removing it", self.job_id,
+                    status.state.value if status else "unknown")  # fmt: skip
+        try:
+            self.rt.store.delete(self.job_id)
+        except Exception:
+            log.exception("job %s: could not remove its result", self.job_id)
 
 
 def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> Task:
@@ -192,6 +228,7 @@ def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> 
                 _deliver(self, rt, job_id, message)
         finally:
             rt.cancels.forget(job_id)
+            rt.leases.release(job_id)
 
     def on_revoked(sender: Task | None = None, request: Any = None, **_: Any) -> None:
         # `celery control revoke` of a queued job: Celery drops its message when it arrives here; the
@@ -216,10 +253,20 @@ def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> 
 
 
 def _deliver(task: Task, rt: Runtime, job_id: str, message: InferMessage) -> None:
-    """One delivery of a job: count it, run it, and record how it ended."""
+    """One delivery of a job: claim it (unless a live run holds it), run it, and record how it ended."""
     request = message.request
-    state, attempts = rt.statuses.begin_attempt(job_id, rt.hostname, rt.settings.max_attempts)
-    if state is not JobState.STARTED:
+    token = f"{rt.hostname}/{uuid.uuid4().hex[:12]}"
+    claim = rt.statuses.claim(job_id, rt.hostname, rt.settings.max_attempts, token, rt.leases.lease_s)
+    if claim.state is None:
+        # A live run elsewhere holds the job (this copy came back through the visibility timeout): neither
+        # run nor counted, and not dropped either. It returns when the lease would have lapsed, and runs
+        # then only if the holder has died.
+        log.info("job %s is running under a live lease; this delivery waits %.1fs", job_id, claim.leased_s)
+        raise task.retry(countdown=claim.leased_s + 1.0, max_retries=None)
+    state, attempts = claim.state, claim.attempts
+    if state is JobState.STARTED:
+        rt.leases.hold(job_id, token, (getattr(task.request, "properties", None) or {}).get("delivery_tag"))
+    else:
         log.info("job %s not run: it is %s (delivery %d)", job_id, state.value, attempts)
         if state is JobState.FAILED and attempts > rt.settings.max_attempts:
             status = rt.statuses.get(job_id)
@@ -237,7 +284,7 @@ def _deliver(task: Task, rt: Runtime, job_id: str, message: InferMessage) -> Non
     try:
         job.run()
     except Cancelled:
-        if rt.statuses.transition(job_id, JobState.CANCELLED):
+        if job.end(JobState.CANCELLED):
             metrics.observe_job(job_request.task.value, JobState.CANCELLED.value)
     except JobError as exc:
         if exc.transient and attempts < rt.settings.max_attempts:

@@ -45,6 +45,7 @@ def run_inference_worker(hostname: str, queues: list[str], concurrency: int | No
         from varco.workers.engines import create_engine
         from varco.workers.fetch import ImageFetcher
         from varco.workers.inference import Runtime, register_inference_task
+        from varco.workers.leases import LeaseKeeper
     except ImportError as exc:
         log.error("%s cannot start: %s. Install the worker extra: pip install 'varco-queue[worker]'", hostname, exc)
         raise SystemExit(exit_codes.CANNOT_START) from None
@@ -70,15 +71,17 @@ def run_inference_worker(hostname: str, queues: list[str], concurrency: int | No
     )  # fmt: skip
     client = redis_client(settings, retries=WORKER_RETRIES)
     app = create_app(settings)
+    statuses = StatusStore(client, settings.status_ttl)
     runtime = Runtime(
         settings=settings,
         hostname=hostname,
         engine=engine,
         fetcher=ImageFetcher(settings),
         store=result_store(settings),
-        statuses=StatusStore(client, settings.status_ttl),
+        statuses=statuses,
         cancels=CancelWatcher(client).start(),
         app=app,
+        leases=LeaseKeeper(client, statuses, app, settings.visibility_timeout).start(),
     )
     register_inference_task(app, lambda: runtime)
     # Enough task threads to keep the engine full while others fetch: a batch and the next one for hf,
@@ -91,6 +94,7 @@ def run_inference_worker(hostname: str, queues: list[str], concurrency: int | No
     finally:
         runtime.engine.stop()
         runtime.cancels.stop()
+        runtime.leases.stop()
         runtime.fetcher.close()
 
 

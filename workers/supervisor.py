@@ -90,7 +90,9 @@ def gpu_ids(spec: str) -> list[str] | None:
 def plan_children(
     gpus: str, queues: str, callbacks: bool, concurrency: int | None, state_dir: Path | None = None
 ) -> list[Child]:
-    host = socket.gethostname()
+    # Celery node names must differ between nodes on one host (control replies, events, status records'
+    # `worker`): the host part carries this supervisor's pid, the gpuN/cpuN prefix stays as it was.
+    host = f"{socket.gethostname()}-{os.getpid()}"
     # Children write their metrics and heartbeats into the node's state directory.
     shared = {"PROMETHEUS_MULTIPROC_DIR": str(state_dir), NODE_STATE_ENV: str(state_dir)} if state_dir else {}
     ids = gpu_ids(gpus)

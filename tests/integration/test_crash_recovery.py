@@ -79,8 +79,9 @@ def test_killed_worker_is_restarted_and_the_job_is_not_lost(crash_client: Client
     url = http_files.add("/long-crash.png", LONG)
     job_id = crash_client.submit(url, "caption", max_new_tokens=6500)
     wait_for_state(crash_client, job_id, {"started"})
+    dead_lease = crash_client.statuses.record(job_id)["lease_owner"]
     first = inference_child(supervisor)
-    os.kill(first, signal.SIGKILL)  # a crash: no ack, no status update
+    os.kill(first, signal.SIGKILL)  # a crash: no ack, no status update, its lease no longer renewed
     # Restarted by the supervisor; the message comes back after the visibility timeout.
     deadline = time.monotonic() + 60
     while crash_client.status(job_id).attempts < 2 and time.monotonic() < deadline:
@@ -88,6 +89,8 @@ def test_killed_worker_is_restarted_and_the_job_is_not_lost(crash_client: Client
     status = crash_client.status(job_id)
     assert status.attempts == 2, status
     assert inference_child(supervisor) != first
+    # The dead run's lease lapsed before its message came back: the new run holds a lease of its own.
+    assert crash_client.statuses.record(job_id).get("lease_owner") not in (None, dead_lease)
     crash_client.cancel(job_id)  # no need to wait for 6000 tokens
     assert next(crash_client.wait(job_id, timeout=60)).state.value == "cancelled"
     ok = crash_client.submit(http_files.add("/after-crash.png", CAT), "caption")

@@ -1,0 +1,67 @@
+"""Writes a computed result through a store outage: only the write is retried, in place.
+
+A store outage must not cost the inference already done, nor count as a delivery: the result stays in
+memory and its write is retried with capped exponential backoff and jitter (tenacity) until it lands or
+`VARCO_STORE_RETRY_S` has passed. Before every try the job's record is read: a job that ended meanwhile
+(cancelled, failed, or finished by another run) gets nothing written.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from tenacity import RetryCallState, Retrying, retry_if_not_exception_type, stop_after_delay, wait_exponential_jitter
+
+from varco.tasks.errors import ResultStoreError
+
+log = logging.getLogger(__name__)
+
+# Backoff between tries: 0.5 s doubling, with up to 1 s of jitter, at most 20 s apart.
+FIRST_WAIT_S, MAX_WAIT_S = 0.5, 20.0
+
+
+class _JobEnded(Exception):
+    """The job's record turned terminal while its result waited to be written."""
+
+
+def write_result(
+    write: Callable[[], str],
+    deadline_s: float,
+    *,
+    job_id: str,
+    ended: Callable[[], bool],
+    on_wait: Callable[[ResultStoreError], None],
+) -> str | None:
+    """The result's URI once `write` (the job's store writes, safe to repeat) succeeded; None when the job
+    ended before it could (nothing written).
+
+    `on_wait` is told each failed try (the job shows `retrying` with it); past `deadline_s` the last
+    error is raised as a permanent ResultStoreError.
+    """
+
+    def attempt() -> str:
+        if ended():
+            raise _JobEnded
+        return write()
+
+    def waiting(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning("job %s: result write failed (%r); retrying in %.1fs", job_id, exc, state.upcoming_sleep)
+        on_wait(ResultStoreError(f"cannot write the result yet, retrying: {exc!r}"))
+
+    retrying = Retrying(
+        stop=stop_after_delay(deadline_s),
+        wait=wait_exponential_jitter(initial=FIRST_WAIT_S, max=MAX_WAIT_S, jitter=1.0),
+        retry=retry_if_not_exception_type(_JobEnded),
+        before_sleep=waiting,
+        reraise=True,
+    )
+    try:
+        return retrying(attempt)
+    except _JobEnded:
+        return None
+    except Exception as exc:
+        raise ResultStoreError(
+            f"cannot write the result (retried for {deadline_s:.0f}s): {exc!r}", transient=False
+        ) from exc
