@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 from celery import Celery, Task
+from tenacity import Retrying, stop_after_delay, wait_exponential_jitter
 
 from varco.tasks.celery_app import CALLBACK_QUEUE, CALLBACK_TASK
 from varco.tasks.errors import ForbiddenURLError
@@ -52,13 +53,20 @@ def event_payload(
     ).model_dump(mode="json")  # fmt: skip
 
 
-def send_event(app: Celery, url: str, payload: dict[str, Any]) -> None:
-    """Queue one webhook; never raises into the job that caused it."""
+# How long a finished job's task thread keeps trying to queue its webhook while the broker is away (a Redis
+# restart or a Sentinel failover): Celery's own publish retries give up within about a second.
+QUEUE_RETRY_S = 120.0
+
+
+def send_event(app: Celery, url: str, payload: dict[str, Any], *, retry_s: float = QUEUE_RETRY_S) -> None:
+    """Queue one webhook, retrying through a broker outage of up to `retry_s`; never raises into the job."""
+    args = [url, payload, f"{payload['job_id']}.{payload['type']}"]
+    retrying = Retrying(stop=stop_after_delay(retry_s), wait=wait_exponential_jitter(0.2, max=5), reraise=True)
     try:
-        app.send_task(
-            CALLBACK_TASK, args=[url, payload, f"{payload['job_id']}.{payload['type']}"], queue=CALLBACK_QUEUE
-        )
-    except Exception:  # a broker hiccup must not fail a finished job
+        for attempt in retrying:
+            with attempt:
+                app.send_task(CALLBACK_TASK, args=args, queue=CALLBACK_QUEUE)
+    except Exception:  # still unreachable: the job's outcome stands, its webhook is lost (logged)
         log.exception("could not queue %s callback for job %s", payload["type"], payload["job_id"])
 
 
