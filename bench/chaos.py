@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import io
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -41,6 +38,7 @@ from PIL import Image
 from varco.producer import BrokerUnavailable, Client
 from varco.tasks.settings import settings_from_env
 from varco.workers.devtools.local_redis import LocalRedis, free_port, start_redis
+from varco.workers.devtools.local_worker import local_worker
 from varco.workers.devtools.tcp_proxy import TcpProxy
 from varco.workers.devtools.tiny_model import make_tiny_model
 
@@ -73,23 +71,6 @@ class Receiver:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-
-
-@contextlib.contextmanager
-def node(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "varco.producer.cli", "worker", "--gpus", "cpu"],
-            env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        yield process
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def inference_child(supervisor: subprocess.Popen) -> psutil.Process:
@@ -160,7 +141,10 @@ def main() -> None:
         }
         client = Client(settings_from_env(env))
         uri = (images / "a.png").as_uri()
-        with node(env, root / "node-a.log") as node_a, node(env, root / "node-b.log"):
+        with (
+            local_worker(env, root / "node-a.log", stop_timeout_s=90) as node_a,
+            local_worker(env, root / "node-b.log", stop_timeout_s=90),
+        ):
             # Both nodes have loaded the model once a job per node has run.
             warm = client.submit_many([{"image_uri": uri, "task": "caption", "max_new_tokens": 1}] * 4)
             list(client.wait(warm, timeout=300))

@@ -21,6 +21,7 @@ INFER_QUEUE = "varco"
 CALLBACK_QUEUE = "varco.callbacks"
 # Redis lists per priority; kombu consumes lane 0 first, so API priority p (higher = sooner) maps to 9 - p.
 PRIORITY_STEPS = list(range(10))
+UNACKED_MUTEX_EXPIRE_S = 15
 DEFAULT_PRIORITY = 4
 
 
@@ -58,6 +59,10 @@ def create_app(settings: Settings) -> Celery:
             # that "after" means seconds, not kombu's default of up to 100 s more.
             "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 5)),
             "unacked_restore_throttle": 1,
+            # The sweep's mutex is a Redis key with this expiry. A worker that loses Redis mid-sweep (a restart:
+            # AOF keeps the key) cannot release it, and kombu's 300 s default then held back every dead
+            # worker's job for five minutes (measured by bench/chaos.py). A sweep takes milliseconds.
+            "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_S,
             # Timeouts, and master_name for a sentinel:// URL.
             **broker_transport_options(settings),
         },

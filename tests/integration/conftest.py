@@ -7,7 +7,6 @@ import contextlib
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from varco.producer import Client  # noqa: E402
 from varco.tasks.settings import Settings, settings_from_env  # noqa: E402
 from varco.workers.devtools.local_redis import LocalRedis, free_port, start_redis  # noqa: E402
+from varco.workers.devtools.local_worker import local_worker  # noqa: E402
 from varco.workers.devtools.scripted import SCRIPTED_PLUGIN, SCRIPTS_FILE  # noqa: E402
 
 SECRET = "whsec_dGVzdC1zZWNyZXQtZm9yLXZhcmNvLXF1ZXVl"
@@ -148,19 +148,10 @@ def settings(worker_env: dict[str, str]) -> Settings:
 @contextlib.contextmanager
 def running_worker(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
     """`varco worker --gpus cpu` as a subprocess; SIGTERM (warm shutdown) when the block ends."""
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [*VARCO_CLI, "worker", "--gpus", "cpu"],
-            env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
     try:
-        yield process
+        with local_worker(env, log_path) as process:
+            yield process
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
         if os.environ.get("VARCO_SHOW_WORKER_LOG"):
             print(log_path.read_text())
 

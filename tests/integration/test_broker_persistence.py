@@ -4,16 +4,14 @@ nothing, a softer line when Redis will not say (CONFIG refused, as on managed Re
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import VARCO_CLI
 
 from varco.workers.devtools.local_redis import LocalRedis, free_port, start_redis
+from varco.workers.devtools.local_worker import local_worker
 
 NOTHING = "persists nothing"
 CANNOT_TELL = "cannot tell whether the broker"
@@ -23,20 +21,10 @@ PERSISTS = "persists its data (appendonly yes, appendfsync everysec)"
 def node_start_log(worker_env: dict[str, str], server: LocalRedis, log_path: Path, expected: str) -> str:
     """Start `varco worker`, read its log until `expected` shows up (or 120 s pass), stop it."""
     env = {**os.environ, **worker_env, "VARCO_BROKER_URL": server.url, "VARCO_METRICS_PORT": str(free_port())}
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [*VARCO_CLI, "worker", "--gpus", "cpu", "--no-callbacks"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    try:
+    with local_worker(env, log_path, "--no-callbacks") as process:
         deadline = time.monotonic() + 120
         while expected not in log_path.read_text() and time.monotonic() < deadline and process.poll() is None:
             time.sleep(0.2)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
     return log_path.read_text()
 
 

@@ -14,7 +14,6 @@ import hashlib
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from rich.table import Table
 from varco.tasks.prompts import TaskType
 from varco.tasks.settings import Settings, settings_from_env
 from varco.workers.devtools.local_redis import LocalRedis, answers, start_redis
+from varco.workers.devtools.local_worker import stop_gracefully
 from varco.workers.devtools.samples import Sample, samples
 from varco.workers.devtools.scripted import SCRIPTED_PLUGIN, SCRIPTS_FILE
 
@@ -124,11 +124,7 @@ def run_demo(console: Console, jobs_per_task: int = 1) -> int:
         console.print(f"result JSON files: {settings.result_store}<job_id>.json")
         return 0 if ok == len(job_ids) else 1
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_gracefully(worker)
         if started_redis is not None:
             started_redis.stop()
             console.print("stopped the private redis-server")
