@@ -114,3 +114,23 @@ def test_callback_urls_obey_the_private_address_rule(receiver: WebhookReceiver) 
     receiver.status_for = lambda p: 204
     assert deliver(receiver, "/private", allow_private=False) == 0  # 127.0.0.1: refused, never contacted
     assert deliver(receiver, "/private-allowed", allow_private=True) == 1
+
+
+def test_a_delivered_webhook_that_comes_back_is_not_sent_again(receiver: WebhookReceiver, tmp_path) -> None:
+    """Its POST went through but its ack was lost (a Redis restart): the broker hands the same delivery out
+    again, and the delivered-log stops it."""
+    from varco.tasks.connections import redis_from_url
+    from varco.workers.callbacks import DeliveredLog
+    from varco.workers.devtools.local_redis import start_redis
+
+    receiver.status_for = lambda p: 204
+    with start_redis(tmp_path) as server:
+        settings = Settings(broker_url="memory://", allow_private_urls=True, _env_file=None)
+        log = DeliveredLog(redis_from_url(server.url), ttl=60)
+        task = register_callback_task(create_app(settings), settings, log)
+        for _ in range(2):
+            task.apply(args=[receiver.url("/once"), PAYLOAD, "abc.job.succeeded"])
+        assert sum(r.path == "/once" for r in receiver.received) == 1
+        other = register_callback_task(create_app(settings), settings, log)
+        other.apply(args=[receiver.url("/once"), PAYLOAD, "abc.job.failed"])  # another event id is sent
+        assert sum(r.path == "/once" for r in receiver.received) == 2

@@ -13,6 +13,7 @@ import random
 from typing import Any
 
 import httpx
+import redis
 from celery import Celery, Task
 from tenacity import Retrying, stop_after_delay, wait_exponential_jitter
 
@@ -70,7 +71,32 @@ def send_event(app: Celery, url: str, payload: dict[str, Any], *, retry_s: float
         log.exception("could not queue %s callback for job %s", payload["type"], payload["job_id"])
 
 
-def register_callback_task(app: Celery, settings: Settings) -> Task:
+class DeliveredLog:
+    """Webhook ids already delivered, as Redis keys that live `ttl` seconds. A delivery whose POST went
+    through but whose ack was lost (a Redis restart) comes back from the broker: it is not POSTed again.
+    Redis errors never stop a delivery: then it is sent (at least once; receivers deduplicate on
+    `webhook-id`)."""
+
+    def __init__(self, client: redis.Redis, ttl: int, prefix: str = "varco") -> None:
+        self.client, self.ttl, self.prefix = client, ttl, prefix
+
+    def _key(self, msg_id: str) -> str:
+        return f"{self.prefix}:webhook-delivered:{msg_id}"
+
+    def seen(self, msg_id: str) -> bool:
+        try:
+            return bool(self.client.exists(self._key(msg_id)))
+        except redis.RedisError:
+            return False
+
+    def mark(self, msg_id: str) -> None:
+        try:
+            self.client.set(self._key(msg_id), "1", ex=self.ttl)
+        except redis.RedisError:
+            log.warning("could not record webhook %s as delivered; a redelivery may send it again", msg_id)
+
+
+def register_callback_task(app: Celery, settings: Settings, delivered: DeliveredLog | None = None) -> Task:
     secret = settings.callback_secret.get_secret_value() if settings.callback_secret else None
     if secret is None:
         log.warning("VARCO_CALLBACK_SECRET is not set: webhooks are sent unsigned")
@@ -83,6 +109,10 @@ def register_callback_task(app: Celery, settings: Settings) -> Task:
 
     @app.task(name=CALLBACK_TASK, bind=True, max_retries=settings.callback_max_retries, acks_late=True)
     def deliver(self: Task, url: str, payload: dict[str, Any], msg_id: str) -> int:
+        if delivered is not None and delivered.seen(msg_id):
+            log.info("callback %s was delivered already; not sent again", msg_id)
+            CALLBACKS.labels(outcome="duplicate").inc()
+            return 0
         body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
         host = host_of(url)
         if not slots.try_acquire(host):
@@ -113,6 +143,8 @@ def register_callback_task(app: Celery, settings: Settings) -> Task:
             CALLBACKS.labels(outcome="rejected").inc()
         else:
             CALLBACKS.labels(outcome="delivered").inc()
+            if delivered is not None:
+                delivered.mark(msg_id)
         return response.status_code
 
     return deliver

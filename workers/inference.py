@@ -28,7 +28,7 @@ from varco.tasks.requests import InvalidRequest, JobRequest
 from varco.tasks.results_store import ResultStore
 from varco.tasks.schemas import ErrorInfo, ImageInfo, JobResult, JobState, Timings, Usage
 from varco.tasks.settings import Settings
-from varco.tasks.status import StatusStore, now_iso
+from varco.tasks.status import StatusStore, now_iso, record_to_status
 from varco.tasks.tags import parse
 from varco.workers import metrics
 from varco.workers.callbacks import backoff_s, event_payload, send_event
@@ -42,6 +42,9 @@ from varco.workers.result_writer import write_result
 from varco.workers.undecodable import on_undecodable
 
 log = logging.getLogger(__name__)
+# Set on a job's status record once its terminal webhook was queued (or was not wanted).
+TERMINAL_WEBHOOK_FIELD = "terminal_webhook"
+_TERMINAL_EVENTS = ("job.succeeded", "job.failed")
 
 
 @dataclass
@@ -80,6 +83,8 @@ class _Job:
                 event, self.job_id, self.request, state, now_iso(), result_uri=result_uri, error=error
             )
             send_event(self.rt.app, url, payload)
+        if event in _TERMINAL_EVENTS:  # queued (or not wanted): a later delivery need not send it again
+            self.rt.statuses.redis.hset(self.rt.statuses.key(self.job_id), TERMINAL_WEBHOOK_FIELD, "1")
 
     def end(self, state: JobState, **fields: Any) -> bool:
         """This run's terminal transition; a record Redis lost meanwhile is made anew, so it still ends."""
@@ -268,9 +273,8 @@ def _deliver(task: Task, rt: Runtime, job_id: str, message: InferMessage) -> Non
         rt.leases.hold(job_id, token, (getattr(task.request, "properties", None) or {}).get("delivery_tag"))
     else:
         log.info("job %s not run: it is %s (delivery %d)", job_id, state.value, attempts)
-        if state is JobState.FAILED and attempts > rt.settings.max_attempts:
-            status = rt.statuses.get(job_id)
-            _notify_poison(rt, job_id, request, status.error if status else None)
+        if state in (JobState.SUCCEEDED, JobState.FAILED):
+            _send_missing_terminal_webhook(rt, job_id, request)
         return
     try:  # everything the Client checks, before any fetch or inference
         job_request, enqueued_at = message.validate(rt.settings.max_data_uri_bytes)
@@ -303,12 +307,21 @@ def _deliver(task: Task, rt: Runtime, job_id: str, message: InferMessage) -> Non
         job.fail(error_info(exc))
 
 
-def _notify_poison(rt: Runtime, job_id: str, request: Any, error: ErrorInfo | None) -> None:
+def _send_missing_terminal_webhook(rt: Runtime, job_id: str, request: Any) -> None:
+    """A delivery of a job that has already ended sends its terminal webhook if no run queued it: the
+    run that ended it died between its terminal transition and the webhook (kill -9), or the job was
+    failed as poison by this delivery's claim. At least once; receivers deduplicate on `webhook-id`."""
+    record = rt.statuses.record(job_id)
+    if not record or record.get(TERMINAL_WEBHOOK_FIELD) == "1":
+        return
     try:
         job_request = JobRequest.model_validate(request)
     except (ValidationError, RecursionError):
         return
-    _Job(rt, job_id, job_request, None).notify("job.failed", JobState.FAILED, error=error)
+    status = record_to_status(record)
+    event = "job.succeeded" if status.state is JobState.SUCCEEDED else "job.failed"
+    log.info("job %s: sending its %s webhook, which no run had queued", job_id, event)
+    _Job(rt, job_id, job_request, None).notify(event, status.state, result_uri=status.result_uri, error=status.error)
 
 
 def _uri_for_result(uri: str) -> str:

@@ -112,11 +112,12 @@ def _child_state(engine: Any | None) -> dict[str, Any]:
 def run_callback_worker(hostname: str, concurrency: int = 8) -> None:
     configure_logging(hostname)
     from varco.tasks.celery_app import CALLBACK_QUEUE
-    from varco.workers.callbacks import register_callback_task
+    from varco.workers.callbacks import DeliveredLog, register_callback_task
 
     settings = Settings()
     app = create_app(settings)
-    register_callback_task(app, settings)
+    delivered = DeliveredLog(redis_client(settings, retries=WORKER_RETRIES), settings.status_ttl)
+    register_callback_task(app, settings, delivered)
     _run_celery(app, hostname, [CALLBACK_QUEUE], concurrency)
 
 
