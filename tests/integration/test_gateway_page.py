@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 
 import httpx
 import pytest
@@ -35,7 +36,12 @@ def test_the_page_follows_a_grounding_job_and_shows_its_overlay_and_objects(gate
             assert rows.nth(2).locator("td").all_inner_texts() == ["3", "a pink blanket", "2, 111, 639, 480"]
 
             overlay = page.locator("#overlay")
-            page.wait_for_function("document.getElementById('overlay').complete", timeout=30_000)
+            # Polled from here: page.wait_for_function's in-page polling evals its predicate, which the
+            # page's CSP (no 'unsafe-eval') refuses whenever the image is not complete at the first look.
+            deadline = time.monotonic() + 30
+            while not overlay.evaluate("img => img.complete && img.naturalWidth > 0"):
+                assert time.monotonic() < deadline, "the overlay image never loaded"
+                time.sleep(0.1)
             assert overlay.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [640, 480]
             assert errors == []
         finally:
