@@ -60,6 +60,7 @@ class Runtime:
     cancels: CancelWatcher
     app: Celery
     leases: LeaseKeeper
+    cache: ResultCache  # the result cache index (VARCO_RESULT_CACHE_TTL), one per process
 
 
 def _parse_time(value: str | None) -> float | None:
@@ -102,7 +103,7 @@ class _Job:
         t0 = time.perf_counter()
         fetched = rt.fetcher.fetch(request.image_uri)
         fetch_s = time.perf_counter() - t0
-        cache = ResultCache(rt.statuses.redis, rt.store, rt.settings)
+        cache = rt.cache
         if (source := cache.lookup(request, fetched.sha256)) is not None:  # a repeat: no engine
             own = self.own_fields(fetched, started, fetch_s, 0.0) | {"usage": Usage(), "cached_from": source.job_id}
             self.finish(JobResult.model_validate(source.model_dump() | own), fetched, fetch_s, 0.0)

@@ -46,6 +46,7 @@ def run_inference_worker(hostname: str, queues: list[str], concurrency: int | No
         from varco.workers.fetch import ImageFetcher
         from varco.workers.inference import Runtime, register_inference_task
         from varco.workers.leases import LeaseKeeper
+        from varco.workers.result_cache import ResultCache
     except ImportError as exc:
         log.error("%s cannot start: %s. Install the worker extra: pip install 'varco-queue[worker]'", hostname, exc)
         raise SystemExit(exit_codes.CANNOT_START) from None
@@ -72,16 +73,18 @@ def run_inference_worker(hostname: str, queues: list[str], concurrency: int | No
     client = redis_client(settings, retries=WORKER_RETRIES)
     app = create_app(settings)
     statuses = StatusStore(client, settings.status_ttl)
+    store = result_store(settings)
     runtime = Runtime(
         settings=settings,
         hostname=hostname,
         engine=engine,
         fetcher=ImageFetcher(settings),
-        store=result_store(settings),
+        store=store,
         statuses=statuses,
         cancels=CancelWatcher(client).start(),
         app=app,
         leases=LeaseKeeper(client, statuses, app, settings.visibility_timeout).start(),
+        cache=ResultCache(client, store, settings),
     )
     register_inference_task(app, lambda: runtime)
     # Enough task threads to keep the engine full while others fetch: a batch and the next one for hf,
