@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import ipaddress
 import os
 import socket
 import sys
 from collections.abc import Iterator
+from importlib.machinery import ModuleSpec
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from helpers import PUBLIC, ScriptedResolver
@@ -14,26 +17,44 @@ from helpers import PUBLIC, ScriptedResolver
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _serve_mutants() -> None:
-    """Under `make mutants`, make `varco.<module>` the mutated copy that mutmut imports as `<module>`.
+class _MutantAliases:
+    """Import finder: `varco.<module>` is the mutated copy that mutmut imports as `<module>`.
 
     mutmut copies the modules it mutates to `mutants/` and names each mutant by file path
     (`tasks.tags.x_parse__mutmut_3`), while the project is imported under its one root
-    (`varco.tasks.tags`). Aliasing the two names to one module object lets the mutants run; it happens
-    before any test module imports them.
+    (`varco.tasks.tags`). A finder, rather than aliasing once, makes the redirect hold however the
+    modules import each other: a mutated `workers.fetch` importing `varco.workers.netguard` gets the
+    mutated netguard too, whichever of the two is imported first.
+    """
+
+    def __init__(self, names: set[str]) -> None:
+        self.names = names
+
+    def find_spec(self, fullname: str, path: object = None, target: object = None) -> ModuleSpec | None:
+        name = fullname.removeprefix("varco.")
+        if name == fullname or name not in self.names:
+            return None
+        return ModuleSpec(fullname, self)
+
+    def create_module(self, spec: ModuleSpec) -> ModuleType:
+        return importlib.import_module(spec.name.removeprefix("varco."))
+
+    def exec_module(self, module: ModuleType) -> None:
+        """Already executed when mutmut's copy was imported under its own name."""
+
+
+def _serve_mutants() -> None:
+    """Under `make mutants`, serve every mutated module under its `varco.` name (see `_MutantAliases`).
+
+    Installed before any test module imports the project.
     """
     if ROOT.name != "mutants":
         return
-    import importlib
     import tomllib
 
     config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    for path in config["tool"]["mutmut"]["source_paths"]:
-        name = path.removesuffix(".py").replace("/", ".")
-        module = importlib.import_module(name)
-        parent, _, leaf = f"varco.{name}".rpartition(".")
-        sys.modules[f"varco.{name}"] = module
-        setattr(importlib.import_module(parent), leaf, module)
+    names = {path.removesuffix(".py").replace("/", ".") for path in config["tool"]["mutmut"]["source_paths"]}
+    sys.meta_path.insert(0, _MutantAliases(names))
 
 
 _serve_mutants()
