@@ -81,9 +81,22 @@ def _job_fields(item: Any, who: str, idempotency_key: str | None, index: int | N
     return fields
 
 
-def _invalid(exc: InvalidRequest) -> Problem:
-    detail = str(exc) if exc.index is not None else exc.reason
-    return Problem(422, "invalid-request", detail, field=exc.field, index=exc.index)
+def _batch_fields(body: Any, who: str, limit: int) -> list[dict[str, Any]]:
+    """A batch body as one Client keyword dict per job; the first bad job refuses the whole batch."""
+    jobs = body.get("jobs") if isinstance(body, dict) else None
+    if not isinstance(jobs, list) or not jobs or set(body) != {"jobs"}:
+        raise Problem(422, "invalid-request", 'body must be {"jobs": [job, ...]} with at least one job', field="jobs")
+    if len(jobs) > limit:
+        raise Problem(
+            422, "invalid-request", f"{len(jobs)} jobs in one batch; the limit is {limit} (VARCO_GATEWAY_MAX_BATCH)",
+            field="jobs",
+        )  # fmt: skip
+    return [_job_fields(item, who, None, index) for index, item in enumerate(jobs)]
+
+
+def _invalid_in_batch(exc: InvalidRequest) -> Problem:
+    """A batch's InvalidRequest: its message names the job ("request #2: ..."), and `index` says it too."""
+    return Problem(422, "invalid-request", str(exc), field=exc.field, index=exc.index)
 
 
 @router.post(
@@ -98,7 +111,7 @@ async def submit_job(
     fields = _job_fields(await _json(request), who, idempotency_key)
     try:
         [job_id] = await run_in_threadpool(state.client.submit_many, [fields], owner=who)
-    except InvalidRequest as exc:
+    except InvalidRequest as exc:  # a one-job batch: the message without "request #0"
         raise Problem(422, "invalid-request", exc.reason, field=exc.field) from None
     state.metrics.submitted.inc()
     response.headers["Location"] = status_url(job_id)
@@ -110,21 +123,11 @@ async def submit_job(
     responses=responses(408, 413), summary="Submit several jobs, all validated before any is enqueued",
 )  # fmt: skip
 async def submit_batch(request: Request, state: State, who: Caller) -> BatchSubmitted:
-    body = await _json(request)
-    jobs = body.get("jobs") if isinstance(body, dict) else None
-    if not isinstance(jobs, list) or not jobs or (isinstance(body, dict) and set(body) != {"jobs"}):
-        raise Problem(422, "invalid-request", 'body must be {"jobs": [job, ...]} with at least one job', field="jobs")
-    limit = state.client.settings.gateway_max_batch
-    if len(jobs) > limit:
-        raise Problem(
-            422, "invalid-request", f"{len(jobs)} jobs in one batch; the limit is {limit} (VARCO_GATEWAY_MAX_BATCH)",
-            field="jobs",
-        )  # fmt: skip
-    fields = [_job_fields(item, who, None, index) for index, item in enumerate(jobs)]
+    fields = _batch_fields(await _json(request), who, state.client.settings.gateway_max_batch)
     try:
         job_ids = await run_in_threadpool(state.client.submit_many, fields, owner=who)
     except InvalidRequest as exc:
-        raise _invalid(exc) from None
+        raise _invalid_in_batch(exc) from None
     state.metrics.submitted.inc(len(job_ids))
     return BatchSubmitted(job_ids=job_ids, status_urls=[status_url(j) for j in job_ids])
 

@@ -1,0 +1,454 @@
+"""The gateway's request mapping, in this process: HTTP bodies, headers and keys -> Client calls -> answers.
+
+The app runs under a real uvicorn server (a thread of this process, so `make mutants` sees the code it
+runs) over a real redis-server, with no worker: jobs stay queued unless a test moves them on the way a
+worker would (status transitions, a result file). tests/integration/test_gateway.py covers the whole
+pipeline with the gateway as its own process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+import time
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+
+pytest.importorskip("fastapi")
+import uvicorn
+from fastapi.exceptions import RequestValidationError
+
+from varco.gateway.app import create_app
+from varco.gateway.auth import KeyRing, key_id
+from varco.producer import Client
+from varco.tasks.celery_app import INFER_QUEUE
+from varco.tasks.results_store import FileResultStore
+from varco.tasks.schemas import ErrorInfo, JobState
+from varco.tasks.settings import Settings
+from varco.workers.devtools.local_redis import LocalRedis, free_port, start_redis
+
+ALICE, BOB = "alice-key-0123456789", "bob-key-9876543210"
+IMAGE = "https://images.example/cat.png"
+JOB = {"image_uri": IMAGE, "task": "caption"}
+MAX_BATCH = 3
+TITLES = {401: "Unauthorized", 404: "Not found", 405: "Method not allowed", 409: "Conflict", 422: "Invalid request",
+          429: "Too many requests", 503: "Service unavailable"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
+    with start_redis(tmp_path_factory.mktemp("redis-gateway")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def settings(redis_server: LocalRedis, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    results = tmp_path_factory.mktemp("results")
+    return Settings(broker_url=redis_server.url, result_store=results.as_uri() + "/", gateway_max_batch=MAX_BATCH)
+
+
+@pytest.fixture(scope="module")
+def client(settings: Settings) -> Iterator[Client]:
+    with Client(settings) as c:
+        yield c
+
+
+def serve(settings: Settings, keys: list[str] | None, client: Client) -> Iterator[str]:
+    """The app on a real uvicorn server in a thread; yields its base URL once it listens."""
+    port = free_port()
+    config = uvicorn.Config(create_app(settings, keys, client=client), host="127.0.0.1", port=port, log_level="error")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:  # uvicorn sets it once the socket listens
+        assert thread.is_alive() and time.monotonic() < deadline, "gateway never started"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture
+def base(settings: Settings, client: Client) -> Iterator[str]:
+    """A gateway per test: `make mutants` then sees every test reach the app's set-up (create_app)."""
+    yield from serve(settings, [ALICE, BOB], client)
+
+
+@pytest.fixture(autouse=True)
+def clean(client: Client) -> None:
+    client.redis.flushdb()
+
+
+def api(base: str, key: str | None = ALICE) -> httpx.Client:
+    return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=30)
+
+
+def problem(response: httpx.Response, status: int, kind: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["type"] == f"urn:varco:problem:{kind}" and body["status"] == status, body
+    assert body["title"] == TITLES[status]
+    return body
+
+
+def enqueued(client: Client) -> list[dict[str, Any]]:
+    """The job requests waiting on the broker queue, oldest first (no worker reads it here).
+
+    kombu keeps one Redis list per priority level (`varco`, `varco:5`, ...); these tests use one level."""
+    lists = [k for k in client.redis.scan_iter(f"{INFER_QUEUE}*") if client.redis.type(k) == "list"]
+    messages = [json.loads(m) for key in lists for m in client.redis.lrange(key, 0, -1)]
+    return [json.loads(base64.b64decode(m["body"]))[0][1] for m in reversed(messages)]
+
+
+def records(client: Client) -> int:
+    return sum(1 for _ in client.redis.scan_iter("varco:job:*"))
+
+
+# --- submit ----------------------------------------------------------------------------------
+
+
+def test_submit_enqueues_the_request_under_the_callers_key(base: str, client: Client) -> None:
+    with api(base) as http:
+        response = http.post("/v1/jobs", json={**JOB, "prompt": "What is this?", "metadata": {"order": 7}})
+    assert response.status_code == 202, response.text
+    job_id = response.json()["job_id"]
+    assert response.json()["status_url"] == response.headers["location"] == f"/v1/jobs/{job_id}"
+    assert client.statuses.record(job_id)["owner"] == key_id(ALICE)
+    [request] = enqueued(client)
+    assert request["image_uri"] == IMAGE and request["prompt"] == "What is this?"
+    assert request["metadata"] == {"order": 7}
+
+
+@pytest.mark.parametrize(
+    ("body", "kind", "detail"),
+    [
+        (b"{not json", "invalid-json", "request body is not JSON: "),
+        (b'["a list"]', "invalid-request", "invalid job request: expected a JSON object"),
+        (b'{"image_uri": "https://x/y.png", "task": "caption", "colour": 1}', "invalid-request",
+         "invalid job request: colour: Extra inputs are not permitted"),
+        (b'{"image_uri": "https://x/y.png", "task": "poetry"}', "invalid-request", "task"),
+    ],
+)  # fmt: skip
+def test_a_bad_body_is_a_422_problem_and_enqueues_nothing(
+    base: str, client: Client, body: bytes, kind: str, detail: str
+) -> None:
+    with api(base) as http:
+        answer = problem(http.post("/v1/jobs", content=body), 422, kind)
+    assert detail in answer["detail"] and "request #" not in answer["detail"]
+    assert "index" not in answer
+    assert records(client) == 0 and enqueued(client) == []
+
+
+def test_a_bad_field_is_named(base: str) -> None:
+    with api(base) as http:
+        unknown = problem(http.post("/v1/jobs", json={**JOB, "colour": 1, "zoom": 2}), 422, "invalid-request")
+        task = problem(http.post("/v1/jobs", json={**JOB, "task": "poetry"}), 422, "invalid-request")
+    assert unknown["field"] == "colour"  # the first, in sorted order
+    assert task["field"] == "task"
+
+
+def test_idempotency_key_from_header_or_body_per_api_key(base: str, client: Client) -> None:
+    with api(base) as alice, api(base, BOB) as bob:
+        first = alice.post("/v1/jobs", json=JOB, headers={"Idempotency-Key": "order-1"}).json()["job_id"]
+        again = alice.post("/v1/jobs", json=JOB, headers={"Idempotency-Key": "order-1"}).json()["job_id"]
+        in_body = alice.post("/v1/jobs", json={**JOB, "idempotency_key": "order-1"}).json()["job_id"]
+        # The header wins over the body's key.
+        header_wins = alice.post(
+            "/v1/jobs", json={**JOB, "idempotency_key": "other"}, headers={"Idempotency-Key": "order-1"}
+        ).json()["job_id"]
+        bobs = bob.post("/v1/jobs", json=JOB, headers={"Idempotency-Key": "order-1"}).json()["job_id"]
+    assert first == again == in_body == header_wins
+    assert bobs != first  # one key's Idempotency-Key never names another key's job
+    assert len(enqueued(client)) == 2
+
+
+@pytest.mark.parametrize("key", ["", "k" * 129, 7, ["order-1"]])
+def test_an_idempotency_key_out_of_bounds_is_refused(base: str, client: Client, key: Any) -> None:
+    with api(base) as http:
+        answer = problem(http.post("/v1/jobs", json={**JOB, "idempotency_key": key}), 422, "invalid-request")
+    assert answer["field"] == "idempotency_key" and answer["detail"] == "idempotency key must be 1..128 characters"
+    assert records(client) == 0
+
+
+def test_idempotency_keys_of_one_and_of_128_characters_are_taken(base: str, client: Client) -> None:
+    with api(base) as http:
+        short = http.post("/v1/jobs", json={**JOB, "idempotency_key": "k"})
+        longest = http.post("/v1/jobs", json=JOB, headers={"Idempotency-Key": "k" * 128})
+    assert short.status_code == longest.status_code == 202
+    assert short.json()["job_id"] != longest.json()["job_id"] and len(enqueued(client)) == 2
+
+
+# --- batch -----------------------------------------------------------------------------------
+
+
+def test_a_batch_is_enqueued_in_order(base: str, client: Client) -> None:
+    jobs = [{**JOB, "metadata": {"n": n}} for n in range(MAX_BATCH)]
+    with api(base) as http:
+        response = http.post("/v1/jobs/batch", json={"jobs": jobs})
+    assert response.status_code == 202, response.text
+    ids = response.json()["job_ids"]
+    assert response.json()["status_urls"] == [f"/v1/jobs/{j}" for j in ids]
+    assert [r["metadata"]["n"] for r in enqueued(client)] == list(range(MAX_BATCH))
+    assert {client.statuses.record(j)["owner"] for j in ids} == {key_id(ALICE)}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [[JOB], {"jobs": []}, {"jobs": JOB}, {"jobs": [JOB], "priority": 1}, {"job": [JOB]}, "jobs"],
+)
+def test_a_batch_body_of_the_wrong_shape_is_refused(base: str, client: Client, body: Any) -> None:
+    with api(base) as http:
+        answer = problem(http.post("/v1/jobs/batch", json=body), 422, "invalid-request")
+    assert answer["field"] == "jobs" and answer["detail"] == 'body must be {"jobs": [job, ...]} with at least one job'
+    assert records(client) == 0
+
+
+def test_a_batch_over_the_limit_is_refused(base: str, client: Client) -> None:
+    with api(base) as http:
+        answer = problem(http.post("/v1/jobs/batch", json={"jobs": [JOB] * (MAX_BATCH + 1)}), 422, "invalid-request")
+    assert answer["detail"] == f"{MAX_BATCH + 1} jobs in one batch; the limit is {MAX_BATCH} (VARCO_GATEWAY_MAX_BATCH)"
+    assert answer["field"] == "jobs" and records(client) == 0
+
+
+@pytest.mark.parametrize(
+    ("bad", "detail", "field"),
+    [
+        ("not an object", "request #1: invalid job request: expected a JSON object", None),
+        ({**JOB, "zoom": 2}, "request #1: invalid job request: zoom: Extra inputs are not permitted", "zoom"),
+        ({**JOB, "idempotency_key": ""}, "request #1: idempotency key must be 1..128 characters", "idempotency_key"),
+        ({**JOB, "task": "poetry"}, "request #1: invalid job request: task: ", "task"),
+    ],
+)
+def test_one_bad_job_refuses_the_batch_and_says_which(
+    base: str, client: Client, bad: Any, detail: str, field: str | None
+) -> None:
+    with api(base) as http:
+        answer = problem(http.post("/v1/jobs/batch", json={"jobs": [JOB, bad, JOB]}), 422, "invalid-request")
+    assert answer["detail"].startswith(detail) and answer["index"] == 1
+    assert answer.get("field") == field
+    assert records(client) == 0 and enqueued(client) == []
+
+
+def test_batch_jobs_take_their_own_idempotency_keys(base: str, client: Client) -> None:
+    jobs = [{**JOB, "idempotency_key": "a"}, {**JOB, "idempotency_key": "b"}, {**JOB, "idempotency_key": "a"}]
+    with api(base) as alice, api(base, BOB) as bob:
+        first, second, repeat = alice.post("/v1/jobs/batch", json={"jobs": jobs}).json()["job_ids"]
+        single = alice.post("/v1/jobs", json=JOB, headers={"Idempotency-Key": "a"}).json()["job_id"]
+        [bobs] = bob.post("/v1/jobs/batch", json={"jobs": jobs[:1]}).json()["job_ids"]
+    assert first == repeat == single and second != first and bobs not in (first, second)
+
+
+# --- reading, ownership and keys --------------------------------------------------------------
+
+
+def test_another_keys_job_is_not_found_like_an_unknown_one(base: str) -> None:
+    with api(base) as alice, api(base, BOB) as bob:
+        job_id = alice.post("/v1/jobs", json=JOB).json()["job_id"]
+        assert alice.get(f"/v1/jobs/{job_id}").json()["state"] == "queued"
+        theirs = problem(bob.get(f"/v1/jobs/{job_id}"), 404, "job-not-found")
+        unknown = problem(bob.get(f"/v1/jobs/{'0' * 32}"), 404, "job-not-found")
+        problem(bob.delete(f"/v1/jobs/{job_id}"), 404, "job-not-found")
+        problem(bob.get(f"/v1/jobs/{job_id}/result"), 404, "job-not-found")
+    assert theirs["detail"] == f"no such job: {job_id}" and unknown["detail"] == f"no such job: {'0' * 32}"
+
+
+def test_missing_wrong_and_non_bearer_keys_are_401(base: str, client: Client) -> None:
+    with api(base, None) as anonymous, api(base, "not-a-key") as wrong:
+        missing = problem(anonymous.post("/v1/jobs", json=JOB), 401, "unauthorized")
+        basic = problem(anonymous.post("/v1/jobs", json=JOB, headers={"Authorization": f"Basic {ALICE}"}), 401,
+                        "unauthorized")  # fmt: skip
+        unknown = wrong.post("/v1/jobs", json=JOB)
+    assert missing["detail"] == basic["detail"] == "missing API key: send 'Authorization: Bearer <key>'"
+    assert problem(unknown, 401, "unauthorized")["detail"] == "unknown API key"
+    assert unknown.headers["www-authenticate"] == 'Bearer realm="varco"'
+    assert records(client) == 0
+
+
+def test_a_page_token_reads_its_own_job_only_and_only_by_get(base: str) -> None:
+    ring = KeyRing([ALICE, BOB])
+    with api(base) as alice, api(base, None) as page:
+        job_id, other = (alice.post("/v1/jobs", json=JOB).json()["job_id"] for _ in range(2))
+        token = ring.page_token(key_id(ALICE), job_id)
+        assert page.get(f"/v1/jobs/{job_id}", params={"token": token}).json()["job_id"] == job_id
+        stranger = problem(page.get(f"/v1/jobs/{other}", params={"token": token}), 401, "unauthorized")
+        assert stranger["detail"] == "page token is invalid or expired: reload the page with the API key"
+        # Not a way to cancel: a token never authenticates anything but a read.
+        problem(page.delete(f"/v1/jobs/{job_id}", params={"token": token}), 401, "unauthorized")
+        # Bob's token for Alice's job names Bob, who does not own it.
+        bobs = ring.page_token(key_id(BOB), job_id)
+        problem(page.get(f"/v1/jobs/{job_id}", params={"token": bobs}), 404, "job-not-found")
+        # With a key, the key decides and the token is ignored.
+        assert alice.get(f"/v1/jobs/{other}", params={"token": token}).status_code == 200
+        assert alice.get(f"/v1/jobs/{job_id}").json()["state"] == "queued"
+
+
+def test_rate_limit_is_per_key_and_says_when_to_retry(settings: Settings, client: Client) -> None:
+    slow = settings.model_copy(update={"rate_limit": 0.001})  # a bucket of one, refilled once in 1000 s
+    for base in serve(slow, [ALICE, BOB], client):
+        with api(base) as alice, api(base, BOB) as bob:
+            job_id = alice.post("/v1/jobs", json=JOB).json()["job_id"]
+            limited = alice.post("/v1/jobs", json=JOB)
+            answer = problem(limited, 429, "rate-limited")
+            problem(alice.get(f"/v1/jobs/{job_id}"), 429, "rate-limited")  # reads count too
+            assert bob.post("/v1/jobs", json=JOB).status_code == 202
+    assert answer["detail"] == "over VARCO_RATE_LIMIT (0.001 requests/s) for this key"
+    assert 990 <= int(limited.headers["retry-after"]) <= 1000
+    assert len(enqueued(client)) == 2
+
+
+def test_without_keys_everyone_is_one_anonymous_caller(settings: Settings, client: Client) -> None:
+    for base in serve(settings, None, client):
+        with api(base, None) as http:
+            job_id = http.post("/v1/jobs", json=JOB).json()["job_id"]
+            assert http.get(f"/v1/jobs/{job_id}").json()["state"] == "queued"
+    assert client.statuses.record(job_id)["owner"] == "anonymous"
+
+
+# --- results and cancels ----------------------------------------------------------------------
+
+
+def finish(client: Client, job_id: str, state: JobState, **fields: Any) -> None:
+    """Move a job on as a worker would."""
+    client.statuses.begin_attempt(job_id, "gpu0@test", max_attempts=3)
+    assert client.statuses.transition(job_id, state, **fields)
+
+
+def result_json(job_id: str) -> bytes:
+    return json.dumps({
+        "job_id": job_id, "task": "caption", "state": "succeeded", "model": "tiny", "prompt": "p",
+        "image": {"uri": IMAGE, "width": 4, "height": 3, "sha256": "0" * 64},
+        "output": {"raw": "a cat", "text": "a cat"},
+    }).encode()  # fmt: skip
+
+
+def test_result_of_each_state(base: str, client: Client, settings: Settings) -> None:
+    store = FileResultStore(settings.result_store)
+    with api(base) as http:
+        queued, running, failed, cancelled, done, lost = (
+            http.post("/v1/jobs", json=JOB).json()["job_id"] for _ in range(6)
+        )
+        client.statuses.begin_attempt(running, "gpu0@test", max_attempts=3)
+        finish(client, failed, JobState.FAILED, error=ErrorInfo(type="ImageFetchError", message="404 from origin"))
+        assert http.delete(f"/v1/jobs/{cancelled}").json()["state"] == "cancelled"
+        finish(client, done, JobState.SUCCEEDED, result_uri=store.write(done, result_json(done)))
+        finish(client, lost, JobState.SUCCEEDED, result_uri=store.uri_for(lost))  # the object is gone
+        unexplained = http.post("/v1/jobs", json=JOB).json()["job_id"]
+        finish(client, unexplained, JobState.FAILED)  # a failure recorded without an error
+
+        assert problem(http.get(f"/v1/jobs/{queued}/result"), 409, "job-not-finished")["state"] == "queued"
+        assert problem(http.get(f"/v1/jobs/{running}/result"), 409, "job-not-finished")["detail"] == (
+            f"job {running} is started"
+        )
+        failure = problem(http.get(f"/v1/jobs/{failed}/result"), 409, "job-failed")
+        assert failure["detail"] == f"job {failed} failed" and failure["state"] == "failed"
+        assert failure["error"] == {"type": "ImageFetchError", "message": "404 from origin"}
+        assert "error" not in problem(http.get(f"/v1/jobs/{unexplained}/result"), 409, "job-failed")
+        gone = problem(http.get(f"/v1/jobs/{cancelled}/result"), 409, "job-cancelled")
+        assert gone["detail"] == f"job {cancelled} was cancelled" and gone["state"] == "cancelled"
+        result = http.get(f"/v1/jobs/{done}/result")
+        assert result.status_code == 200 and result.json()["output"]["text"] == "a cat"
+        missing = problem(http.get(f"/v1/jobs/{lost}/result"), 503, "result-unavailable")
+        assert missing["detail"].startswith("result could not be read: FileNotFoundError")
+        # The overlay answers the same 409s before it reads anything.
+        problem(http.get(f"/v1/jobs/{queued}/overlay.png"), 409, "job-not-finished")
+        problem(http.get(f"/v1/jobs/{failed}/overlay.png"), 409, "job-failed")
+
+
+def test_result_wait_is_bounded(base: str) -> None:
+    with api(base) as http:
+        job_id = http.post("/v1/jobs", json=JOB).json()["job_id"]
+        too_long = problem(http.get(f"/v1/jobs/{job_id}/result", params={"wait": 61}), 422, "invalid-request")
+        assert too_long["field"] == "wait"
+        assert too_long["detail"] == "invalid request: wait: Input should be less than or equal to 60"
+        # Every refused parameter is named, in one message; `field` is the first.
+        both = problem(http.get("/v1/jobs/-bad/result", params={"wait": -1}), 422, "invalid-request")
+        assert both["field"] == "job_id" and both["detail"].startswith("invalid request: job_id: String should match")
+        assert both["detail"].endswith("; wait: Input should be greater than or equal to 0")
+        problem(http.get(f"/v1/jobs/{job_id}/result", params={"wait": 0.2}), 409, "job-not-finished")
+
+
+def test_cancel_a_queued_job_then_again(base: str, client: Client) -> None:
+    with api(base) as http:
+        job_id = http.post("/v1/jobs", json=JOB).json()["job_id"]
+        assert http.delete(f"/v1/jobs/{job_id}").json()["state"] == "cancelled"
+        again = problem(http.delete(f"/v1/jobs/{job_id}"), 409, "job-finished")
+        assert again["detail"] == f"job {job_id} already finished (cancelled)" and again["state"] == "cancelled"
+        running = http.post("/v1/jobs", json=JOB).json()["job_id"]
+        client.statuses.begin_attempt(running, "gpu0@test", max_attempts=3)
+        # A running job stays started, with the cancel on its way to its worker.
+        assert http.delete(f"/v1/jobs/{running}").json()["state"] == "started"
+    assert client.statuses.cancel_requested(running)
+
+
+# --- problem documents and the API description ------------------------------------------------
+
+
+def test_unknown_paths_and_methods_are_problems(base: str) -> None:
+    with api(base) as http:
+        missing = problem(http.get("/v1/nothing-here"), 404, "not-found")
+        wrong = http.put("/v1/jobs", json=JOB)
+    assert missing["detail"] == "Not Found"
+    assert problem(wrong, 405, "method-not-allowed")["detail"] == "Method Not Allowed"
+    assert wrong.headers["allow"] == "POST"
+
+
+def test_problem_documents_for_any_status_and_error() -> None:
+    from starlette.exceptions import HTTPException
+
+    from varco.gateway.problems import Problem, _on_http_error, _on_validation_error, problem_body
+
+    assert problem_body(418, "teapot", None) == {"type": "urn:varco:problem:teapot", "title": "Error", "status": 418}
+    assert str(Problem(404, "job-not-found", "no such job: x")) == "no such job: x"  # what logs show
+    answer = asyncio.run(_on_http_error(None, HTTPException(400, "bad", headers={"X-Why": "test"})))
+    assert json.loads(answer.body) == {"type": "urn:varco:problem:http-error", "title": "Bad request",
+                                       "status": 400, "detail": "bad"}  # fmt: skip
+    assert answer.headers["x-why"] == "test"
+    # An error located at the whole body (no field) is reported without a field name.
+    body_level = RequestValidationError([{"loc": ("body",), "msg": "Field required", "type": "missing"},
+                                         {"loc": ("body", "jobs", 0), "msg": "too long", "type": "x"}])  # fmt: skip
+    document = json.loads(asyncio.run(_on_validation_error(None, body_level)).body)
+    assert document["detail"] == "invalid request: Field required; jobs.0: too long" and document["field"] == "jobs.0"
+
+
+def test_rate_limited_for_less_than_a_second_is_still_refused() -> None:
+    from varco.gateway.access import _rate_limit
+    from varco.gateway.problems import Problem
+    from varco.gateway.ratelimit import RateLimiter
+
+    class FrozenClock(RateLimiter):
+        def acquire(self, key: str, now: float | None = None) -> float:
+            return super().acquire(key, now=100.0)
+
+    state = SimpleNamespace(limiter=FrozenClock(4.0))  # a bucket of 4; the 5th waits 0.25 s
+    for _ in range(4):
+        _rate_limit(state, "alice")  # type: ignore[arg-type]
+    with pytest.raises(Problem) as refused:
+        _rate_limit(state, "alice")  # type: ignore[arg-type]
+    assert refused.value.status == 429 and refused.value.headers == {"Retry-After": "1"}
+
+
+def test_the_api_description_documents_bodies_and_problems(base: str) -> None:
+    with httpx.Client(base_url=base) as http:
+        schema = http.get("/openapi.json").json()
+    submit, batch = schema["paths"]["/v1/jobs"]["post"], schema["paths"]["/v1/jobs/batch"]["post"]
+    for operation, body in ((submit, "JobRequest"), (batch, "JobBatch")):
+        assert operation["requestBody"] == {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}},
+        }
+        assert operation["responses"]["422"] == {
+            "description": "Invalid request",
+            "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/ProblemDetails"}}},
+        }
+        assert {"401", "408", "413", "429", "503"} <= set(operation["responses"])
+    assert {"JobRequest", "JobBatch", "ProblemDetails"} <= set(schema["components"]["schemas"])
