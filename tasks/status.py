@@ -250,12 +250,13 @@ class StatusStore:
 
     def begin_attempt(self, job_id: str, worker: str, max_attempts: int) -> tuple[JobState, int]:
         """Count a delivery without a lease (see `claim`)."""
-        claim = self.claim(job_id, worker, max_attempts)
+        claim = self.claim(job_id, worker, max_attempts, token="", lease_s=0.0)
         assert claim.state is not None  # no lease token: never told to wait
         return claim.state, claim.attempts
 
-    def claim(self, job_id: str, worker: str, max_attempts: int, token: str = "", lease_s: float = 0.0) -> Claim:
-        """Count this delivery and start the job under `token`'s lease, unless another lease still lives."""
+    def claim(self, job_id: str, worker: str, max_attempts: int, token: str, lease_s: float) -> Claim:
+        """Count this delivery and start the job under `token`'s lease (`lease_s` long), unless another lease
+        still lives. An empty token counts the delivery without taking a lease (`begin_attempt`)."""
         poison = ErrorInfo(
             type="PoisonMessageError",
             message=f"job was delivered more than {max_attempts} times without finishing "
@@ -300,7 +301,8 @@ class StatusStore:
 
 
 def parse_event(message: str) -> JobStatus | None:
+    """A status published on `varco:events`; None for a message that is not one (anyone may publish there)."""
     try:
         return record_to_status(json.loads(message))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, AttributeError):  # AttributeError: JSON that is no object, e.g. `1`
         return None

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 import redis
 
 from varco.tasks.schemas import ErrorInfo, JobState
-from varco.tasks.status import EVENTS_CHANNEL, StatusStore
+from varco.tasks.status import CANCEL_CHANNEL, EVENTS_CHANNEL, StatusStore, parse_event, record_to_status
 from varco.workers.devtools.local_redis import LocalRedis, start_redis
 
 
@@ -139,4 +140,240 @@ def test_a_vanished_record_is_recreated_only_by_a_terminal_transition_that_asks(
     status = store.get("v")
     assert (status.job_id, status.task, status.state, status.result_uri) == (
         "v", "caption", JobState.SUCCEEDED, "s3://b/v.json")  # fmt: skip
+    assert status.created_at is not None and status.finished_at is not None
     assert 0 < store.redis.ttl(store.key("v")) <= 120
+
+
+def test_records_and_idempotency_keys_live_under_the_varco_prefix(store: StatusStore) -> None:
+    # Operators, the Sentinel fail-over test and `redis-cli --scan` find jobs by these key names.
+    store.create("p", "caption")
+    assert store.redis.exists("varco:job:p") == 1
+    store.claim_idempotency_key("k", "p")
+    assert store.redis.get("varco:idem:k") == "p"
+
+
+def test_a_new_record_is_queued_with_its_task_no_attempts_and_timestamps(store: StatusStore) -> None:
+    store.create("n", "ocr", owner="team-a")
+    status = store.get("n")
+    assert (status.job_id, status.state, status.task, status.attempts) == ("n", JobState.QUEUED, "ocr", 0)
+    assert status.created_at is not None and status.created_at == status.updated_at
+    assert store.record("n")["attempts"] == "0" and store.record("n")["owner"] == "team-a"
+    # Timestamps carry their UTC offset, so they compare with other aware times (the job page, webhooks).
+    assert status.created_at.utcoffset() == timedelta(0)
+    assert 0 < store.redis.ttl(store.key("n")) <= 120
+
+
+def test_delete_removes_the_record(store: StatusStore) -> None:
+    store.create("x", "caption")
+    store.create("y", "caption")
+    store.delete("x")
+    assert store.get("x") is None and store.get("y") is not None
+
+
+def test_get_many_answers_each_id_in_order_with_none_for_a_missing_one(store: StatusStore) -> None:
+    store.create("a", "caption")
+    store.create("b", "ocr")
+    store.transition("b", JobState.CANCELLED)
+    statuses = store.get_many(["b", "gone", "a"])
+    assert list(statuses) == ["b", "gone", "a"]
+    assert statuses["gone"] is None
+    assert (statuses["a"].task, statuses["a"].state) == ("caption", JobState.QUEUED)
+    assert (statuses["b"].task, statuses["b"].state) == ("ocr", JobState.CANCELLED)
+    assert store.get_many([]) == {}
+
+
+def test_an_empty_field_reads_as_unset() -> None:
+    status = record_to_status({"job_id": "e", "state": "started", "worker": "", "started_at": "", "attempts": ""})
+    assert (status.worker, status.started_at, status.attempts) == (None, None, 0)
+
+
+def test_a_published_event_parses_to_the_status_and_anything_else_to_none(store: StatusStore) -> None:
+    pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(EVENTS_CHANNEL)
+    store.create("ev", "caption")
+    store.transition("ev", JobState.FAILED, error=ErrorInfo(type="ImageFetchError", message="404"))
+    message = None
+    for _ in range(20):
+        if message := pubsub.get_message(timeout=1):
+            break
+    event = parse_event(message["data"])
+    assert (event.job_id, event.task, event.state, event.error.type) == (
+        "ev", "caption", JobState.FAILED, "ImageFetchError")  # fmt: skip
+    # Anyone who can reach Redis can publish on the channel: a stray message is skipped, not a crash.
+    for stray in ("not json", "1", "null", "[]", '{"job_id": "ev"}', '{"job_id": "ev", "state": "lost"}'):
+        assert parse_event(stray) is None, stray
+
+
+def test_a_poison_message_says_why_it_failed(store: StatusStore) -> None:
+    store.create("pm", "caption")
+    for _ in range(3):
+        store.begin_attempt("pm", "w", 2)
+    assert store.get("pm").error == ErrorInfo(
+        type="PoisonMessageError",
+        message="job was delivered more than 2 times without finishing (a worker crashed or ran out of memory on it)",
+    )
+
+
+def test_a_delivery_counted_without_a_token_holds_no_lease(store: StatusStore) -> None:
+    store.create("nl", "caption")
+    assert store.begin_attempt("nl", "w", 3) == (JobState.STARTED, 1)
+    assert "lease_owner" not in store.record("nl") and "lease_until" not in store.record("nl")
+    assert store.claim("nl", "w2", 3, token="run-2", lease_s=30) == (JobState.STARTED, 2, 0.0)
+
+
+def test_a_deferred_delivery_waits_no_longer_than_the_lease_has_left(store: StatusStore) -> None:
+    store.create("sl", "caption")
+    store.claim("sl", "gpu0@a", 3, token="run-1", lease_s=600)
+    other = store.claim("sl", "gpu1@b", 3, token="run-2", lease_s=30)
+    # Told to wait what the first lease has left (no machine stalls for 100 s between two calls), not its own.
+    assert other.state is None and 500 < other.leased_s <= 600
+
+
+def test_renewing_no_leases_renews_none(store: StatusStore) -> None:
+    assert store.renew_leases({}, 30) == 0
+
+
+def test_an_idempotency_key_expires_with_the_records(store: StatusStore) -> None:
+    store.claim_idempotency_key("ttl", "a")
+    assert 0 < store.redis.ttl("varco:idem:ttl") <= 120
+
+
+def test_the_owner_releasing_its_idempotency_key_frees_it(store: StatusStore) -> None:
+    # A submit whose enqueue failed releases its key, so the caller's retry makes a new job.
+    assert store.claim_idempotency_key("r", "a") == "a"
+    store.release_idempotency_key("r", "a")
+    assert store.claim_idempotency_key("r", "b") == "b"
+
+
+def _next_message(pubsub: redis.client.PubSub) -> str:
+    for _ in range(20):
+        if message := pubsub.get_message(timeout=1):
+            return message["data"]
+    raise AssertionError("nothing published")
+
+
+@pytest.mark.parametrize("end", [JobState.FAILED, JobState.CANCELLED, JobState.SUCCEEDED])
+def test_every_end_is_final(store: StatusStore, end: JobState) -> None:
+    store.create("f", "caption")
+    store.begin_attempt("f", "w", 3)
+    assert store.transition("f", end)
+    for later in (JobState.SUCCEEDED, JobState.FAILED, JobState.RETRYING, JobState.STARTED):
+        assert not store.transition("f", later)
+    assert store.begin_attempt("f", "w", 3) == (end, 1)  # a redelivery neither runs nor counts
+    assert store.get("f").state is end
+
+
+def test_each_step_stamps_its_time(store: StatusStore) -> None:
+    store.create("t", "caption")
+    store.begin_attempt("t", "gpu0@a", 3)
+    started = store.get("t")
+    assert started.started_at is not None and started.updated_at == started.started_at > started.created_at
+    store.transition("t", JobState.SUCCEEDED, result_uri="s3://b/t.json")
+    done = store.get("t")
+    assert done.finished_at is not None and done.updated_at == done.finished_at > done.started_at
+
+
+def test_a_delivery_whose_record_vanished_makes_it_anew(store: StatusStore) -> None:
+    # Redis lost the record (restart without persistence) while the message waited in the queue.
+    assert store.begin_attempt("m", "gpu0@a", 3) == (JobState.STARTED, 1)
+    status = store.get("m")
+    assert (status.job_id, status.state, status.worker) == ("m", JobState.STARTED, "gpu0@a")
+    assert status.created_at is not None
+    assert 0 < store.redis.ttl(store.key("m")) <= 120
+
+
+def test_a_delivery_that_fails_or_is_cancelled_at_its_claim_is_stamped_finished(store: StatusStore) -> None:
+    store.create("pf", "caption")
+    for _ in range(2):
+        store.begin_attempt("pf", "w", 1)
+    assert store.get("pf").state is JobState.FAILED and store.get("pf").finished_at is not None
+    store.create("cf", "caption")
+    store.redis.hset(store.key("cf"), "cancel_requested", "1")
+    store.begin_attempt("cf", "w", 3)
+    assert store.get("cf").state is JobState.CANCELLED and store.get("cf").finished_at is not None
+
+
+def test_the_lease_holder_is_never_told_to_wait_on_itself(store: StatusStore) -> None:
+    store.create("own", "caption")
+    store.claim("own", "gpu0@a", 3, token="run-1", lease_s=30)
+    assert store.claim("own", "gpu0@a", 3, token="run-1", lease_s=30) == (JobState.STARTED, 2, 0.0)
+
+
+def test_a_lease_is_timed_on_the_redis_clock(store: StatusStore) -> None:
+    def redis_now() -> float:
+        seconds, micros = store.redis.time()
+        return seconds + micros / 1e6
+
+    store.create("rc", "caption")
+    before = redis_now()
+    store.claim("rc", "w", 3, token="run-1", lease_s=30)
+    after = redis_now()
+    # To the millisecond (Lua writes it with 14 digits): a lease is as long as asked, never a second short.
+    assert before + 30 - 1e-3 <= float(store.record("rc")["lease_until"]) <= after + 30 + 1e-3
+
+
+def test_renewal_extends_each_held_lease_of_a_running_or_retrying_job(store: StatusStore) -> None:
+    for job_id in ("ra", "rb"):
+        store.create(job_id, "caption")
+        store.claim(job_id, "w", 3, token=f"{job_id}-run", lease_s=30)
+    # A run that handed its job to a retry still holds the lease until it releases it.
+    store.transition("rb", JobState.RETRYING, error=ErrorInfo(type="ImageFetchError", message="503"))
+    store.redis.expire(store.key("ra"), 5)
+    assert store.renew_leases({"ra": "ra-run", "rb": "rb-run"}, 60) == 2
+    for job_id in ("ra", "rb"):
+        assert 55 < store.claim(job_id, "w2", 3, token="other", lease_s=30).leased_s <= 60
+    assert store.redis.ttl(store.key("ra")) > 5  # a long run's record does not expire under it
+
+
+def test_releasing_a_lease_clears_it_from_the_record(store: StatusStore) -> None:
+    store.create("rl", "caption")
+    store.claim("rl", "w", 3, token="run-1", lease_s=30)
+    store.release_lease("rl", "run-1")
+    record = store.record("rl")
+    assert "lease_owner" not in record and "lease_until" not in record and record["state"] == "started"
+
+
+def test_a_claim_refreshes_the_record_ttl(store: StatusStore) -> None:
+    store.create("tt", "caption")
+    store.redis.expire(store.key("tt"), 5)
+    store.begin_attempt("tt", "w", 3)
+    assert store.redis.ttl(store.key("tt")) > 5
+
+
+def test_cancelling_a_finished_job_changes_nothing(store: StatusStore) -> None:
+    store.create("fin", "caption")
+    store.transition("fin", JobState.SUCCEEDED, result_uri="s3://b/fin.json")
+    before = store.record("fin")
+    assert store.request_cancel("fin") is JobState.SUCCEEDED
+    assert store.record("fin") == before and not store.cancel_requested("fin")
+
+
+@pytest.mark.parametrize("waiting", [JobState.QUEUED, JobState.RETRYING])
+def test_a_waiting_job_is_cancelled_at_once_and_waiters_are_told(store: StatusStore, waiting: JobState) -> None:
+    store.create("w", "caption")
+    if waiting is JobState.RETRYING:
+        store.begin_attempt("w", "gpu0@a", 3)
+        store.transition("w", JobState.RETRYING, error=ErrorInfo(type="ImageFetchError", message="503"))
+    store.redis.expire(store.key("w"), 5)
+    pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(EVENTS_CHANNEL)
+    assert store.request_cancel("w") is JobState.CANCELLED
+    event = parse_event(_next_message(pubsub))
+    assert (event.job_id, event.state) == ("w", JobState.CANCELLED)
+    status = store.get("w")
+    assert status.state is JobState.CANCELLED and status.finished_at is not None
+    assert status.updated_at == status.finished_at
+    assert store.redis.ttl(store.key("w")) > 5
+    assert store.begin_attempt("w", "gpu1@b", 3)[0] is JobState.CANCELLED  # a later delivery never runs it
+
+
+def test_cancelling_a_running_job_tells_its_worker(store: StatusStore) -> None:
+    store.create("run", "caption")
+    store.begin_attempt("run", "gpu0@a", 3)
+    started = store.get("run").updated_at
+    pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(CANCEL_CHANNEL)
+    assert store.request_cancel("run") is JobState.STARTED
+    assert _next_message(pubsub) == "run"  # the worker's CancelWatcher stops generating on this
+    status = store.get("run")
+    assert status.state is JobState.STARTED and store.cancel_requested("run") and status.updated_at > started

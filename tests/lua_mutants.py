@@ -1,0 +1,222 @@
+"""Hand-made mutants of tasks/status.py's Lua scripts, run against tests/test_status_store.py.
+
+mutmut mutates only code inside functions, so the module-level Lua strings, where the status rules live,
+get no mutants from `make mutants`. This applies each mutation below to tasks/status.py in turn (restored
+afterwards, also on Ctrl-C), runs the status tests, and lists the survivors; tests/MUTANTS.md explains the
+ones left. Run from the repository root: `.venv/bin/python tests/lua_mutants.py [INDEX ...]`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "tasks" / "status.py"
+_PUBLISH = 'publish(KEYS[1], \'"""\n    + EVENTS_CHANNEL\n    + """\')'  # an event, as the source spells it
+_FINISH = "  redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])\n"
+_END_LEASE = "redis.call('HDEL', KEYS[1], 'lease_owner', 'lease_until')"
+
+# (text in tasks/status.py, its replacement); each text occurs exactly once.
+MUTATIONS: list[tuple[str, str]] = [
+    # _COMMON
+    ("retrying=1, succeeded", "retrying=0, succeeded"),
+    ("started=1, retrying", "started=0, retrying"),
+    ("failed=2, cancelled", "failed=1, cancelled"),
+    ("cancelled=2}", "cancelled=1}"),
+    ("succeeded=2, failed", "succeeded=1, failed"),
+    ("record[flat[i]] = flat[i + 1]", "record[flat[i]] = flat[i]"),
+    # _TRANSITION
+    ("if ARGV[4] ~= '1' or rank[ARGV[1]] ~= 2 then return {0, ''} end", "if ARGV[4] ~= '1' then return {0, ''} end"),
+    (
+        "if ARGV[4] ~= '1' or rank[ARGV[1]] ~= 2 then return {0, ''} end",
+        "if rank[ARGV[1]] ~= 2 then return {0, ''} end",
+    ),
+    (
+        "redis.call('HSET', KEYS[1], 'created_at', ARGV[3], 'recreated', '1')",
+        "redis.call('HSET', KEYS[1], 'recreated', '1')",
+    ),
+    (
+        "if rank[cur] == 2 or rank[ARGV[1]] < rank[cur] then return {0, cur} end",
+        "if rank[ARGV[1]] < rank[cur] then return {0, cur} end",
+    ),
+    (
+        "if rank[cur] == 2 or rank[ARGV[1]] < rank[cur] then return {0, cur} end",
+        "if rank[cur] == 2 or rank[ARGV[1]] <= rank[cur] then return {0, cur} end",
+    ),
+    (
+        "if rank[cur] == 2 or rank[ARGV[1]] < rank[cur] then return {0, cur} end",
+        "if rank[cur] == 2 then return {0, cur} end",
+    ),
+    (
+        "redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at', ARGV[3])\nfor",
+        "redis.call('HSET', KEYS[1], 'state', ARGV[1])\nfor",
+    ),
+    ("for i = 5, #ARGV, 2 do", "for i = 7, #ARGV, 2 do"),
+    ("if ARGV[1] == 'succeeded' then redis.call('HDEL', KEYS[1], 'error') end", ""),
+    (
+        _FINISH + "  " + _END_LEASE,
+        "  redis.call('HDEL', KEYS[1], 'lease_owner', 'lease_until')",
+    ),
+    (
+        _FINISH + "  " + _END_LEASE,
+        _FINISH + "  redis.call('HDEL', KEYS[1], 'lease_owner')",
+    ),
+    (
+        _FINISH + "  " + _END_LEASE,
+        _FINISH + "  redis.call('HDEL', KEYS[1], 'lease_until')",
+    ),
+    (
+        "redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))\n" + _PUBLISH + "\nreturn {1, ARGV[1]}",
+        _PUBLISH + "\nreturn {1, ARGV[1]}",
+    ),
+    (_PUBLISH + "\nreturn {1, ARGV[1]}", "return {1, ARGV[1]}"),
+    # _BEGIN
+    (
+        "redis.call('HSET', KEYS[1], 'job_id', ARGV[6], 'state', 'queued', 'created_at', ARGV[3])",
+        "redis.call('HSET', KEYS[1], 'state', 'queued', 'created_at', ARGV[3])",
+    ),
+    (
+        "redis.call('HSET', KEYS[1], 'job_id', ARGV[6], 'state', 'queued', 'created_at', ARGV[3])",
+        "redis.call('HSET', KEYS[1], 'job_id', ARGV[6], 'state', 'queued')",
+    ),
+    ("if rank[cur] == 2 then return {cur, tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0'), '0'} end", ""),
+    (
+        "if rank[cur] == 2 then return {cur, tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0'), '0'} end",
+        "if rank[cur] == 2 then return {cur, 0, '0'} end",
+    ),
+    ("if owner and owner ~= ARGV[7] and left > 0 then", "if owner and left > 0 then"),
+    ("if owner and owner ~= ARGV[7] and left > 0 then", "if owner and owner ~= ARGV[7] then"),
+    ("if owner and owner ~= ARGV[7] and left > 0 then", "if owner ~= ARGV[7] and left > 0 then"),
+    ("if owner and owner ~= ARGV[7] and left > 0 then", "if owner and owner ~= ARGV[7] and left > 1 then"),
+    (
+        "  return {'leased', tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0'), tostring(left)}",
+        "  return {'leased', 0, tostring(left)}",
+    ),
+    (
+        "local n = redis.call('HINCRBY', KEYS[1], 'attempts', 1)",
+        "local n = redis.call('HINCRBY', KEYS[1], 'attempts', 2)",
+    ),
+    ("if n > tonumber(ARGV[1]) then", "if n >= tonumber(ARGV[1]) then"),
+    (
+        "redis.call('HSET', KEYS[1], 'error', ARGV[5], 'finished_at', ARGV[3])",
+        "redis.call('HSET', KEYS[1], 'error', ARGV[5])",
+    ),
+    (
+        "redis.call('HSET', KEYS[1], 'error', ARGV[5], 'finished_at', ARGV[3])",
+        "redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])",
+    ),
+    ("elseif redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then", "elseif false then"),
+    ("  state = 'cancelled'\n  redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])", "  state = 'cancelled'"),
+    (
+        "  redis.call('HSET', KEYS[1], 'started_at', ARGV[3], 'worker', ARGV[4])",
+        "  redis.call('HSET', KEYS[1], 'worker', ARGV[4])",
+    ),
+    (
+        "  redis.call('HSET', KEYS[1], 'started_at', ARGV[3], 'worker', ARGV[4])",
+        "  redis.call('HSET', KEYS[1], 'started_at', ARGV[3])",
+    ),
+    ("  if ARGV[7] ~= '' then", "  if true then"),
+    ("'lease_until', tostring(clock() + tonumber(ARGV[8])))", "'lease_until', tostring(clock()))"),
+    (
+        "'lease_until', tostring(clock() + tonumber(ARGV[8])))",
+        "'lease_until', tostring(clock() + 2 * tonumber(ARGV[8])))",
+    ),
+    (
+        "redis.call('HSET', KEYS[1], 'state', state, 'updated_at', ARGV[3])",
+        "redis.call('HSET', KEYS[1], 'state', state)",
+    ),
+    (
+        "redis.call('HSET', KEYS[1], 'state', state, 'updated_at', ARGV[3])\n"
+        "redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))",
+        "redis.call('HSET', KEYS[1], 'state', state, 'updated_at', ARGV[3])",
+    ),
+    (
+        "redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))\n" + _PUBLISH + "\nreturn {state, n, '0'}",
+        "redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))\nreturn {state, n, '0'}",
+    ),
+    ("tonumber(t[1]) + tonumber(t[2]) / 1e6", "tonumber(t[1])"),
+    ("tonumber(t[1]) + tonumber(t[2]) / 1e6", "tonumber(t[1]) + tonumber(t[2]) / 1e3"),
+    # _RENEW
+    ("if (state == 'started' or state == 'retrying') and", "if"),
+    ("if (state == 'started' or state == 'retrying') and", "if (state == 'started') and"),
+    ("if (state == 'started' or state == 'retrying') and", "if (state == 'retrying') and"),
+    (
+        "redis.call('HGET', key, 'lease_owner') == ARGV[i + 2] then",
+        "redis.call('HGET', key, 'lease_owner') == ARGV[i + 2] or true then",
+    ),
+    ("    redis.call('EXPIRE', key, tonumber(ARGV[2]))\n", ""),
+    ("    redis.call('HSET', key, 'lease_until', expiry)\n", ""),
+    (
+        "local expiry = tostring(clock() + tonumber(ARGV[1]))",
+        "local expiry = tostring(clock() + 2 * tonumber(ARGV[1]))",
+    ),
+    ("    extended = extended + 1", "    extended = 1"),
+    # _RELEASE
+    (
+        "if redis.call('HGET', KEYS[1], 'lease_owner') == ARGV[1] then\n  " + _END_LEASE,
+        "if true then\n  " + _END_LEASE,
+    ),
+    (
+        "  redis.call('HDEL', KEYS[1], 'lease_owner', 'lease_until')\n  return 1",
+        "  redis.call('HDEL', KEYS[1], 'lease_owner')\n  return 1",
+    ),
+    (
+        "  redis.call('HDEL', KEYS[1], 'lease_owner', 'lease_until')\n  return 1",
+        "  redis.call('HDEL', KEYS[1], 'lease_until')\n  return 1",
+    ),
+    # _CANCEL
+    ("if not cur then return '' end\nif rank[cur] == 2 then return cur end", "if not cur then return '' end"),
+    (
+        "redis.call('HSET', KEYS[1], 'cancel_requested', '1', 'updated_at', ARGV[2])",
+        "redis.call('HSET', KEYS[1], 'updated_at', ARGV[2])",
+    ),
+    (
+        "redis.call('HSET', KEYS[1], 'cancel_requested', '1', 'updated_at', ARGV[2])",
+        "redis.call('HSET', KEYS[1], 'cancel_requested', '1')",
+    ),
+    ("if cur == 'queued' or cur == 'retrying' then", "if cur == 'queued' then"),
+    ("if cur == 'queued' or cur == 'retrying' then", "if cur == 'retrying' then"),
+    ("if cur == 'queued' or cur == 'retrying' then", "if true then"),
+    (
+        "  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[2])",
+        "  redis.call('HSET', KEYS[1], 'state', 'cancelled')",
+    ),
+    ("  cur = 'cancelled'\n  publish", "  publish"),
+    (
+        "  cur = 'cancelled'\n  " + _PUBLISH + "\nend",
+        "  cur = 'cancelled'\nend",
+    ),
+    ("end\nredis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))\nredis.call('PUBLISH'", "end\nredis.call('PUBLISH'"),
+    ('redis.call(\'PUBLISH\', \'"""\n    + CANCEL_CHANNEL\n    + """\', ARGV[3])\nreturn cur', "return cur"),
+]
+
+
+def main(only: set[int]) -> int:
+    original = SOURCE.read_text(encoding="utf-8")
+    survivors = []
+    try:
+        for i, (old, new) in enumerate(MUTATIONS):
+            if only and i not in only:
+                continue
+            if original.count(old) != 1:
+                print(f"#{i}: the text occurs {original.count(old)} times, not once: {old[:60]!r}")
+                survivors.append(i)
+                continue
+            SOURCE.write_text(original.replace(old, new), encoding="utf-8")
+            cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:randomly", "tests/test_status_store.py"]
+            alive = subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0
+            print(f"#{i} {'SURVIVED' if alive else 'killed'}: {old[:70]!r} -> {new[:70]!r}", flush=True)
+            survivors += [i] if alive else []
+    finally:
+        SOURCE.write_text(original, encoding="utf-8")
+    listed = (ROOT / "tests" / "MUTANTS.md").read_text(encoding="utf-8")
+    unlisted = [i for i in survivors if f"`#{i}`" not in listed]
+    print(f"Lua scripts of tasks/status.py: {len(MUTATIONS)} mutants, {len(MUTATIONS) - len(survivors)} killed;"
+          f" survivors {survivors}" + (f", not in tests/MUTANTS.md: {unlisted}" if unlisted else ""))  # fmt: skip
+    return 1 if unlisted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(set(map(int, sys.argv[1:]))))
