@@ -7,19 +7,29 @@ attempts is the worker's business; here only which answers are retried matters.
 
 from __future__ import annotations
 
+import base64
+import logging
+import random
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from helpers import PUBLIC, ScriptedResolver, WebhookReceiver
 
 from varco.tasks.celery_app import create_app
+from varco.tasks.connections import redis_from_url
+from varco.tasks.requests import JobRequest
+from varco.tasks.schemas import ErrorInfo, JobState
 from varco.tasks.settings import Settings
+from varco.tasks.signing import verify
 from varco.workers import metrics
-from varco.workers.callbacks import register_callback_task
+from varco.workers.callbacks import DeliveredLog, backoff_s, delivery_outcome, event_payload, register_callback_task
+from varco.workers.devtools.local_redis import free_port, start_redis
 
 PAYLOAD = {"type": "job.succeeded", "job_id": "abc", "state": "succeeded"}
 RETRIES = 2
+SECRET = "whsec_" + base64.b64encode(b"receiver-shared-key").decode()
 
 
 def outcomes() -> dict[str, float]:
@@ -88,14 +98,27 @@ def deliver(receiver: WebhookReceiver, path: str, *, allow_private: bool = True)
     return sum(r.path == path for r in receiver.received)
 
 
-@pytest.mark.parametrize("status", [408, 429, 500, 503])
-def test_408_429_and_5xx_are_retried_until_the_retries_run_out(receiver: WebhookReceiver, status: int) -> None:
+@pytest.mark.parametrize(
+    ("statuses", "outcome"),
+    [
+        ((200, 201, 204, 299), "delivered"),
+        ((408, 425, 429, 500, 502, 503, 504, 599), "retry"),
+        ((300, 302, 399, 400, 401, 403, 404, 409, 410, 422, 499), "rejected"),
+    ],
+)
+def test_which_answers_are_retried(statuses: tuple[int, ...], outcome: str) -> None:
+    """The outcome is also the `varco_callbacks_total` label that dashboards count."""
+    assert {status: delivery_outcome(status) for status in statuses} == dict.fromkeys(statuses, outcome)
+
+
+@pytest.mark.parametrize("status", [408, 425, 429, 500, 503])
+def test_408_425_429_and_5xx_are_retried_until_the_retries_run_out(receiver: WebhookReceiver, status: int) -> None:
     path = f"/retry/{status}"
     receiver.status_for = lambda p: status if p == path else 204
     assert deliver(receiver, path) == 1 + RETRIES
 
 
-@pytest.mark.parametrize("status", [400, 401, 403, 404, 410, 422])
+@pytest.mark.parametrize("status", [302, 400, 401, 403, 404, 410, 422])
 def test_other_4xx_are_not_retried(receiver: WebhookReceiver, status: int) -> None:
     path = f"/final/{status}"
     receiver.status_for = lambda p: status if p == path else 204
@@ -134,3 +157,91 @@ def test_a_delivered_webhook_that_comes_back_is_not_sent_again(receiver: Webhook
         other = register_callback_task(create_app(settings), settings, log)
         other.apply(args=[receiver.url("/once"), PAYLOAD, "abc.job.failed"])  # another event id is sent
         assert sum(r.path == "/once" for r in receiver.received) == 2
+
+
+@pytest.mark.parametrize(("jitter", "share"), [("least", 0.5), ("most", 1.0)])
+def test_backoff_doubles_from_a_second_up_to_ten_minutes(
+    monkeypatch: pytest.MonkeyPatch, jitter: str, share: float
+) -> None:
+    """Each retry waits between half and all of 1, 2, 4, ... seconds, never more than 600."""
+    monkeypatch.setattr(random, "uniform", lambda low, high: low if jitter == "least" else high)
+    assert [backoff_s(n) for n in range(12)] == [share * min(2**n, 600) for n in range(12)]
+
+
+def test_webhooks_are_signed_with_the_callback_secret(
+    receiver: WebhookReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(broker_url="memory://", allow_private_urls=True, callback_secret=SECRET, _env_file=None)
+    with caplog.at_level(logging.WARNING):
+        task = register_callback_task(create_app(settings), settings)
+    assert "VARCO_CALLBACK_SECRET" not in caplog.text
+    task.apply(args=[receiver.url("/signed"), PAYLOAD, "abc.job.succeeded"])
+    (post,) = [r for r in receiver.received if r.path == "/signed"]
+    assert verify(SECRET, post.headers, post.body) == PAYLOAD
+
+
+def test_without_a_secret_webhooks_go_unsigned_and_say_so(
+    receiver: WebhookReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(broker_url="memory://", allow_private_urls=True, _env_file=None)
+    with caplog.at_level(logging.WARNING):
+        task = register_callback_task(create_app(settings), settings)
+    assert caplog.messages == ["VARCO_CALLBACK_SECRET is not set: webhooks are sent unsigned"]
+    task.apply(args=[receiver.url("/unsigned"), PAYLOAD, "abc.job.succeeded"])
+    (post,) = [r for r in receiver.received if r.path == "/unsigned"]
+    headers = {k.lower(): v for k, v in post.headers.items()}
+    assert headers["webhook-id"] == "abc.job.succeeded" and "webhook-signature" not in headers
+
+
+def test_the_delivered_log_remembers_an_id_for_its_ttl(tmp_path: Path) -> None:
+    with start_redis(tmp_path) as server:
+        client = redis_from_url(server.url)
+        log = DeliveredLog(client, ttl=60)
+        assert not log.seen("abc.job.succeeded")
+        log.mark("abc.job.succeeded")
+        assert log.seen("abc.job.succeeded") and not log.seen("abc.job.failed")
+        # Under varco: with the other keys, and it expires: the log does not grow forever.
+        assert 0 < client.ttl("varco:webhook-delivered:abc.job.succeeded") <= 60
+
+
+def test_a_delivered_log_without_redis_never_stops_a_delivery(
+    receiver: WebhookReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis away: the webhook is sent (at least once; receivers deduplicate on webhook-id) and the lost
+    record is logged, never raised into the delivery."""
+    log = DeliveredLog(redis_from_url(f"redis://127.0.0.1:{free_port()}/0", retries=0), ttl=60)
+    assert not log.seen("abc.job.succeeded")
+    with caplog.at_level(logging.WARNING):
+        log.mark("abc.job.succeeded")
+    assert caplog.messages == [
+        "could not record webhook abc.job.succeeded as delivered; a redelivery may send it again"
+    ]
+    settings = Settings(broker_url="memory://", allow_private_urls=True, _env_file=None)
+    task = register_callback_task(create_app(settings), settings, log)
+    task.apply(args=[receiver.url("/no-redis"), PAYLOAD, "abc.job.succeeded"])
+    assert sum(r.path == "/no-redis" for r in receiver.received) == 1
+
+
+def test_event_payload_is_the_webhook_body() -> None:
+    request = JobRequest(image_uri="https://images.example.com/cat.png", task="caption", metadata={"order": 7})
+    ts = "2026-12-01T02:00:00Z"
+    succeeded = event_payload("job.succeeded", "j1", request, JobState.SUCCEEDED, ts, result_uri="s3://b/j1.json")
+    assert succeeded == {
+        "type": "job.succeeded",
+        "job_id": "j1",
+        "task": "caption",
+        "state": "succeeded",
+        "result_uri": "s3://b/j1.json",
+        "error": None,
+        "metadata": {"order": 7},
+        "timestamp": ts,
+    }
+    assert type(succeeded["state"]) is str  # JSON-ready: the plain value, not the JobState member
+    error = ErrorInfo(type="ImageFetchError", message="HTTP 404 for the image")
+    failed = event_payload("job.failed", "j1", request, JobState.FAILED, ts, error=error)
+    assert failed == succeeded | {
+        "type": "job.failed",
+        "state": "failed",
+        "result_uri": None,
+        "error": {"type": "ImageFetchError", "message": "HTTP 404 for the image"},
+    }

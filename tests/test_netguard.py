@@ -23,7 +23,7 @@ from images import png
 from varco.tasks.errors import ForbiddenURLError, ImageFetchError
 from varco.tasks.settings import Settings
 from varco.workers.fetch import ImageFetcher
-from varco.workers.netguard import is_public_address
+from varco.workers.netguard import UnresolvableHostError, embedded_ipv4, is_public_address, resolve_public
 from varco.workers.pinned_http import pinned_client, total_deadline
 
 IMAGE = png(32, 24)
@@ -135,6 +135,73 @@ def test_ipv4_inside_ipv6_is_checked_as_ipv4(host: str) -> None:
 @pytest.mark.parametrize("address", ["8.8.8.8", "2606:4700::1111", "64:ff9b::808:808", "2002:808:808::1"])
 def test_public_addresses_stay_public(address: str) -> None:
     assert is_public_address(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize(
+    ("address", "inner"),
+    [
+        ("::ffff:10.1.2.3", "10.1.2.3"),  # IPv4-mapped
+        ("2002:a01:203::1", "10.1.2.3"),  # 6to4
+        ("2001:0:4136:e378:8000:63bf:80ff:fffe", "127.0.0.1"),  # Teredo: the client, not the server
+        ("64:ff9b::a01:203", "10.1.2.3"),  # NAT64 well-known prefix
+        ("64:ff9b:1::a01:203", "10.1.2.3"),  # NAT64 local-use prefix
+        ("::ffff:0:a01:203", "10.1.2.3"),  # SIIT IPv4-translated
+        ("::10.1.2.3", "10.1.2.3"),  # IPv4-compatible
+        ("::2", "0.0.0.2"),  # IPv4-compatible too: only :: and ::1 are not
+        ("::1", None),  # loopback is IPv6's own, no IPv4 address in disguise
+        ("::", None),
+        ("2606:4700::1111", None),
+    ],
+)
+def test_embedded_ipv4_finds_the_address_an_ipv6_one_stands_for(address: str, inner: str | None) -> None:
+    """Teredo's own prefix is not global, so is_public_address refuses it before looking inside; the
+    client address is still the one it carries, should that prefix ever count as global."""
+    found = embedded_ipv4(ipaddress.IPv6Address(address))
+    assert (str(found) if found else None) == inner
+
+
+@pytest.mark.parametrize("address", ["::2", "::a00:1", "::1", "::"])
+def test_ipv4_compatible_forms_of_private_addresses_are_not_public(address: str) -> None:
+    assert not is_public_address(ipaddress.ip_address(address))
+
+
+def test_resolve_public_returns_what_to_connect_to() -> None:
+    """Address literals resolve to themselves (an IPv6 one as written in a URL, in brackets), one TCP
+    target per address, with the port to connect to."""
+    assert resolve_public("127.0.0.1", 8080, True) == [(socket.AF_INET, ("127.0.0.1", 8080))]
+    assert resolve_public("[::1]", 8080, True) == [(socket.AF_INET6, ("::1", 8080, 0, 0))]
+
+
+def test_resolve_public_resolves_the_name_as_given(scripted_dns: ScriptedResolver) -> None:
+    scripted_dns.answers["X1.example"] = [PUBLIC]
+    assert resolve_public("X1.example", 443, False) == [(socket.AF_INET, (PUBLIC, 443))]
+    assert scripted_dns.calls["X1.example"] == 1
+
+
+def test_a_private_answer_is_refused_with_the_way_to_allow_it(scripted_dns: ScriptedResolver) -> None:
+    """The message reaches the job's error: it names the host, the address and the setting."""
+    scripted_dns.answers["inside.example"] = [PUBLIC, "10.0.0.7"]
+    assert resolve_public("inside.example", 80, False) == [(socket.AF_INET, (PUBLIC, 80))]
+    with pytest.raises(ForbiddenURLError) as refused:
+        resolve_public("inside.example", 80, False)
+    assert str(refused.value) == (
+        "inside.example resolves to the non-public address 10.0.0.7; "
+        "set VARCO_ALLOW_PRIVATE_URLS=true to allow private URLs"
+    )
+    assert resolve_public("inside.example", 80, True) == [(socket.AF_INET, ("10.0.0.7", 80))]
+
+
+def test_no_dns_answer_is_transient_and_names_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_such_name(host: str, *args: object, **kwargs: object) -> list:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_name)
+    with pytest.raises(UnresolvableHostError, match=r"cannot resolve host 'gone\.example': .*not known") as failed:
+        resolve_public("gone.example", 80, False)
+    assert failed.value.transient
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: [])
+    with pytest.raises(UnresolvableHostError, match=r"cannot resolve host 'empty\.example': no addresses"):
+        resolve_public("empty.example", 80, False)
 
 
 def test_total_deadline_cuts_a_trickling_server() -> None:

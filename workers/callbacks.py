@@ -2,7 +2,7 @@
 
 Each event is POSTed as JSON, signed the Standard Webhooks way (a fresh timestamp per attempt,
 the same `webhook-id` across retries so receivers can deduplicate), and retried with exponential
-backoff on network errors, 5xx, 408 and 429. A dead receiver never blocks or fails the job.
+backoff on network errors, 5xx, 408, 425 and 429. A dead receiver never blocks or fails the job.
 """
 
 from __future__ import annotations
@@ -29,11 +29,24 @@ from varco.workers.netguard import UnresolvableHostError
 from varco.workers.pinned_http import pinned_client, total_deadline
 
 log = logging.getLogger(__name__)
+# 4xx answers that mean "not now" rather than "never": Request Timeout, Too Early (RFC 8470: repeat the
+# request), Too Many Requests. Image fetching (workers/fetch.py) retries the same ones.
 _RETRY_STATUS = {408, 425, 429}
 
 
+def delivery_outcome(status: int) -> str:
+    """What a receiver's HTTP answer means for a delivery, named as the callbacks metric's outcome label.
+
+    "retry": 5xx, 408, 425 and 429, which a later attempt may get through; "rejected": any other
+    answer from 300 up (a redirect is not followed), which would only be refused again; "delivered": 2xx.
+    """
+    if status >= 500 or status in _RETRY_STATUS:
+        return "retry"
+    return "rejected" if status >= 300 else "delivered"
+
+
 def backoff_s(retries: int, base: float = 1.0, cap: float = 600.0) -> float:
-    """Exponential backoff with full jitter: up to base * 2**retries seconds, at most `cap`."""
+    """Exponential backoff with jitter: between half and all of base * 2**retries seconds, at most `cap`."""
     return random.uniform(0.5, 1.0) * min(cap, base * 2**retries)
 
 
@@ -60,7 +73,12 @@ QUEUE_RETRY_S = 120.0
 
 
 def send_event(app: Celery, url: str, payload: dict[str, Any], *, retry_s: float = QUEUE_RETRY_S) -> None:
-    """Queue one webhook, retrying through a broker outage of up to `retry_s`; never raises into the job."""
+    """Queue one webhook, retrying through a broker outage of up to `retry_s`; never raises into the job.
+
+    The first retry comes 0.2 s after a failed attempt, the pause doubles, and attempts are never more
+    than 5 s apart (each pause plus up to 1 s of jitter, within the 5 s): a broker that comes back is
+    used within seconds.
+    """
     args = [url, payload, f"{payload['job_id']}.{payload['type']}"]
     retrying = Retrying(stop=stop_after_delay(retry_s), wait=wait_exponential_jitter(0.2, max=5), reraise=True)
     try:
@@ -134,17 +152,15 @@ def register_callback_task(app: Celery, settings: Settings, delivered: Delivered
             raise self.retry(countdown=backoff_s(self.request.retries), exc=exc) from None
         finally:
             slots.release(host)
-        if response.status_code >= 500 or response.status_code in _RETRY_STATUS:
+        outcome = delivery_outcome(response.status_code)
+        CALLBACKS.labels(outcome=outcome).inc()
+        if outcome == "retry":
             log.info("callback %s got HTTP %d; retry %d", msg_id, response.status_code, self.request.retries + 1)
-            CALLBACKS.labels(outcome="retry").inc()
             raise self.retry(countdown=backoff_s(self.request.retries))
-        if response.status_code >= 300:
+        if outcome == "rejected":
             log.warning("callback %s to %s refused with HTTP %d; not retried", msg_id, url, response.status_code)
-            CALLBACKS.labels(outcome="rejected").inc()
-        else:
-            CALLBACKS.labels(outcome="delivered").inc()
-            if delivered is not None:
-                delivered.mark(msg_id)
+        elif delivered is not None:
+            delivered.mark(msg_id)
         return response.status_code
 
     return deliver

@@ -69,7 +69,7 @@ def resolve_public(host: str, port: int, allow_private: bool) -> list[tuple[sock
         raise UnresolvableHostError(f"cannot resolve host {host!r}: no addresses")
     targets = []
     for family, _, _, _, sockaddr in infos:
-        address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+        address = ipaddress.ip_address(sockaddr[0])  # no "%scope" since Python 3.7: that is in sockaddr[3]
         if not allow_private and not is_public_address(address):
             raise ForbiddenURLError(
                 f"{host} resolves to the non-public address {address}; "
