@@ -80,7 +80,9 @@ def send_event(app: Celery, url: str, payload: dict[str, Any], *, retry_s: float
     used within seconds.
     """
     args = [url, payload, f"{payload['job_id']}.{payload['type']}"]
-    retrying = Retrying(stop=stop_after_delay(retry_s), wait=wait_exponential_jitter(0.2, max=5), reraise=True)
+    retrying = Retrying(
+        stop=stop_after_delay(retry_s), wait=wait_exponential_jitter(multiplier=0.2, max=5), reraise=True
+    )
     try:
         for attempt in retrying:
             with attempt:

@@ -52,7 +52,7 @@ def write_result(
 
     retrying = Retrying(
         stop=stop_after_delay(deadline_s),
-        wait=wait_exponential_jitter(initial=FIRST_WAIT_S, max=MAX_WAIT_S, jitter=1.0),
+        wait=wait_exponential_jitter(multiplier=FIRST_WAIT_S, max=MAX_WAIT_S, jitter=1.0),
         retry=retry_if_not_exception_type(_JobEnded),
         before_sleep=waiting,
         reraise=True,
