@@ -53,6 +53,7 @@ class Route:
     hit_times: list[float] = field(default_factory=list)  # time.monotonic() of each request
     # False: no Content-Length, the body ends when the connection closes (the reader must count bytes).
     send_length: bool = True
+    error_body: bytes = b"error"  # the body of an answer >= 300 (an S3 error document, say)
 
 
 class ServedFiles:
@@ -61,11 +62,13 @@ class ServedFiles:
     def __init__(self, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> None:
         self.routes: dict[str, Route] = {}
         self.host_headers: list[str] = []  # the Host header of every request, in order
-        routes, host_headers = self.routes, self.host_headers
+        self.user_agents: list[str] = []  # the User-Agent header of every request, in order
+        routes, host_headers, user_agents = self.routes, self.host_headers, self.user_agents
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 host_headers.append(self.headers.get("host", ""))
+                user_agents.append(self.headers.get("user-agent", ""))
                 route = routes.get(self.path)
                 if route is None:
                     self.send_response(404)
@@ -77,7 +80,7 @@ class ServedFiles:
                 self.send_response(status)
                 for name, value in route.headers.items():
                     self.send_header(name, value)
-                body = route.body if status < 300 else b"error"
+                body = route.body if status < 300 else route.error_body
                 if route.send_length:
                     self.send_header("content-length", str(len(body)))
                 else:

@@ -98,8 +98,9 @@ class ImageFetcher:
         for _ in range(MAX_REDIRECTS + 1):
             try:  # the fetch timeout bounds a hop as a whole, so a server trickling bytes cannot hold a thread
                 with total_deadline(self.settings.fetch_timeout_s), self.http.stream("GET", url) as response:
-                    if response.is_redirect:
-                        url = urljoin(url, response.headers.get("location", ""))
+                    # httpx's is_redirect is any 3xx: one without a Location (300, 304) is an answer, not a hop.
+                    if response.has_redirect_location:
+                        url = urljoin(url, response.headers["location"])
                         continue
                     self._raise_for_status(url, response.status_code)
                     declared = int(response.headers.get("content-length") or 0)
@@ -132,7 +133,7 @@ class ImageFetcher:
 
         retrying = Retrying(
             stop=stop_after_delay(self.settings.s3_read_retry_s),
-            wait=wait_exponential_jitter(initial=0.2, max=5.0, jitter=0.5),
+            wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.5),
             retry=retry_if_exception(lambda exc: isinstance(exc, ImageFetchError) and exc.transient),
             reraise=True,
         )
