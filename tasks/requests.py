@@ -203,6 +203,6 @@ def validate_request(**fields: Any) -> JobRequest:
     try:
         return JobRequest(**fields)
     except ValidationError as exc:
-        loc = exc.errors(include_url=False)[0]["loc"] if exc.error_count() else ()
+        loc = exc.errors()[0]["loc"]  # a ValidationError holds at least one error
         field = str(loc[0]) if loc else None
         raise InvalidRequest(f"invalid job request: {_describe(exc)}", field=field) from None

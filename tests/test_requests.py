@@ -135,3 +135,43 @@ def test_invalid_request_carries_its_index_and_reason() -> None:
     assert (plain.index, plain.reason, str(plain)) == (None, "bad", "bad")
     placed = InvalidRequest("request #3: bad", index=3, reason="bad")
     assert (placed.index, placed.reason, str(placed)) == (3, "bad", "request #3: bad")
+
+
+def _lists(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def test_metadata_nesting_counts_lists_and_every_branch() -> None:
+    from varco.tasks.requests import MAX_METADATA_DEPTH
+
+    fine = validate_request(image_uri=IMG, task="caption", metadata={"a": _lists(MAX_METADATA_DEPTH - 1)})
+    assert fine.metadata == {"a": _lists(MAX_METADATA_DEPTH - 1)}
+    # Lists nest as much as dicts do; and a plain value beside the deep branch must not end the walk.
+    for metadata in ({"a": _lists(MAX_METADATA_DEPTH)}, {"deep": _lists(MAX_METADATA_DEPTH), "z": 1}):
+        with pytest.raises(InvalidRequest, match=f"nested more than {MAX_METADATA_DEPTH} levels deep") as info:
+            validate_request(image_uri=IMG, task="caption", metadata=metadata)
+        assert info.value.field == "metadata"
+
+
+def test_data_uri_size_is_what_the_payload_decodes_to() -> None:
+    from varco.tasks.requests import data_uri_size
+
+    assert data_uri_size("data:image/png;base64,iVBORw0KGgo=") == 8  # b"\x89PNG\r\n\x1a\n"
+    assert data_uri_size("data:image/png;base64,iVBORw0KGgoA") == 9
+    assert data_uri_size("data:image/png;base64,iVBORw0KGg==") == 7
+    assert data_uri_size("data:text/plain,a,b%2Cc") == 5  # the payload starts at the first comma
+
+
+def test_a_data_uri_over_the_limit_is_refused_naming_the_field() -> None:
+    from varco.tasks.requests import check_data_uri_size
+
+    check_data_uri_size("data:image/png;base64," + "A" * 1000, max_bytes=750)  # 750 bytes: fits
+    with pytest.raises(InvalidRequest, match="data URI holds 753 bytes; the limit is 750") as info:
+        check_data_uri_size("data:image/png;base64," + "A" * 1004, max_bytes=750)
+    assert info.value.field == "image_uri"
+    # Padding alone is no way under the limit: it is counted as the payload it claims to be, less two.
+    with pytest.raises(InvalidRequest, match="data URI holds 748 bytes"):
+        check_data_uri_size("data:image/png;base64," + "=" * 1000, max_bytes=700)
