@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import io
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ from typing import Any
 import boto3
 import psutil
 from moto.server import ThreadedMotoServer
-from PIL import Image
+from plain_png import plain_png
 
 from varco.producer import BrokerUnavailable, Client
 from varco.tasks.settings import settings_from_env
@@ -124,9 +123,7 @@ def main() -> None:
         receiver = Receiver()
         images = root / "images"
         images.mkdir()
-        buffer = io.BytesIO()
-        Image.new("RGB", (320, 240), (120, 60, 30)).save(buffer, format="PNG")
-        (images / "a.png").write_bytes(buffer.getvalue())
+        (images / "a.png").write_bytes(plain_png((320, 240)))
         env = {
             "VARCO_BROKER_URL": redis_server.url,
             "VARCO_MODEL": str(make_tiny_model(root / "model")),

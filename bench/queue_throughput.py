@@ -7,7 +7,6 @@ Uses the tiny offline model and a file result store in a temporary directory; pr
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import signal
 import subprocess
@@ -16,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from PIL import Image
+from plain_png import plain_png
 
 from varco.producer import Client
 from varco.tasks.settings import settings_from_env
@@ -37,9 +36,7 @@ def main() -> None:
         redis = start_redis(root)
         images = root / "images"
         images.mkdir()
-        buffer = io.BytesIO()
-        Image.new("RGB", (640, 480), (120, 60, 30)).save(buffer, format="PNG")
-        (images / "a.png").write_bytes(buffer.getvalue())
+        (images / "a.png").write_bytes(plain_png((640, 480)))
         env = {
             "VARCO_BROKER_URL": redis.url,
             "VARCO_MODEL": str(make_tiny_model(root / "model")),

@@ -10,7 +10,6 @@ time from the cut to its failure bounds the outage any job survives with this VA
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import boto3
 from moto.server import ThreadedMotoServer
-from PIL import Image
+from plain_png import plain_png
 
 from varco.producer import Client
 from varco.tasks.settings import settings_from_env
@@ -50,9 +49,7 @@ def main() -> None:
         proxy = TcpProxy("127.0.0.1", port).start()
         images = root / "images"
         images.mkdir()
-        buffer = io.BytesIO()
-        Image.new("RGB", (64, 48), (120, 60, 30)).save(buffer, format="PNG")
-        (images / "a.png").write_bytes(buffer.getvalue())
+        (images / "a.png").write_bytes(plain_png((64, 48)))
         uri = (images / "a.png").as_uri()
         env = {
             "VARCO_BROKER_URL": redis.url,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import sys
 import threading
 import time
 from collections import Counter
@@ -18,10 +17,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from varco.workers.devtools.local_worker import VARCO_CLI  # noqa: F401  (tests import it from here)
+
 # Loopback is the only network tests have: with the `scripted_dns` fixture, 127.0.0.2 plays a public address.
 PUBLIC = "127.0.0.2"
-# The `varco` console script as a module run by this interpreter (works without the venv on PATH).
-VARCO_CLI = [sys.executable, "-m", "varco.producer.cli"]
 
 
 def _fixtures() -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import threading
 import time
@@ -59,6 +60,7 @@ def client(settings: Settings) -> Iterator[Client]:
         yield c
 
 
+@contextlib.contextmanager
 def serve(settings: Settings, keys: list[str] | None, client: Client) -> Iterator[str]:
     """The app on a real uvicorn server in a thread; yields its base URL once it listens."""
     port = free_port()
@@ -80,7 +82,8 @@ def serve(settings: Settings, keys: list[str] | None, client: Client) -> Iterato
 @pytest.fixture
 def base(settings: Settings, client: Client) -> Iterator[str]:
     """A gateway per test: `make mutants` then sees every test reach the app's set-up (create_app)."""
-    yield from serve(settings, [ALICE, BOB], client)
+    with serve(settings, [ALICE, BOB], client) as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)
@@ -294,23 +297,21 @@ def test_a_page_token_reads_its_own_job_only_and_only_by_get(base: str) -> None:
 
 def test_rate_limit_is_per_key_and_says_when_to_retry(settings: Settings, client: Client) -> None:
     slow = settings.model_copy(update={"rate_limit": 0.001})  # a bucket of one, refilled once in 1000 s
-    for base in serve(slow, [ALICE, BOB], client):
-        with api(base) as alice, api(base, BOB) as bob:
-            job_id = alice.post("/v1/jobs", json=JOB).json()["job_id"]
-            limited = alice.post("/v1/jobs", json=JOB)
-            answer = problem(limited, 429, "rate-limited")
-            problem(alice.get(f"/v1/jobs/{job_id}"), 429, "rate-limited")  # reads count too
-            assert bob.post("/v1/jobs", json=JOB).status_code == 202
+    with serve(slow, [ALICE, BOB], client) as base, api(base) as alice, api(base, BOB) as bob:
+        job_id = alice.post("/v1/jobs", json=JOB).json()["job_id"]
+        limited = alice.post("/v1/jobs", json=JOB)
+        answer = problem(limited, 429, "rate-limited")
+        problem(alice.get(f"/v1/jobs/{job_id}"), 429, "rate-limited")  # reads count too
+        assert bob.post("/v1/jobs", json=JOB).status_code == 202
     assert answer["detail"] == "over VARCO_RATE_LIMIT (0.001 requests/s) for this key"
     assert 990 <= int(limited.headers["retry-after"]) <= 1000
     assert len(enqueued(client)) == 2
 
 
 def test_without_keys_everyone_is_one_anonymous_caller(settings: Settings, client: Client) -> None:
-    for base in serve(settings, None, client):
-        with api(base, None) as http:
-            job_id = http.post("/v1/jobs", json=JOB).json()["job_id"]
-            assert http.get(f"/v1/jobs/{job_id}").json()["state"] == "queued"
+    with serve(settings, None, client) as base, api(base, None) as http:
+        job_id = http.post("/v1/jobs", json=JOB).json()["job_id"]
+        assert http.get(f"/v1/jobs/{job_id}").json()["state"] == "queued"
     assert client.statuses.record(job_id)["owner"] == "anonymous"
 
 
