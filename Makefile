@@ -56,8 +56,8 @@ bench: $(STAMP)
 mutants: $(STAMP)
 	rm -rf mutants
 	$(BIN)/mutmut run --max-children 2
-	$(BIN)/python tests/mutation_score.py
-	$(BIN)/python tests/lua_mutants.py  # the Lua scripts, which mutmut does not mutate
+	$(BIN)/python mutation/mutation_score.py
+	$(BIN)/python mutation/lua_mutants.py  # the Lua scripts, which mutmut does not mutate
 
 clean:
 	rm -rf $(VENV) .models .pytest_cache .ruff_cache .hypothesis mutants

@@ -77,7 +77,7 @@ def inference_child(supervisor: subprocess.Popen) -> psutil.Process:
     for child in psutil.Process(supervisor.pid).children(recursive=True):
         cmdline = " ".join(child.cmdline())
         # Celery retitles its processes ("[celeryd: cpu0@host:MainProcess] …"); the webhook child has --callbacks.
-        if ("varco.workers.process" in cmdline or "celeryd" in cmdline) and "--callbacks" not in cmdline:
+        if ("varco.workers.runtime.main" in cmdline or "celeryd" in cmdline) and "--callbacks" not in cmdline:
             return child
     tree = [" ".join(c.cmdline()) for c in psutil.Process(supervisor.pid).children(recursive=True)]
     raise RuntimeError(f"the node has no inference child: {tree}")

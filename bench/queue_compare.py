@@ -63,7 +63,7 @@ from varco.tasks.settings import Settings, settings_from_env
 from varco.workers.devtools.local_redis import start_redis
 from varco.workers.devtools.scripted import SCRIPTED_PLUGIN, SCRIPTS_FILE
 from varco.workers.engines.base import GenerationRequest
-from varco.workers.fetch import ImageFetcher
+from varco.workers.input.fetch import ImageFetcher
 
 BACKENDS = ("hf", "vllm")
 VARCO_WORKER = [sys.executable, "-m", "varco.producer.cli", "worker", "--gpus", "cpu", "--no-callbacks"]

@@ -232,7 +232,7 @@ def cmd_overlay(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    return _worker_module("supervisor").run(args.gpus, args.queues, not args.no_callbacks, args.concurrency)
+    return _worker_module("node.supervisor").run(args.gpus, args.queues, not args.no_callbacks, args.concurrency)
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ class _MutantAliases:
     mutmut copies the modules it mutates to `mutants/` and names each mutant by file path
     (`tasks.tags.x_parse__mutmut_3`), while the project is imported under its one root
     (`varco.tasks.tags`). A finder, rather than aliasing once, makes the redirect hold however the
-    modules import each other: a mutated `workers.fetch` importing `varco.workers.netguard` gets the
+    modules import each other: a mutated `workers.fetch` importing `varco.workers.net.netguard` gets the
     mutated netguard too, whichever of the two is imported first.
     """
 

@@ -17,12 +17,12 @@ from helpers import FIXTURES
 ROOT = Path(__file__).resolve().parents[1]
 # Parser, request validation, webhook signing and the client's own checks: none needs torch or Pillow.
 BASE_INSTALL_TESTS = [
-    "test_tags_card.py",
-    "test_tags_robust.py",
-    "test_requests.py",
-    "test_webhooks.py",
-    "test_client_checks.py",
-    "test_settings.py",
+    "tasks/test_tags_card.py",
+    "tasks/test_tags_robust.py",
+    "tasks/test_requests.py",
+    "producer/test_webhooks.py",
+    "producer/test_client_checks.py",
+    "tasks/test_settings.py",
 ]
 # Test tools only: the project itself is installed with no extras.
 TEST_TOOLS = ["pytest>=8", "hypothesis>=6.100"]
@@ -123,6 +123,7 @@ def test_base_install_tests_pass_without_any_extra(base_install: BaseInstall, tm
     tests = tmp_path / "tests"
     tests.mkdir()
     for name in ["conftest.py", "helpers.py", *BASE_INSTALL_TESTS]:
+        (tests / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / "tests" / name, tests / name)
     shutil.copytree(FIXTURES, tmp_path / "shared" / "fixtures")
     result = subprocess.run(

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from varco.producer import Client
 from varco.tasks.settings import settings_from_env
 from varco.workers.devtools.local_redis import LocalRedis, free_port
-from varco.workers.health import HEARTBEAT_STALE_S, judge_liveness
+from varco.workers.node.health import HEARTBEAT_STALE_S, judge_liveness
 
 
 def node_env(worker_env: dict, redis_server: LocalRedis, db: int, **extra: str) -> dict[str, str]:

@@ -14,7 +14,7 @@ from test_node_endpoint import base, node_env, scrape, value, wait_http
 from varco.producer import Client
 from varco.tasks.settings import settings_from_env
 from varco.workers.devtools.local_redis import LocalRedis
-from varco.workers.result_cache import KEY_PREFIX
+from varco.workers.output.result_cache import KEY_PREFIX
 
 CACHE_DB = 12  # a Redis database of its own: no other test worker takes these jobs
 

@@ -13,7 +13,7 @@ import pytest
 from helpers import WebhookReceiver
 
 from varco.producer import Client
-from varco.workers.callbacks import send_event
+from varco.workers.output.webhooks import send_event
 
 TIMEOUT_S = 3.0  # VARCO_CALLBACK_TIMEOUT_S in worker_env
 HOST_CAP = 2  # VARCO_CALLBACK_HOST_CONCURRENCY's default

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from helpers import VARCO_CLI
 
-from varco.workers import exit_codes
+from varco.workers.node import exit_codes
 
 
 def start_worker(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess:

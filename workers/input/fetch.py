@@ -19,12 +19,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from varco.tasks.errors import ImageDecodeError, ImageFetchError, ImageTooLargeError
 from varco.tasks.settings import Settings
-from varco.workers.file_source import read_regular_file
-from varco.workers.pinned_http import pinned_client, total_deadline
-from varco.workers.s3_buckets import check_s3_bucket
+from varco.workers.input.file_source import read_regular_file
+from varco.workers.input.s3_buckets import check_s3_bucket
+from varco.workers.net.pinned_http import pinned_client, total_deadline
+from varco.workers.net.retry import is_retryable_status
 
 MAX_REDIRECTS = 5
-_PERMANENT_HTTP = {400, 401, 403, 404, 405, 410, 414, 451}
 
 
 @dataclass(frozen=True)
@@ -123,8 +123,7 @@ class ImageFetcher:
     def _raise_for_status(url: str, status: int) -> None:
         if status < 300:
             return
-        transient = status not in _PERMANENT_HTTP and (status >= 500 or status in (408, 425, 429))
-        raise ImageFetchError(f"HTTP {status} fetching {url}", transient=transient)
+        raise ImageFetchError(f"HTTP {status} fetching {url}", transient=is_retryable_status(status))
 
     def _s3_get(self, uri: str) -> bytes:
         """An s3:// read, retried in place through transient errors for VARCO_S3_READ_RETRY_S: a short S3

@@ -24,8 +24,10 @@ from varco.tasks.schemas import ErrorInfo, JobState
 from varco.tasks.settings import Settings
 from varco.tasks.signing import verify
 from varco.workers import metrics
-from varco.workers.callbacks import DeliveredLog, backoff_s, delivery_outcome, event_payload, register_callback_task
 from varco.workers.devtools.local_redis import free_port, start_redis
+from varco.workers.net.retry import backoff_s
+from varco.workers.output.webhook_delivery import DeliveredLog, delivery_outcome, register_callback_task
+from varco.workers.output.webhooks import event_payload
 
 PAYLOAD = {"type": "job.succeeded", "job_id": "abc", "state": "succeeded"}
 RETRIES = 2
@@ -143,8 +145,8 @@ def test_a_delivered_webhook_that_comes_back_is_not_sent_again(receiver: Webhook
     """Its POST went through but its ack was lost (a Redis restart): the broker hands the same delivery out
     again, and the delivered-log stops it."""
     from varco.tasks.connections import redis_from_url
-    from varco.workers.callbacks import DeliveredLog
     from varco.workers.devtools.local_redis import start_redis
+    from varco.workers.output.webhook_delivery import DeliveredLog
 
     receiver.status_for = lambda p: 204
     with start_redis(tmp_path) as server:

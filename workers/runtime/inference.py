@@ -31,15 +31,16 @@ from varco.tasks.settings import Settings
 from varco.tasks.status import StatusStore, now_iso, record_to_status
 from varco.tasks.tags import parse
 from varco.workers import metrics
-from varco.workers.callbacks import backoff_s, event_payload, send_event
-from varco.workers.cancels import CancelWatcher
 from varco.workers.engines.base import Cancelled, EngineBackend, GenerationRequest
-from varco.workers.fetch import FetchedImage, ImageFetcher
-from varco.workers.leases import LeaseKeeper
+from varco.workers.input.fetch import FetchedImage, ImageFetcher
 from varco.workers.logs import job_context
-from varco.workers.result_cache import ResultCache
-from varco.workers.result_writer import write_result
-from varco.workers.undecodable import on_undecodable
+from varco.workers.net.retry import backoff_s
+from varco.workers.output.result_cache import ResultCache
+from varco.workers.output.result_writer import write_result
+from varco.workers.output.webhooks import event_payload, send_event
+from varco.workers.runtime.cancels import CancelWatcher
+from varco.workers.runtime.leases import LeaseKeeper
+from varco.workers.runtime.undecodable import on_undecodable
 
 log = logging.getLogger(__name__)
 # Set on a job's status record once its terminal webhook was queued (or was not wanted).

@@ -14,7 +14,7 @@ from varco.tasks.results_store import FileResultStore
 from varco.tasks.schemas import ImageInfo, JobResult, JobState, ParsedOutput
 from varco.tasks.settings import Settings
 from varco.workers.devtools.local_redis import LocalRedis, start_redis
-from varco.workers.result_cache import KEY_PREFIX, ResultCache
+from varco.workers.output.result_cache import KEY_PREFIX, ResultCache
 
 SHA = "ab" * 32
 

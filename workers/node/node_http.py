@@ -15,7 +15,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from varco.tasks.celery_app import queue_depth
-from varco.workers.health import NodeHealth, Verdict
+from varco.workers.node.health import NodeHealth, Verdict
 
 log = logging.getLogger("varco.supervisor")
 

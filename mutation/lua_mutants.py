@@ -1,9 +1,9 @@
-"""Hand-made mutants of tasks/status.py's Lua scripts, run against tests/test_status_store.py.
+"""Hand-made mutants of tasks/status.py's Lua scripts, run against tests/tasks/test_status_store.py.
 
 mutmut mutates only code inside functions, so the module-level Lua strings, where the status rules live,
 get no mutants from `make mutants`. This applies each mutation below to tasks/status.py in turn (restored
-afterwards, also on Ctrl-C), runs the status tests, and lists the survivors; tests/MUTANTS.md explains the
-ones left. Run from the repository root: `.venv/bin/python tests/lua_mutants.py [INDEX ...]`.
+afterwards, also on Ctrl-C), runs the status tests, and lists the survivors; mutation/MUTANTS.md explains the
+ones left. Run from the repository root: `.venv/bin/python mutation/lua_mutants.py [INDEX ...]`.
 """
 
 from __future__ import annotations
@@ -205,16 +205,16 @@ def main(only: set[int]) -> int:
                 survivors.append(i)
                 continue
             SOURCE.write_text(original.replace(old, new), encoding="utf-8")
-            cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:randomly", "tests/test_status_store.py"]
+            cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:randomly", "tests/tasks/test_status_store.py"]
             alive = subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0
             print(f"#{i} {'SURVIVED' if alive else 'killed'}: {old[:70]!r} -> {new[:70]!r}", flush=True)
             survivors += [i] if alive else []
     finally:
         SOURCE.write_text(original, encoding="utf-8")
-    listed = (ROOT / "tests" / "MUTANTS.md").read_text(encoding="utf-8")
+    listed = (ROOT / "mutation" / "MUTANTS.md").read_text(encoding="utf-8")
     unlisted = [i for i in survivors if f"`#{i}`" not in listed]
     print(f"Lua scripts of tasks/status.py: {len(MUTATIONS)} mutants, {len(MUTATIONS) - len(survivors)} killed;"
-          f" survivors {survivors}" + (f", not in tests/MUTANTS.md: {unlisted}" if unlisted else ""))  # fmt: skip
+          f" survivors {survivors}" + (f", not in mutation/MUTANTS.md: {unlisted}" if unlisted else ""))  # fmt: skip
     return 1 if unlisted else 0
 
 

@@ -1,4 +1,4 @@
-"""Webhook delivery from the `varco.callbacks` queue, so a GPU never waits on HTTP.
+"""Webhook delivery: the `varco.callbacks` task of the callback process, so a GPU never waits on HTTP.
 
 Each event is POSTed as JSON, signed the Standard Webhooks way (a fresh timestamp per attempt,
 the same `webhook-id` across retries so receivers can deduplicate), and retried with exponential
@@ -15,23 +15,18 @@ from typing import Any
 import httpx
 import redis
 from celery import Celery, Task
-from tenacity import Retrying, stop_after_delay, wait_exponential_jitter
 
-from varco.tasks.celery_app import CALLBACK_QUEUE, CALLBACK_TASK
+from varco.tasks.celery_app import CALLBACK_TASK
 from varco.tasks.errors import ForbiddenURLError
-from varco.tasks.requests import JobRequest
-from varco.tasks.schemas import ErrorInfo, JobState, WebhookEvent
 from varco.tasks.settings import Settings
 from varco.tasks.signing import sign_headers
-from varco.workers.host_slots import HostSlots, host_of
 from varco.workers.metrics import CALLBACKS
-from varco.workers.netguard import UnresolvableHostError
-from varco.workers.pinned_http import pinned_client, total_deadline
+from varco.workers.net.netguard import UnresolvableHostError
+from varco.workers.net.pinned_http import pinned_client, total_deadline
+from varco.workers.net.retry import backoff_s, is_retryable_status
+from varco.workers.output.host_slots import HostSlots, host_of
 
 log = logging.getLogger(__name__)
-# 4xx answers that mean "not now" rather than "never": Request Timeout, Too Early (RFC 8470: repeat the
-# request), Too Many Requests. Image fetching (workers/fetch.py) retries the same ones.
-_RETRY_STATUS = {408, 425, 429}
 
 
 def delivery_outcome(status: int) -> str:
@@ -40,55 +35,9 @@ def delivery_outcome(status: int) -> str:
     "retry": 5xx, 408, 425 and 429, which a later attempt may get through; "rejected": any other
     answer from 300 up (a redirect is not followed), which would only be refused again; "delivered": 2xx.
     """
-    if status >= 500 or status in _RETRY_STATUS:
+    if is_retryable_status(status):
         return "retry"
     return "rejected" if status >= 300 else "delivered"
-
-
-def backoff_s(retries: int, base: float = 1.0, cap: float = 600.0) -> float:
-    """Exponential backoff with jitter: between half and all of base * 2**retries seconds, at most `cap`."""
-    return random.uniform(0.5, 1.0) * min(cap, base * 2**retries)
-
-
-def event_payload(
-    event: str,
-    job_id: str,
-    request: JobRequest,
-    state: JobState,
-    ts: str,
-    *,
-    result_uri: str | None = None,
-    error: ErrorInfo | None = None,
-) -> dict[str, Any]:
-    """The webhook body for one event (tasks.schemas.WebhookEvent), as JSON-ready data."""
-    return WebhookEvent(
-        type=event, job_id=job_id, task=request.task.value, state=state, result_uri=result_uri, error=error,
-        metadata=request.metadata, timestamp=ts,
-    ).model_dump(mode="json")  # fmt: skip
-
-
-# How long a finished job's task thread keeps trying to queue its webhook while the broker is away (a Redis
-# restart or a Sentinel failover): Celery's own publish retries give up within about a second.
-QUEUE_RETRY_S = 120.0
-
-
-def send_event(app: Celery, url: str, payload: dict[str, Any], *, retry_s: float = QUEUE_RETRY_S) -> None:
-    """Queue one webhook, retrying through a broker outage of up to `retry_s`; never raises into the job.
-
-    The first retry comes 0.2 s after a failed attempt, the pause doubles, and attempts are never more
-    than 5 s apart (each pause plus up to 1 s of jitter, within the 5 s): a broker that comes back is
-    used within seconds.
-    """
-    args = [url, payload, f"{payload['job_id']}.{payload['type']}"]
-    retrying = Retrying(
-        stop=stop_after_delay(retry_s), wait=wait_exponential_jitter(multiplier=0.2, max=5), reraise=True
-    )
-    try:
-        for attempt in retrying:
-            with attempt:
-                app.send_task(CALLBACK_TASK, args=args, queue=CALLBACK_QUEUE)
-    except Exception:  # still unreachable: the job's outcome stands, its webhook is lost (logged)
-        log.exception("could not queue %s callback for job %s", payload["type"], payload["job_id"])
 
 
 class DeliveredLog:

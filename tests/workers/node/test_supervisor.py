@@ -41,7 +41,7 @@ def test_a_dead_child_takes_its_process_group_with_it_and_is_restarted(tmp_path:
     # A child that starts a long-lived process of its own, as the worker starts vLLM's engine core.
     script = f"sleep 300 & echo $$ $! > {pids}.tmp && mv {pids}.tmp {pids}; wait"
     code = (
-        "import os; from varco.workers.supervisor import Child, supervise; "
+        "import os; from varco.workers.node.supervisor import Child, supervise; "
         f"supervise([Child('engine', ['sh', '-c', {script!r}], dict(os.environ))], grace_s=10)"
     )
     supervisor = subprocess.Popen([sys.executable, "-c", code])

@@ -22,9 +22,9 @@ from images import png
 
 from varco.tasks.errors import ForbiddenURLError, ImageFetchError
 from varco.tasks.settings import Settings
-from varco.workers.fetch import ImageFetcher
-from varco.workers.netguard import UnresolvableHostError, embedded_ipv4, is_public_address, resolve_public
-from varco.workers.pinned_http import pinned_client, total_deadline
+from varco.workers.input.fetch import ImageFetcher
+from varco.workers.net.netguard import UnresolvableHostError, embedded_ipv4, is_public_address, resolve_public
+from varco.workers.net.pinned_http import pinned_client, total_deadline
 
 IMAGE = png(32, 24)
 

@@ -16,8 +16,8 @@ import tenacity
 from varco.tasks.celery_app import CALLBACK_QUEUE, CALLBACK_TASK, create_app, queue_depth
 from varco.tasks.connections import redis_from_url
 from varco.tasks.settings import Settings
-from varco.workers.callbacks import send_event
 from varco.workers.devtools.local_redis import start_redis
+from varco.workers.output.webhooks import send_event
 
 PAYLOAD = {"type": "job.succeeded", "job_id": "abc", "state": "succeeded"}
 

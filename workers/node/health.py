@@ -1,6 +1,6 @@
 """Liveness and readiness of a worker node: children write heartbeats, the supervisor judges them.
 
-Each inference child runs a `Heartbeat` thread that writes `health-{name}.json` into the node's
+Each inference child runs a `Heartbeat` thread (`runtime/heartbeat.py`) that writes `health-{name}.json` into the node's
 state directory every couple of seconds: whether its model is loaded, how many requests its engine
 holds, and how long since the engine last made progress (a decode step). The supervisor's
 `NodeHealth` reads those files: a node is live while every child's heartbeat is fresh and no engine
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -37,43 +35,6 @@ PROBE_TIMEOUT_S = 3.0  # a Redis check behind /readyz and /metrics answers withi
 
 def state_file(directory: Path, name: str) -> Path:
     return directory / f"health-{name}.json"
-
-
-class Heartbeat:
-    """Child side: writes this process's state for the supervisor, atomically, until the process ends."""
-
-    def __init__(self, directory: Path, name: str, state: Callable[[], dict[str, Any]]) -> None:
-        self.path = state_file(directory, name)
-        self.state = state
-        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
-
-    def start(self) -> Heartbeat:
-        self.beat()
-        self._thread.start()
-        return self
-
-    def beat(self) -> None:
-        data = {**self.state(), "pid": os.getpid(), "heartbeat": time.time()}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, self.path)
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(HEARTBEAT_EVERY_S)
-            try:
-                self.beat()
-            except Exception:  # a full disk must not kill the worker; the stale heartbeat will show
-                log.exception("could not write the heartbeat")
-
-
-def engine_state(engine: Any | None) -> dict[str, Any]:
-    """What a child reports: loaded or not, pending requests, seconds since the engine's last progress."""
-    if engine is None:
-        return {"loaded": False, "pending": 0, "progress_age_s": 0.0}
-    pending = engine.pending()
-    age = time.monotonic() - engine.last_progress if pending else 0.0
-    return {"loaded": True, "pending": pending, "progress_age_s": round(age, 3)}
 
 
 @dataclass

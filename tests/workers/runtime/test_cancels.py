@@ -13,8 +13,8 @@ import pytest
 import redis
 
 from varco.tasks.status import CANCEL_CHANNEL
-from varco.workers.cancels import CancelWatcher
 from varco.workers.devtools.local_redis import LocalRedis, answers, start_redis
+from varco.workers.runtime.cancels import CancelWatcher
 
 
 @pytest.fixture
@@ -122,7 +122,7 @@ def test_the_listener_reconnects_after_redis_restarts(
         again.terminate()
         again.wait(timeout=10)
         client.close()
-    lost = [r.getMessage() for r in caplog.records if r.name.endswith("workers.cancels")]
+    lost = [r.getMessage() for r in caplog.records if r.name.endswith("workers.runtime.cancels")]
     assert lost and all(m.startswith("cancel listener lost Redis (") for m in lost), lost
     assert any("ConnectionError" in m for m in lost) and all(m.endswith("); reconnecting") for m in lost), lost
 

@@ -1,7 +1,7 @@
 """Print `make mutants`' score per module from mutmut's results: mutants, killed, survived, score.
 
 A timeout counts as killed (the mutant made the tests hang, and they noticed). Survivors are listed by
-id; each one must be in tests/MUTANTS.md as equivalent, with the reason. Exit status 1 when a module
+id; each one must be in mutation/MUTANTS.md as equivalent, with the reason. Exit status 1 when a module
 scores under the goal or a survivor is not listed there.
 """
 
@@ -42,7 +42,7 @@ def main() -> int:
         for name in names:
             known = f"`{name.split(' ')[0]}`" in listed
             unlisted += [] if known else [name]
-            print(f"  {name}" + ("" if known else "  <- not in tests/MUTANTS.md"))
+            print(f"  {name}" + ("" if known else "  <- not in mutation/MUTANTS.md"))
     return 1 if low or unlisted else 0
 
 

@@ -22,7 +22,7 @@ from contextvars import ContextVar
 import httpcore
 import httpx
 
-from varco.workers.netguard import resolve_public
+from varco.workers.net.netguard import resolve_public
 
 _deadline: ContextVar[float | None] = ContextVar("varco_http_deadline", default=None)
 

@@ -24,9 +24,9 @@ from PIL import Image, PngImagePlugin
 
 from varco.tasks.errors import ForbiddenURLError, ImageDecodeError, ImageFetchError, ImageTooLargeError
 from varco.tasks.settings import Settings
-from varco.workers.fetch import ImageFetcher
-from varco.workers.file_source import read_regular_file
-from varco.workers.s3_buckets import check_s3_bucket
+from varco.workers.input.fetch import ImageFetcher
+from varco.workers.input.file_source import read_regular_file
+from varco.workers.input.s3_buckets import check_s3_bucket
 
 IMAGE = png(64, 48)
 

@@ -27,10 +27,10 @@ from pydantic import ValidationError
 from varco.tasks.celery_app import CALLBACK_QUEUE
 from varco.tasks.connections import describe, redis_client
 from varco.tasks.settings import Settings
-from varco.workers import exit_codes, node_http
-from varco.workers.broker_persistence import log_broker_persistence
-from varco.workers.health import NODE_STATE_ENV, PROBE_TIMEOUT_S, NodeHealth
 from varco.workers.logs import configure_logging
+from varco.workers.node import exit_codes, node_http
+from varco.workers.node.broker_persistence import log_broker_persistence
+from varco.workers.node.health import NODE_STATE_ENV, PROBE_TIMEOUT_S, NodeHealth
 
 log = logging.getLogger("varco.supervisor")
 
@@ -96,7 +96,7 @@ def plan_children(
     # Children write their metrics and heartbeats into the node's state directory.
     shared = {"PROMETHEUS_MULTIPROC_DIR": str(state_dir), NODE_STATE_ENV: str(state_dir)} if state_dir else {}
     ids = gpu_ids(gpus)
-    base = [sys.executable, "-m", "varco.workers.process", "--queues", queues]
+    base = [sys.executable, "-m", "varco.workers.runtime.main", "--queues", queues]
     if concurrency:
         base += ["--concurrency", str(concurrency)]
     children = []
@@ -106,7 +106,7 @@ def plan_children(
         children.append(Child(name, [*base, "--hostname", name], env))
     if callbacks:
         name = f"callbacks@{host}"
-        argv = [sys.executable, "-m", "varco.workers.process", "--callbacks", "--hostname", name]
+        argv = [sys.executable, "-m", "varco.workers.runtime.main", "--callbacks", "--hostname", name]
         children.append(Child(name, argv, {**os.environ, **shared, "CUDA_VISIBLE_DEVICES": ""}))
     return children
 
