@@ -38,7 +38,7 @@ def option_values(argv: list[str]) -> dict[str, str]:
 
 
 def test_redis_keeps_queued_jobs_across_restarts_with_aof() -> None:
-    """Without persistence a Redis restart loses every queued job and status record (README)."""
+    """Without persistence a Redis restart loses every queued job and status record (docs/redis.md)."""
     services = yaml.safe_load((INFRA / "compose.yaml").read_text())["services"]
     options = option_values(services["redis"]["command"][1:])
     assert options["--appendonly"] == "yes" and options["--appendfsync"] == "everysec"

@@ -1,6 +1,6 @@
 """A Redis restart loses nothing when Redis runs as we ship it (infra/compose.yaml's flags: AOF, fsync
 every second): queued jobs and status records come back, the client reconnects, the jobs run. Without
-persistence the same restart loses them, which is what the README and the node's start-up warning say."""
+persistence the same restart loses them, which is what docs/redis.md and the node's start-up warning say."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def test_queued_jobs_and_records_survive_a_restart_of_redis_as_shipped(
 
 
 def test_without_persistence_a_restart_loses_queued_jobs(settings_for_loss: dict, tmp_path: Path) -> None:
-    """The loss the README warns about, measured on a real redis-server."""
+    """The loss docs/redis.md warns about, measured on a real redis-server."""
     server = start_redis(tmp_path)  # --save "" --appendonly no
     try:
         with Client(settings_from_env({**settings_for_loss, "VARCO_BROKER_URL": server.url})) as client:

@@ -1,7 +1,7 @@
 """Which addresses a worker may connect to: only globally routable ones, unless private URLs are allowed.
 
 `resolve_public` resolves a host once and returns the addresses that passed the check; the pinned HTTP
-transport (workers/pinned_http.py) connects to exactly those, so a DNS answer that changes between the
+transport (net/pinned_http.py) connects to exactly those, so a DNS answer that changes between the
 check and the connect (rebinding) cannot reach a private address.
 """
 

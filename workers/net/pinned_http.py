@@ -2,7 +2,7 @@
 
 httpx resolves a host itself when it connects, so a check made before the request can be undone by a
 DNS answer that changes in between (rebinding). Here the connection pool's network backend resolves
-once (workers/netguard.py), refuses non-public answers, and connects to the checked address itself.
+once (net/netguard.py), refuses non-public answers, and connects to the checked address itself.
 The request's URL is unchanged, so the Host header and the TLS server name (SNI and the certificate
 check) stay the requested host's.
 

@@ -13,7 +13,7 @@ import redis
 log = logging.getLogger("varco.supervisor")
 
 ADVICE = (
-    "run Redis with --appendonly yes --appendfsync everysec (README: 'Redis: persistence and HA'); "
+    "run Redis with --appendonly yes --appendfsync everysec (docs/redis.md); "
     "infra/compose.yaml and infra/k8s/redis.yaml do"
 )
 
