@@ -84,6 +84,8 @@ class VLLMEngine(ThreadedEngine):
         }
         if self.max_model_len:
             args["max_model_len"] = self.max_model_len
+        if not _cuda_available() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            args["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(self.gpu_memory_utilization)
         args.update(self.extra_engine_args)
         return EngineArgs(**args)
 
@@ -253,6 +255,18 @@ def _cuda_available() -> bool:
         return torch.cuda.is_available()
     except ImportError:
         return False
+
+
+def cpu_kv_cache_bytes(share: float, total_ram: int | None = None) -> int:
+    """On CPU, the KV cache as an explicit share of the machine's RAM.
+
+    vLLM's own CPU default takes the share minus what the process already holds (RSS), so the same
+    setting starts in a fresh worker and refuses to start in a process that has grown (a test session,
+    a worker that loaded other things first). A fixed size does not depend on that history.
+    """
+    import psutil
+
+    return int(share * (total_ram if total_ram is not None else psutil.virtual_memory().total))
 
 
 def configure_cpu_defaults() -> None:

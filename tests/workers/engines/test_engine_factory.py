@@ -51,3 +51,25 @@ def test_a_bad_plugin_spec_is_a_clear_error() -> None:
         load_object("no_colon_here")
     with pytest.raises(ModuleNotFoundError):
         create_engine(Settings(model="/m", engine="hf", engine_plugins="not_a_module_anywhere:install"))
+
+
+def test_on_cpu_the_kv_cache_is_a_fixed_share_of_ram_not_of_what_the_process_left_free(monkeypatch) -> None:
+    """vLLM's CPU default subtracts the process's RSS from the share: a grown process (a long test
+    session, measured in CI: -0.01 of 1.0 GiB) then refuses to start. The size must not depend on it."""
+    import psutil
+
+    from varco.workers.engines import vllm as vllm_module
+    from varco.workers.engines.vllm import cpu_kv_cache_bytes
+
+    monkeypatch.setattr(vllm_module, "_cuda_available", lambda: False)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    assert cpu_kv_cache_bytes(0.25, total_ram=8 * 2**30) == 2 * 2**30
+    engine = VLLMEngine("/models/x", gpu_memory_utilization=0.1)
+    assert engine.engine_args().kv_cache_memory_bytes == int(0.1 * psutil.virtual_memory().total)
+    explicit = VLLMEngine("/models/x", engine_args={"kv_cache_memory_bytes": 123 * 2**20})
+    assert explicit.engine_args().kv_cache_memory_bytes == 123 * 2**20  # an explicit engine arg wins
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")  # vLLM's own setting: left to vLLM
+    assert VLLMEngine("/models/x").engine_args().kv_cache_memory_bytes is None
+    monkeypatch.setattr(vllm_module, "_cuda_available", lambda: True)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
+    assert VLLMEngine("/models/x").engine_args().kv_cache_memory_bytes is None  # on a GPU: vLLM's share
