@@ -1,7 +1,8 @@
-"""Request body limits as ASGI middleware: a size cap (413) and a read timeout (408) for slow senders.
+"""Request body limits as ASGI middleware: a size cap (413) and one deadline for the whole body (408).
 
-uvicorn bounds headers (h11's incomplete-event size), idle keep-alive connections and concurrent
-connections (server.py); it has no limit on a body's size or on how slowly it arrives, hence this.
+uvicorn bounds the request head (h11's incomplete-event size, http_protocol.py), idle keep-alive
+connections and concurrent connections (server.py); it has no limit on a body's size or on how
+slowly it arrives, hence this.
 """
 
 from __future__ import annotations
