@@ -26,22 +26,17 @@ from varco.gateway.ratelimit import RateLimiter
 from varco.producer import Client
 from varco.tasks.connections import BrokerUnavailable
 from varco.tasks.settings import Settings
-from varco.workers.devtools.local_redis import LocalRedis, start_redis
+from varco.workers.devtools.local_redis import start_redis
 
 ALICE, BOB = "alice-key-0123456789", "bob-key-9876543210"
 JOB = {"image_uri": "https://images.example/cat.png", "task": "caption"}
 
 
 @pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    with start_redis(tmp_path_factory.mktemp("redis-hardening")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def settings(redis_server: LocalRedis, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    results = tmp_path_factory.mktemp("results")
-    return Settings(broker_url=redis_server.url, result_store=results.as_uri() + "/")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """A private redis-server's and a results directory's."""
+    with start_redis(tmp_path_factory.mktemp("redis-hardening")) as redis_server:
+        yield Settings(broker_url=redis_server.url, result_store=tmp_path_factory.mktemp("results").as_uri() + "/")
 
 
 @pytest.fixture(scope="module")
