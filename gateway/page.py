@@ -119,8 +119,9 @@ async def job_page(
         rate_limit(state, ANONYMOUS)
         await owned_status(state, job_id, "")
         return render(job_id, None)
+    by_token = token is not None and credentials is None and key is None
     with failures_limited(request):
-        if token is not None and credentials is None and key is None:
+        if by_token:
             who = state.keys.verify_page_token(token, job_id)
             if who is None:
                 raise Problem(401, "unauthorized", "page token is invalid or expired: open the page with ?key= again")
@@ -132,7 +133,7 @@ async def job_page(
             who = key_from_bearer(state, credentials)
     rate_limit(state, who)
     await owned_status(state, job_id, who)
-    if token is not None and credentials is None and key is None:
+    if by_token:
         return render(job_id, token)
     url = f"/ui/jobs/{quote(job_id)}?token={quote(state.keys.page_token(who, job_id))}"
     return RedirectResponse(url, status_code=303, headers={"Referrer-Policy": "no-referrer"})
