@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from varco.tasks.prompts import TaskType, build_prompt, find_control_token, find_varco_tag
 
 SUPPORTED_SCHEMES = ("http", "https", "s3", "file", "data")
-CALLBACK_EVENTS = ("job.started", "job.succeeded", "job.failed")
+CALLBACK_EVENTS = ("job.started", "job.succeeded", "job.failed", "job.cancelled")
 MAX_PROMPT_CHARS = 8000
 MAX_LABEL_CHARS = 200
 MAX_METADATA_BYTES = 16 * 1024
