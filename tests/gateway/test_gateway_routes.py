@@ -24,6 +24,7 @@ import pytest
 pytest.importorskip("fastapi")
 import uvicorn
 from fastapi.exceptions import RequestValidationError
+from prometheus_client.parser import text_string_to_metric_families
 
 from varco.gateway.app import create_app
 from varco.gateway.auth import KeyRing, key_id
@@ -453,3 +454,16 @@ def test_the_api_description_documents_bodies_and_problems(base: str) -> None:
         }
         assert {"401", "408", "413", "429", "503"} <= set(operation["responses"])
     assert {"JobRequest", "JobBatch", "ProblemDetails"} <= set(schema["components"]["schemas"])
+
+
+# --- metrics ---------------------------------------------------------------------------------------
+
+
+def test_metrics_carry_the_process_and_no_created_series(base: str) -> None:
+    with api(base) as http:
+        http.get("/v1/jobs/" + "0" * 32)
+        text = httpx.get(base + "/metrics").text
+    names = {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+    assert "varco_gateway_requests_total" in names
+    assert not [n for n in names if n.endswith("_created")]  # they reached Prometheus as timestamp gauges
+    assert {"process_resident_memory_bytes", "process_cpu_seconds_total", "process_start_time_seconds"} <= names
