@@ -21,7 +21,7 @@ from varco.gateway.problems import Problem, responses
 from varco.gateway.sse import event_stream, watch
 from varco.gateway.state import GatewayState, gateway
 from varco.producer.client import JobCancelled, JobFailed, JobNotFound
-from varco.tasks.requests import InvalidRequest, JobRequest
+from varco.tasks.requests import IdempotencyKeyReused, InvalidRequest, JobRequest
 from varco.tasks.schemas import JobResult, JobState, JobStatus
 
 MAX_WAIT_S = 60.0
@@ -111,6 +111,8 @@ async def submit_job(
     fields = _job_fields(await _json(request), who, idempotency_key)
     try:
         [job_id] = await run_in_threadpool(state.client.submit_many, [fields], owner=who)
+    except IdempotencyKeyReused as exc:
+        raise Problem(422, "idempotency-key-reused", exc.reason, field=exc.field) from None
     except InvalidRequest as exc:  # a one-job batch: the message without "request #0"
         raise Problem(422, "invalid-request", exc.reason, field=exc.field) from None
     state.metrics.submitted.inc()
@@ -126,6 +128,8 @@ async def submit_batch(request: Request, state: State, who: Caller) -> BatchSubm
     fields = _batch_fields(await _json(request), who, state.client.settings.gateway_max_batch)
     try:
         job_ids = await run_in_threadpool(state.client.submit_many, fields, owner=who)
+    except IdempotencyKeyReused as exc:
+        raise Problem(422, "idempotency-key-reused", str(exc), field=exc.field, index=exc.index) from None
     except InvalidRequest as exc:
         raise _invalid_in_batch(exc) from None
     state.metrics.submitted.inc(len(job_ids))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from typing import Any
@@ -34,6 +35,21 @@ class InvalidRequest(ValueError):
         self.index = index
         self.reason = reason or message
         self.field = field
+
+
+class IdempotencyKeyReused(InvalidRequest):
+    """An idempotency key already bound to a different request (`first_job_id`): as Stripe and the IETF
+    Idempotency-Key draft do, a key names one request; reusing it for another is refused (gateway: 422
+    `urn:varco:problem:idempotency-key-reused`), never answered with the first request's job."""
+
+    def __init__(self, first_job_id: str, *, index: int | None = None) -> None:
+        reason = (
+            f"this idempotency key was first used with a different request (job {first_job_id}); "
+            "send that request again to get its job, or use a new key for a new request"
+        )
+        where = f"request #{index}: " if index is not None else ""
+        super().__init__(where + reason, index=index, reason=reason, field="idempotency_key")
+        self.first_job_id = first_job_id
 
 
 class JobRequest(BaseModel):
@@ -148,6 +164,14 @@ class JobRequest(BaseModel):
         if self.task is TaskType.OCR and self.prompt is not None:
             raise ValueError("task 'ocr' takes no prompt (the model is asked with <ocr> alone)")
         return self
+
+    def fingerprint(self) -> str:
+        """A hash of what the request asks for, stored with its idempotency key: the same request under
+        the same key matches it, a different one does not. The key itself is left out (the gateway may
+        take it from a header or the body), and defaults count as given."""
+        asked = self.model_dump(mode="json", exclude={"idempotency_key"})
+        canonical = json.dumps(asked, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
     @property
     def model_prompt(self) -> str:

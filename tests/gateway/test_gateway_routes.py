@@ -176,6 +176,21 @@ def test_idempotency_key_from_header_or_body_per_api_key(base: str, client: Clie
     assert len(enqueued(client)) == 2
 
 
+def test_an_idempotency_key_reused_with_another_body_is_refused(base: str, client: Client) -> None:
+    ocr = {"image_uri": IMAGE, "task": "ocr"}
+    with api(base) as http:
+        first = http.post("/v1/jobs", json=ocr, headers={"Idempotency-Key": "scan-1"}).json()["job_id"]
+        again = http.post("/v1/jobs", json={**ocr, "metadata": {}}, headers={"Idempotency-Key": "scan-1"})
+        other = http.post("/v1/jobs", json={**ocr, "task": "grounding"}, headers={"Idempotency-Key": "scan-1"})
+        refused = problem(other, 422, "idempotency-key-reused")
+        batch = http.post("/v1/jobs/batch", json={"jobs": [JOB, {**JOB, "idempotency_key": "scan-1"}]})
+        in_batch = problem(batch, 422, "idempotency-key-reused")
+    assert again.status_code == 202 and again.json()["job_id"] == first  # defaults as given: the same request
+    assert refused["field"] == "idempotency_key" and first in refused["detail"] and "index" not in refused
+    assert in_batch["index"] == 1 and in_batch["detail"].startswith("request #1: ")
+    assert len(enqueued(client)) == 1  # neither the other body nor any job of the batch ran
+
+
 @pytest.mark.parametrize("key", ["", "k" * 129, 7, ["order-1"]])
 def test_an_idempotency_key_out_of_bounds_is_refused(base: str, client: Client, key: Any) -> None:
     with api(base) as http:
