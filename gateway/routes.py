@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from varco.gateway import overlay
 from varco.gateway.access import JobId, caller, job_caller, not_found, owned_status
 from varco.gateway.problems import Problem, responses
+from varco.gateway.public_view import public_result, public_status
 from varco.gateway.sse import event_stream, watch
 from varco.gateway.state import GatewayState, gateway
 from varco.producer.client import JobCancelled, JobFailed, JobNotFound
@@ -138,7 +139,7 @@ async def submit_batch(request: Request, state: State, who: Caller) -> BatchSubm
 
 @router.get("/jobs/{job_id}", response_model=JobStatus, responses=responses(404), summary="A job's status")
 async def get_job(job_id: JobId, state: State, who: JobCaller) -> JobStatus:
-    return await owned_status(state, job_id, who)
+    return public_status(await owned_status(state, job_id, who))
 
 
 def _finished_or_409(status: JobStatus) -> None:
@@ -165,7 +166,7 @@ async def get_result(
             status = update or status
     _finished_or_409(status)
     try:
-        return await run_in_threadpool(state.client.result, job_id, 5.0)
+        return public_result(await run_in_threadpool(state.client.result, job_id, 5.0))
     except JobNotFound:
         raise not_found(job_id) from None
     except Exception as exc:  # the store is down or the object is gone: say so, never a bare 500
@@ -182,7 +183,7 @@ async def cancel_job(job_id: JobId, state: State, who: Caller) -> JobStatus:
         final = await owned_status(state, job_id, who)
         raise Problem(409, "job-finished", f"job {job_id} already finished ({final.state.value})",
                       state=final.state.value)  # fmt: skip
-    return await owned_status(state, job_id, who)  # cancelled, or still running with the cancel on its way
+    return public_status(await owned_status(state, job_id, who))  # cancelled, or running with the cancel on its way
 
 
 @router.get(
@@ -197,6 +198,24 @@ async def job_events(job_id: JobId, state: State, who: JobCaller) -> StreamingRe
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},  # nginx: do not buffer the stream
     )
+
+
+@router.get(
+    "/jobs/{job_id}/image", response_class=Response, summary="The image bytes the worker fetched for the job",
+    responses={200: {"description": "the image as fetched (`image.kept_uri` of the result names this route)",
+                     "content": {"image/*": {}}}, **responses(404, 409)},
+)  # fmt: skip
+async def job_image(job_id: JobId, state: State, who: JobCaller) -> Response:
+    _finished_or_409(await owned_status(state, job_id, who))
+    try:
+        _, data, media_type = await run_in_threadpool(overlay.kept_image, state.client, job_id)
+    except JobNotFound:
+        raise not_found(job_id) from None
+    except (JobFailed, JobCancelled) as exc:
+        raise Problem(409, "job-failed", str(exc)) from None
+    except overlay.OverlayUnavailable as exc:
+        raise Problem(409, "image-unavailable", str(exc)) from None
+    return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
 
 
 @router.get(

@@ -24,10 +24,12 @@ import pytest
 pytest.importorskip("fastapi")
 import uvicorn
 from fastapi.exceptions import RequestValidationError
+from images import png
 from prometheus_client.parser import text_string_to_metric_families
 
 from varco.gateway.app import create_app
 from varco.gateway.auth import KeyRing, key_id
+from varco.gateway.public_view import public_model
 from varco.producer import Client
 from varco.tasks.celery_app import INFER_QUEUE
 from varco.tasks.results_store import FileResultStore
@@ -379,6 +381,42 @@ def test_result_of_each_state(base: str, client: Client, settings: Settings) -> 
         # The overlay answers the same 409s before it reads anything.
         problem(http.get(f"/v1/jobs/{queued}/overlay.png"), 409, "job-not-finished")
         problem(http.get(f"/v1/jobs/{failed}/overlay.png"), 409, "job-failed")
+
+
+def test_callers_see_gateway_urls_never_the_store_or_the_workers_paths(
+    base: str, client: Client, settings: Settings
+) -> None:
+    store = FileResultStore(settings.result_store)
+    picture = png(4, 3)
+    with api(base) as http:
+        job_id, bare = (http.post("/v1/jobs", json=JOB).json()["job_id"] for _ in range(2))
+        body = json.loads(result_json(job_id)) | {"model": "/srv/models/varco-vision-14b/"}
+        body["image"]["kept_uri"] = store.write_image(job_id, picture)
+        finish(client, job_id, JobState.SUCCEEDED, result_uri=store.write(job_id, json.dumps(body).encode()))
+        finish(client, bare, JobState.SUCCEEDED, result_uri=store.write(bare, result_json(bare)))  # no image kept
+        status = http.get(f"/v1/jobs/{job_id}").json()
+        result = http.get(f"/v1/jobs/{job_id}/result").json()
+        events = http.get(f"/v1/jobs/{job_id}/events").text
+        image = http.get(result["image"]["kept_uri"])
+        not_kept = problem(http.get(f"/v1/jobs/{bare}/image"), 409, "image-unavailable")
+        bare_result = http.get(f"/v1/jobs/{bare}/result").json()
+    assert status["result_uri"] == f"/v1/jobs/{job_id}/result"
+    assert result["image"]["kept_uri"] == f"/v1/jobs/{job_id}/image" and result["model"] == "varco-vision-14b"
+    assert f'"result_uri":"/v1/jobs/{job_id}/result"' in events
+    assert "file://" not in events + json.dumps(status) + json.dumps(result)
+    assert image.status_code == 200 and image.content == picture and image.headers["content-type"] == "image/png"
+    assert "VARCO_KEEP_IMAGES=false" in not_kept["detail"] and bare_result["image"]["kept_uri"] is None
+    assert bare_result["model"] == "tiny"  # a name that is no path is shown as it is
+    assert (client.status(job_id).result_uri or "").startswith("file://")  # Python callers, inside, keep them
+
+
+@pytest.mark.parametrize(
+    ("model", "shown"),
+    [("NCSOFT/VARCO-VISION-14B-HF", "NCSOFT/VARCO-VISION-14B-HF"), ("/srv/models/varco", "varco"),
+     ("file:///srv/models/varco/", "varco"), ("./models/tiny", "tiny"), ("C:\\models\\varco", "varco")],
+)  # fmt: skip
+def test_a_local_model_directory_is_shown_by_its_name(model: str, shown: str) -> None:
+    assert public_model(model) == shown
 
 
 def test_result_wait_is_bounded(base: str) -> None:
