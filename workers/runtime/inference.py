@@ -244,6 +244,9 @@ def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> 
             return
         if get_runtime().statuses.transition(request.id, JobState.CANCELLED):
             log.info("job %s cancelled by a Celery revoke", request.id)
+            args = getattr(request, "args", None)  # issue 21: job.cancelled (its message is dropped here)
+            if isinstance(args, list | tuple) and len(args) > 1:
+                _send_missing_terminal_webhook(get_runtime(), request.id, args[1])
 
     task_revoked.connect(on_revoked, weak=False)
 
