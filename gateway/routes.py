@@ -8,7 +8,8 @@ waiting uses redis.asyncio pub/sub (sse.watch), so a waiting request holds no th
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -21,11 +22,12 @@ from varco.gateway.problems import Problem, responses
 from varco.gateway.public_view import public_result, public_status
 from varco.gateway.sse import event_stream, watch
 from varco.gateway.state import GatewayState, gateway
-from varco.producer.client import JobCancelled, JobFailed, JobNotFound
+from varco.producer.client import Client, JobCancelled, JobFailed, JobNotFound
 from varco.tasks.requests import IdempotencyKeyReused, InvalidRequest, JobRequest
 from varco.tasks.schemas import JobResult, JobState, JobStatus
 
 MAX_WAIT_S = 60.0
+T = TypeVar("T")
 MAX_IDEMPOTENCY_KEY_CHARS = 128  # namespaced by key id below, within JobRequest's 200
 
 router = APIRouter(prefix="/v1", tags=["jobs"], responses=responses(401, 422, 429, 503))
@@ -200,21 +202,27 @@ async def job_events(job_id: JobId, state: State, who: JobCaller) -> StreamingRe
     )
 
 
+async def _read_kept(state: GatewayState, job_id: str, who: str, read: Callable[[Client, str], T], kind: str) -> T:
+    """`read` (the kept image, or the overlay drawn on it) for the caller's finished job; its errors as 409s,
+    `kind` when no image was kept."""
+    _finished_or_409(await owned_status(state, job_id, who))
+    try:
+        return await run_in_threadpool(read, state.client, job_id)
+    except JobNotFound:
+        raise not_found(job_id) from None
+    except (JobFailed, JobCancelled) as exc:
+        raise Problem(409, "job-failed", str(exc)) from None
+    except overlay.OverlayUnavailable as exc:
+        raise Problem(409, kind, str(exc)) from None
+
+
 @router.get(
     "/jobs/{job_id}/image", response_class=Response, summary="The image bytes the worker fetched for the job",
     responses={200: {"description": "the image as fetched (`image.kept_uri` of the result names this route)",
                      "content": {"image/*": {}}}, **responses(404, 409)},
 )  # fmt: skip
 async def job_image(job_id: JobId, state: State, who: JobCaller) -> Response:
-    _finished_or_409(await owned_status(state, job_id, who))
-    try:
-        _, data, media_type = await run_in_threadpool(overlay.kept_image, state.client, job_id)
-    except JobNotFound:
-        raise not_found(job_id) from None
-    except (JobFailed, JobCancelled) as exc:
-        raise Problem(409, "job-failed", str(exc)) from None
-    except overlay.OverlayUnavailable as exc:
-        raise Problem(409, "image-unavailable", str(exc)) from None
+    _, data, media_type = await _read_kept(state, job_id, who, overlay.kept_image, "image-unavailable")
     return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
 
 
@@ -224,13 +232,5 @@ async def job_image(job_id: JobId, state: State, who: JobCaller) -> Response:
                **responses(404, 409)},
 )  # fmt: skip
 async def job_overlay(job_id: JobId, state: State, who: JobCaller) -> Response:
-    _finished_or_409(await owned_status(state, job_id, who))
-    try:
-        png = await run_in_threadpool(overlay.overlay_png, state.client, job_id)
-    except JobNotFound:
-        raise not_found(job_id) from None
-    except (JobFailed, JobCancelled) as exc:
-        raise Problem(409, "job-failed", str(exc)) from None
-    except overlay.OverlayUnavailable as exc:
-        raise Problem(409, "overlay-unavailable", str(exc)) from None
+    png = await _read_kept(state, job_id, who, overlay.overlay_png, "overlay-unavailable")
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
