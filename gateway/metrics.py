@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class HttpMetrics:
     def __init__(self) -> None:
+        # The `*_created` series would reach Prometheus as gauges of a timestamp, one per series: dropped
+        # (process-wide: the gateway's process has no other registry).
+        disable_created_metrics()
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_*: CPU seconds, memory, open fds, start time
         self.requests = Counter(
             "varco_gateway_requests", "HTTP requests answered", ["method", "route", "status"], registry=self.registry
         )

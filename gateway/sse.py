@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 
+from varco.gateway.public_view import public_status
 from varco.tasks.schemas import JobState, JobStatus
 from varco.tasks.status import EVENTS_CHANNEL, StatusStore, parse_event, record_to_status
 
@@ -80,4 +81,5 @@ async def event_stream(redis: aioredis.Redis, statuses: StatusStore, job_id: str
             yield b": keep-alive\n\n"
             continue
         event_id = status.updated_at.isoformat() if status.updated_at else ""
-        yield f"event: status\nid: {event_id}\ndata: {status.model_dump_json()}\n\n".encode()
+        data = public_status(status).model_dump_json()  # issue 21: gateway URLs, not store URIs
+        yield f"event: status\nid: {event_id}\ndata: {data}\n\n".encode()

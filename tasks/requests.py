@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from typing import Annotated, Any
@@ -15,7 +16,7 @@ SUPPORTED_SCHEMES = ("http", "https", "s3", "file", "data")
 # The image formats a job's image may be in (Pillow's names): Pillow knows dozens more (EPS through
 # Ghostscript, PSD, ICO…), each a decoder an untrusted image would reach; only these are opened.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
-CALLBACK_EVENTS = ("job.started", "job.succeeded", "job.failed")
+CALLBACK_EVENTS = ("job.started", "job.succeeded", "job.failed", "job.cancelled")
 MAX_PROMPT_CHARS = 8000
 MAX_LABEL_CHARS = 200
 MAX_METADATA_BYTES = 16 * 1024
@@ -43,6 +44,21 @@ class InvalidRequest(ValueError):
 # is a number, so region [0, 0, 1, 1] is fine; a bool is not, so max_new_tokens true is refused).
 Number = Annotated[float, Strict()]
 Integer = Annotated[int, Strict()]
+
+
+class IdempotencyKeyReused(InvalidRequest):
+    """An idempotency key already bound to a different request (`first_job_id`): as Stripe and the IETF
+    Idempotency-Key draft do, a key names one request; reusing it for another is refused (gateway: 422
+    `urn:varco:problem:idempotency-key-reused`), never answered with the first request's job."""
+
+    def __init__(self, first_job_id: str, *, index: int | None = None) -> None:
+        reason = (
+            f"this idempotency key was first used with a different request (job {first_job_id}); "
+            "send that request again to get its job, or use a new key for a new request"
+        )
+        where = f"request #{index}: " if index is not None else ""
+        super().__init__(where + reason, index=index, reason=reason, field="idempotency_key")
+        self.first_job_id = first_job_id
 
 
 class JobRequest(BaseModel):
@@ -158,6 +174,14 @@ class JobRequest(BaseModel):
         if self.task is TaskType.OCR and self.prompt is not None:
             raise ValueError("task 'ocr' takes no prompt (the model is asked with <ocr> alone)")
         return self
+
+    def fingerprint(self) -> str:
+        """A hash of what the request asks for, stored with its idempotency key: the same request under
+        the same key matches it, a different one does not. The key itself is left out (the gateway may
+        take it from a header or the body), and defaults count as given."""
+        asked = self.model_dump(mode="json", exclude={"idempotency_key"})
+        canonical = json.dumps(asked, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
     @property
     def model_prompt(self) -> str:

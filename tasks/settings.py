@@ -72,7 +72,9 @@ class Settings(BaseSettings):
     callback_host_concurrency: int = Field(default=2, ge=1)
     # Worker logs: text, or one JSON object per line with job_id, task and worker fields.
     log_format: Literal["text", "json"] = "text"
-    # Each `varco worker` node serves /metrics, /livez and /readyz here (0: not at all).
+    # Each `varco worker` node serves /metrics, /livez and /readyz here (port 0: not at all). All addresses
+    # by default, so a pod's probes and scrapes reach it; 127.0.0.1 keeps it on the host.
+    metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(default=9808, ge=0, le=65535)
     # /livez fails when an engine holds requests but has made no progress (a decode step) for this long.
     liveness_stall_s: float = Field(default=300.0, gt=0)

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import redis
 
 from varco.tasks.job_ids import check_job_id
+from varco.tasks.requests import IdempotencyKeyReused
 from varco.tasks.schemas import ErrorInfo, JobState, JobStatus
 
 EVENTS_CHANNEL = "varco:events"
@@ -287,16 +288,34 @@ class StatusStore:
     def cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(self.key(job_id), "cancel_requested") == "1"
 
-    def claim_idempotency_key(self, key: str, job_id: str) -> str:
-        """The job id already bound to `key`, or `job_id` after binding it (atomic SET NX)."""
+    # An idempotency key's value is "{job_id}:{request fingerprint}" (job ids hold no colon); a value of a
+    # job id alone (written before fingerprints were kept) matches any request.
+    def claim_idempotency_key(self, key: str, job_id: str, fingerprint: str | None = None) -> str:
+        """The job id already bound to `key`, or `job_id` after binding it with the request's `fingerprint`
+        (atomic SET NX). IdempotencyKeyReused when `key` is bound to a request of another fingerprint."""
         name = f"{self.prefix}:idem:{key}"
-        if self.redis.set(name, job_id, nx=True, ex=self.ttl):
+        if self.redis.set(name, f"{job_id}:{fingerprint}" if fingerprint else job_id, nx=True, ex=self.ttl):
             return job_id
-        return self.redis.get(name) or job_id
+        first, _, stored = (self.redis.get(name) or job_id).partition(":")
+        if fingerprint and stored and stored != fingerprint:
+            raise IdempotencyKeyReused(first)
+        return first
+
+    def idempotency_conflicts(self, claims: list[tuple[str, str]]) -> list[str | None]:
+        """For each (key, fingerprint): the job id its key is bound to when that job's request was another
+        one, else None. One round trip; `claim_idempotency_key` checks again when it binds."""
+        if not claims:
+            return []
+        stored = self.redis.mget([f"{self.prefix}:idem:{key}" for key, _ in claims])
+        conflicts: list[str | None] = []
+        for (_, fingerprint), value in zip(claims, stored, strict=True):
+            first, _, bound = (value or "").partition(":")
+            conflicts.append(first if bound and bound != fingerprint else None)
+        return conflicts
 
     def release_idempotency_key(self, key: str, job_id: str) -> None:
         name = f"{self.prefix}:idem:{key}"
-        if self.redis.get(name) == job_id:
+        if (self.redis.get(name) or "").partition(":")[0] == job_id:
             self.redis.delete(name)
 
 

@@ -10,6 +10,7 @@ from datetime import timedelta
 import pytest
 import redis
 
+from varco.tasks.requests import IdempotencyKeyReused
 from varco.tasks.schemas import ErrorInfo, JobState
 from varco.tasks.status import CANCEL_CHANNEL, EVENTS_CHANNEL, StatusStore, parse_event, record_to_status
 from varco.workers.devtools.local_redis import LocalRedis, start_redis
@@ -142,6 +143,17 @@ def test_a_vanished_record_is_recreated_only_by_a_terminal_transition_that_asks(
         "v", "caption", JobState.SUCCEEDED, "s3://b/v.json")  # fmt: skip
     assert status.created_at is not None and status.finished_at is not None
     assert 0 < store.redis.ttl(store.key("v")) <= 120
+
+
+def test_an_idempotency_key_bound_to_another_request_is_refused(store: StatusStore) -> None:
+    assert store.claim_idempotency_key("k", "a", "fp-ocr") == "a"
+    assert store.claim_idempotency_key("k", "b", "fp-ocr") == "a"  # the same request: its first job
+    with pytest.raises(IdempotencyKeyReused) as reused:
+        store.claim_idempotency_key("k", "c", "fp-grounding")
+    assert reused.value.first_job_id == "a" and reused.value.field == "idempotency_key"
+    assert store.idempotency_conflicts([("k", "fp-ocr"), ("k", "fp-grounding"), ("free", "fp")]) == [None, "a", None]
+    store.release_idempotency_key("k", "a")  # the owner still frees it (a failed enqueue)
+    assert store.claim_idempotency_key("k", "d", "fp-grounding") == "d"
 
 
 def test_records_and_idempotency_keys_live_under_the_varco_prefix(store: StatusStore) -> None:

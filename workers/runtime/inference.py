@@ -37,7 +37,7 @@ from varco.workers.logs import job_context
 from varco.workers.net.retry import backoff_s
 from varco.workers.output.result_cache import ResultCache
 from varco.workers.output.result_writer import write_result
-from varco.workers.output.webhooks import event_payload, send_event
+from varco.workers.output.webhooks import TERMINAL_EVENTS, event_payload, send_event, terminal_event
 from varco.workers.runtime.cancels import CancelWatcher
 from varco.workers.runtime.leases import LeaseKeeper
 from varco.workers.runtime.undecodable import on_undecodable
@@ -45,7 +45,7 @@ from varco.workers.runtime.undecodable import on_undecodable
 log = logging.getLogger(__name__)
 # Set on a job's status record once its terminal webhook was queued (or was not wanted).
 TERMINAL_WEBHOOK_FIELD = "terminal_webhook"
-_TERMINAL_EVENTS = ("job.succeeded", "job.failed")
+_TERMINAL_EVENTS = tuple(TERMINAL_EVENTS.values())  # issue 21: job.cancelled
 
 
 @dataclass
@@ -244,6 +244,9 @@ def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> 
             return
         if get_runtime().statuses.transition(request.id, JobState.CANCELLED):
             log.info("job %s cancelled by a Celery revoke", request.id)
+            args = getattr(request, "args", None)  # issue 21: job.cancelled (its message is dropped here)
+            if isinstance(args, list | tuple) and len(args) > 1:
+                _send_missing_terminal_webhook(get_runtime(), request.id, args[1])
 
     task_revoked.connect(on_revoked, weak=False)
 
@@ -275,7 +278,7 @@ def _deliver(task: Task, rt: Runtime, job_id: str, message: InferMessage) -> Non
         rt.leases.hold(job_id, token, (getattr(task.request, "properties", None) or {}).get("delivery_tag"))
     else:
         log.info("job %s not run: it is %s (delivery %d)", job_id, state.value, attempts)
-        if state in (JobState.SUCCEEDED, JobState.FAILED):
+        if state.finished:  # issue 21: job.cancelled (a job cancelled while queued ends here)
             _send_missing_terminal_webhook(rt, job_id, request)
         return
     try:  # everything the Client checks, before any fetch or inference
@@ -292,6 +295,7 @@ def _deliver(task: Task, rt: Runtime, job_id: str, message: InferMessage) -> Non
     except Cancelled:
         if job.end(JobState.CANCELLED):
             metrics.observe_job(job_request.task.value, JobState.CANCELLED.value)
+            job.notify("job.cancelled", JobState.CANCELLED)  # issue 21: job.cancelled
     except JobError as exc:
         if exc.transient and attempts < rt.settings.max_attempts:
             log.info("job %s: %s (attempt %d); retrying", job_id, exc, attempts)
@@ -321,7 +325,9 @@ def _send_missing_terminal_webhook(rt: Runtime, job_id: str, request: Any) -> No
     except (ValidationError, RecursionError):
         return
     status = record_to_status(record)
-    event = "job.succeeded" if status.state is JobState.SUCCEEDED else "job.failed"
+    event = terminal_event(status.state)  # issue 21: job.cancelled
+    if event is None:
+        return
     log.info("job %s: sending its %s webhook, which no run had queued", job_id, event)
     _Job(rt, job_id, job_request, None).notify(event, status.state, result_uri=status.result_uri, error=status.error)
 
