@@ -19,7 +19,7 @@ from varco.tasks.schemas import ErrorInfo, ImageInfo, JobResult, JobState, Parse
 from varco.tasks.settings import Settings
 from varco.tasks.status import StatusStore
 from varco.workers import logs
-from varco.workers.devtools.local_redis import LocalRedis, start_redis
+from varco.workers.devtools.local_redis import start_redis
 from varco.workers.engines.base import Cancelled, GenerationOutput, GenerationRequest
 from varco.workers.input.fetch import FetchedImage
 from varco.workers.output import result_writer
@@ -35,14 +35,13 @@ HOOK = "https://hooks.example/h"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    with start_redis(tmp_path_factory.mktemp("redis-lifecycle")) as s:
-        yield s
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
+    with start_redis(tmp_path_factory.mktemp("redis-lifecycle")) as server:
+        yield redis.Redis.from_url(server.url, decode_responses=True)
 
 
 @pytest.fixture
-def statuses(server: LocalRedis) -> StatusStore:
-    client = redis.Redis.from_url(server.url, decode_responses=True)
+def statuses(client: redis.Redis) -> StatusStore:
     client.flushdb()
     return StatusStore(client, ttl=600)
 
