@@ -170,7 +170,7 @@ def _send_missing_terminal_webhook(rt: Runtime, job_id: str, request: Any) -> No
 
 def _uri_for_result(uri: str) -> str:
     """Results name their image; an inline data URI is named by its header only, not copied whole."""
-    return uri.split(",", 1)[0] + ",…" if uri.startswith("data:") else uri
+    return uri.partition(",")[0] + ",…" if uri.startswith("data:") else uri
 
 
 class _Job:
@@ -210,7 +210,7 @@ class _Job:
         cache = rt.cache
         if (source := cache.lookup(request, fetched.sha256)) is not None:  # a repeat: no engine
             own = self.own_fields(fetched, started, fetch_s, 0.0) | {"usage": Usage(), "cached_from": source.job_id}
-            self.finish(JobResult.model_validate(source.model_dump() | own), fetched, fetch_s, 0.0)
+            self.finish(JobResult.model_validate(source.model_dump() | own), fetched, fetch_s, None)
             return
         generation = GenerationRequest(
             image=fetched.image,
@@ -269,8 +269,9 @@ class _Job:
             "metadata": self.request.metadata,
         }
 
-    def finish(self, result: JobResult, fetched: FetchedImage, fetch_s: float, inference_s: float) -> str | None:
-        """Keep the image, store the result, mark the job succeeded; its URI, or None if it had already ended."""
+    def finish(self, result: JobResult, fetched: FetchedImage, fetch_s: float, inference_s: float | None) -> str | None:
+        """Keep the image, store the result, mark the job succeeded; its URI, or None if it had already ended.
+        `inference_s` is None for an answer from the result cache, which ran no inference."""
         rt = self.rt
         t2 = time.perf_counter()
 
@@ -289,7 +290,7 @@ class _Job:
             return None
         self.notify("job.succeeded", JobState.SUCCEEDED, result_uri=uri)
         phases = {"fetch": fetch_s, "store": store_s}
-        if result.cached_from is None:  # a cached answer ran no inference: nothing to observe
+        if inference_s is not None:
             phases["inference"] = inference_s
         phases |= {"queue": result.timings.queued_s, "total": time.time() - self.queued_at}
         metrics.observe_job(self.request.task.value, JobState.SUCCEEDED.value, phases)

@@ -3,6 +3,8 @@ and fake engine, fetcher, result store, cache, leases, webhook sender and `retry
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ from varco.tasks.messages import InferMessage
 from varco.tasks.schemas import ErrorInfo, ImageInfo, JobResult, JobState, ParsedOutput, Usage
 from varco.tasks.settings import Settings
 from varco.tasks.status import StatusStore
+from varco.tasks.tags import parse
 from varco.workers import logs
 from varco.workers.devtools.local_redis import start_redis
 from varco.workers.engines.base import Cancelled, GenerationOutput, GenerationRequest
@@ -32,6 +35,7 @@ SHA = "ab" * 32
 ENQUEUED = 1_700_000_000.0  # the fake clock starts 10 s after the job was enqueued
 ENQUEUED_AT = datetime.fromtimestamp(ENQUEUED, UTC).isoformat()
 HOOK = "https://hooks.example/h"
+TEXT = "A <obj>cat</obj><bbox>0.1, 0.2, 0.5, 0.6</bbox> on a mat."
 
 
 @pytest.fixture(scope="module")
@@ -99,17 +103,19 @@ class Fetcher:
 @dataclass
 class Engine:
     clock: Clock
-    text: str = "A cat on a mat."
+    text: str = TEXT
     finish_reason: str = "stop"
     error: BaseException | None = None
     requests: list[GenerationRequest] = field(default_factory=list)
+    submitted: list[Any] = field(default_factory=list)
     cancel_checks: list[bool] = field(default_factory=list)
 
-    def prepare(self, generation: GenerationRequest) -> GenerationRequest:
+    def prepare(self, generation: GenerationRequest) -> Any:
         self.requests.append(generation)
-        return generation
+        return ("prepared", generation)
 
-    def submit(self, prepared: GenerationRequest, is_cancelled: Any) -> Future:
+    def submit(self, prepared: Any, is_cancelled: Any) -> Future:
+        self.submitted.append(prepared)
         self.clock.now += 2.34567
         self.cancel_checks.append(is_cancelled())
         future: Future = Future()
@@ -158,9 +164,11 @@ class Store:
 @dataclass
 class Cache:
     hit: JobResult | None = None
+    looked_up: list[tuple[str, str]] = field(default_factory=list)
     remembered: list[tuple[str, str, str, str]] = field(default_factory=list)
 
     def lookup(self, request: Any, sha256: str) -> JobResult | None:
+        self.looked_up.append((request.image_uri, sha256))
         return self.hit
 
     def remember(self, request: Any, sha256: str, job_id: str, uri: str) -> None:
@@ -215,6 +223,7 @@ class World:
     metrics: Metrics
     webhooks: list[tuple[str, dict[str, Any]]]
     retry: Retries
+    caplog: pytest.LogCaptureFixture
 
     def deliver(self, request: dict[str, Any] | None = None, *, enqueued_at: Any = ENQUEUED_AT, **more: Any) -> None:
         body = {"image_uri": "https://img.example/cat.png", "task": "caption"} | more if request is None else request
@@ -226,9 +235,14 @@ class World:
     def events(self) -> list[str]:
         return [payload["type"] for _, payload in self.webhooks]
 
+    def logged(self) -> list[str]:
+        """The lifecycle's log lines, formatted (a line whose arguments do not fit its format fails here)."""
+        return [r.getMessage() for r in self.caplog.records if r.name == lifecycle.log.name]
+
 
 @pytest.fixture
-def world(statuses: StatusStore, monkeypatch: pytest.MonkeyPatch) -> World:
+def world(statuses: StatusStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> World:
+    caplog.set_level(logging.INFO, logger=lifecycle.log.name)
     clock, metrics = Clock(), Metrics()
     monkeypatch.setattr(lifecycle, "time", clock)
     monkeypatch.setattr(lifecycle, "metrics", metrics)
@@ -244,7 +258,9 @@ def world(statuses: StatusStore, monkeypatch: pytest.MonkeyPatch) -> World:
         send_webhook=lambda url, payload: webhooks.append((url, payload)),
     )  # fmt: skip
     statuses.create(JOB, "caption")
-    return World(rt, statuses, clock, fetcher, engine, store, cache, leases, cancels, metrics, webhooks, Retries())
+    return World(
+        rt, statuses, clock, fetcher, engine, store, cache, leases, cancels, metrics, webhooks, Retries(), caplog
+    )
 
 
 def test_a_job_runs_to_a_stored_result_a_succeeded_record_and_its_webhooks(world: World) -> None:
@@ -255,7 +271,7 @@ def test_a_job_runs_to_a_stored_result_a_succeeded_record_and_its_webhooks(world
     result = world.store.result()
     assert result.job_id == JOB and result.task == "caption" and result.state is JobState.SUCCEEDED
     assert result.model == "test/model" and result.prompt == world.engine.requests[0].prompt
-    assert result.output.text == "A cat on a mat." and result.output.warnings == []
+    assert result.output == parse(TEXT, (40, 30)) and result.output.objects[0].boxes_px is not None
     assert result.usage == Usage(prompt_tokens=11, output_tokens=7)
     assert result.image == ImageInfo(
         uri="https://img.example/cat.png", width=40, height=30, sha256=SHA, kept_uri="mem://job-1.image"
@@ -270,18 +286,20 @@ def test_a_job_runs_to_a_stored_result_a_succeeded_record_and_its_webhooks(world
     assert result.region is None and result.label is None
     generation = world.engine.requests[0]
     assert generation.max_new_tokens == 12 and generation.image_id == SHA and generation.image.size == (40, 30)
-    assert world.engine.cancel_checks == [False]
+    assert world.engine.submitted == [("prepared", generation)] and world.engine.cancel_checks == [False]
+    assert world.cache.looked_up == [("https://img.example/cat.png", SHA)]
     # Webhooks: started, then succeeded with the result's URI; the terminal one is marked as queued.
     assert [url for url, _ in world.webhooks] == [HOOK, HOOK]
     assert world.events() == ["job.started", "job.succeeded"]
     started, succeeded = (payload for _, payload in world.webhooks)
     assert started["state"] == "started" and started["job_id"] == JOB and started["metadata"] == {"k": "v"}
+    assert started["result_uri"] is None and datetime.fromisoformat(started["timestamp"])
     assert succeeded["state"] == "succeeded" and succeeded["result_uri"] == "mem://job-1.json"
     assert succeeded["task"] == "caption" and succeeded["error"] is None
     assert world.statuses.terminal_webhook_sent(JOB)
     # The lease was held under this delivery's tag and given back; the cancel watch too.
     [(held_job, token, tag)] = world.leases.held
-    assert (held_job, tag) == (JOB, "tag-7") and token.startswith("gpu0@test/") and len(token) == 22
+    assert (held_job, tag) == (JOB, "tag-7") and re.fullmatch(r"gpu0@test/[0-9a-f]{12}", token)
     assert world.leases.released == [JOB] and not world.cancels._running
     assert world.cache.remembered == [("caption", SHA, JOB, "mem://job-1.json")]
     assert world.fetcher.uris == ["https://img.example/cat.png"]
@@ -290,6 +308,7 @@ def test_a_job_runs_to_a_stored_result_a_succeeded_record_and_its_webhooks(world
     [(task, state, observed)] = world.metrics.jobs
     assert (task, state) == ("caption", "succeeded") and observed == pytest.approx(phases)
     assert world.metrics.tokens == {"prompt": 11, "output": 7}
+    assert world.logged() == []
 
 
 def test_the_settings_budget_applies_and_a_cut_output_is_flagged(world: World) -> None:
@@ -300,13 +319,18 @@ def test_the_settings_budget_applies_and_a_cut_output_is_flagged(world: World) -
     assert world.engine.requests[0].max_new_tokens == 99
     assert result.output.warnings == ["output stopped at max_new_tokens=99; it may be cut"]
     assert result.image.kept_uri is None and "job-1.image" not in world.store.objects
-    # No enqueue time: the job counts as enqueued when it started (the fake clock's now).
-    assert result.timings.queued_s == 0.0
+    # No enqueue time: the job counts as enqueued when this delivery read it (the clock is faked: never negative).
+    assert result.timings.queued_s == 0.0 and result.timings.total_s == 0.0
     assert world.webhooks == [] and world.statuses.terminal_webhook_sent(JOB)  # not wanted: marked all the same
 
 
+def test_only_the_events_asked_for_are_sent(world: World) -> None:
+    world.deliver(callback_url=HOOK, callback_events=["job.succeeded"])
+    assert world.events() == ["job.succeeded"]
+
+
 def test_an_inline_image_is_named_by_its_header_only(world: World) -> None:
-    world.deliver(image_uri="data:image/png;base64,iVBORw0KGgo=")
+    world.deliver(image_uri="data:image/png;base64,iVBORw0KGgo=,more")
     assert world.store.result().image.uri == "data:image/png;base64,…"
 
 
@@ -333,7 +357,8 @@ def test_a_repeat_is_answered_from_the_cache_without_the_engine(world: World) ->
     assert result.timings.inference_s == 0.0 and result.timings.fetch_s == 1.2346
     assert world.status().state is JobState.SUCCEEDED
     [(_, state, phases)] = world.metrics.jobs
-    assert state == "succeeded" and "inference" not in phases and set(phases) == {"fetch", "store", "queue", "total"}
+    assert state == "succeeded"  # a cached answer ran no inference: none observed
+    assert phases == pytest.approx({"fetch": 1.23456, "store": 0.5, "queue": 10.0, "total": 11.73456})
     assert world.metrics.tokens == {}
 
 
@@ -341,24 +366,32 @@ def test_an_invalid_request_fails_before_any_fetch(world: World) -> None:
     world.deliver({"image_uri": "https://img.example/cat.png", "task": "dance", "callback_url": HOOK})
     status = world.status()
     assert status.state is JobState.FAILED and status.error.type == "InvalidRequest"
+    assert status.error.message.startswith("invalid job request: task: ")
     assert "unknown task 'dance'" in status.error.message
     assert world.fetcher.uris == [] and world.webhooks == [] and world.leases.released == [JOB]
+    assert world.logged() == [f"job job-1 failed: invalid message: {status.error.message}"]
+
+
+def test_a_message_that_is_no_mapping_is_invalid_and_has_no_task_field(world: World) -> None:
+    world.deliver(["not", "a", "request"])
+    assert world.status().error.type == "InvalidRequest" and world.fetcher.contexts == []
 
 
 def test_a_transient_fetch_error_is_retried_with_backoff(world: World) -> None:
     world.fetcher.errors = [ImageFetchError("503 from the image host", transient=True)]
     world.deliver(callback_url=HOOK)
     status = world.status()
-    assert status.state is JobState.RETRYING and status.error == ErrorInfo(
-        type="ImageFetchError", message="503 from the image host"
-    )
+    assert status.state is JobState.RETRYING
+    assert status.error == ErrorInfo(type="ImageFetchError", message="503 from the image host")
     [countdown] = world.retry.countdowns
     assert 0.5 <= countdown <= 1.0  # the first retry: backoff_s(0)
     assert world.events() == ["job.started"] and not world.statuses.terminal_webhook_sent(JOB)
     assert world.metrics.jobs == [("caption", "retrying", None)] and world.leases.released == [JOB]
+    assert world.logged() == ["job job-1: 503 from the image host (attempt 1); retrying"]
     # The redelivery counts a second attempt; it sends no second job.started and succeeds.
     world.deliver(callback_url=HOOK)
-    assert world.status().state is JobState.SUCCEEDED and world.status().attempts == 2 and world.status().error is None
+    status = world.status()
+    assert status.state is JobState.SUCCEEDED and status.attempts == 2 and status.error is None
     assert world.events() == ["job.started", "job.succeeded"]
 
 
@@ -381,25 +414,29 @@ def test_a_transient_error_on_the_last_attempt_fails_the_job(world: World) -> No
     assert failed["state"] == "failed" and failed["error"] == {"type": "ImageFetchError", "message": "timeout"}
     assert world.metrics.jobs[-1] == ("caption", "failed", None)
     assert world.statuses.terminal_webhook_sent(JOB)
+    assert world.logged()[-1] == "job job-1 failed: ImageFetchError: timeout"
 
 
 def test_a_permanent_fetch_error_fails_at_once(world: World) -> None:
     world.fetcher.errors = [ImageFetchError("404 Not Found")]
     world.deliver(callback_url=HOOK)
     status = world.status()
-    assert status.state is JobState.FAILED and status.error == ErrorInfo(
-        type="ImageFetchError", message="404 Not Found"
-    )
+    assert status.state is JobState.FAILED
+    assert status.error == ErrorInfo(type="ImageFetchError", message="404 Not Found")
     assert world.retry.countdowns == [] and world.events() == ["job.started", "job.failed"]
 
 
-def test_a_retry_that_cannot_be_queued_fails_the_job(world: World, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_retry_that_cannot_be_queued_fails_the_job(world: World) -> None:
     world.retry.outcome = RetryNotQueued
     world.fetcher.errors = [ImageFetchError("timeout", transient=True)]
     world.deliver(callback_url=HOOK)
     assert world.status().state is JobState.FAILED and world.status().error.message == "timeout"
     assert world.events() == ["job.started", "job.failed"]
-    assert "could not schedule its retry" in caplog.text
+    assert world.logged() == [
+        "job job-1: timeout (attempt 1); retrying",
+        "job job-1: could not schedule its retry",
+        "job job-1 failed: ImageFetchError: timeout",
+    ]
 
 
 def test_a_queued_retry_ends_the_delivery_as_it_leaves(world: World) -> None:
@@ -419,7 +456,7 @@ def test_a_cancel_while_generating_ends_the_job_cancelled(world: World) -> None:
     assert world.engine.cancel_checks == [True]
     assert world.status().state is JobState.CANCELLED and world.store.objects == {}
     assert world.metrics.jobs == [("caption", "cancelled", None)]
-    assert world.events() == ["job.started"]
+    assert world.events() == ["job.started"] and world.logged() == []
 
 
 def test_a_job_cancelled_before_it_started_never_runs(world: World) -> None:
@@ -427,14 +464,14 @@ def test_a_job_cancelled_before_it_started_never_runs(world: World) -> None:
     world.deliver(callback_url=HOOK)
     assert world.status().state is JobState.CANCELLED
     assert world.fetcher.uris == [] and world.webhooks == [] and world.leases.held == []
+    assert world.logged() == ["job job-1 not run: it is cancelled (delivery 0)"]
 
 
 def test_an_engine_failure_is_an_inference_error(world: World) -> None:
     world.engine.error = RuntimeError("CUDA error")
     world.deliver()
-    assert world.status().error == ErrorInfo(
-        type="InferenceError", message="generation failed: RuntimeError('CUDA error')"
-    )
+    error = ErrorInfo(type="InferenceError", message="generation failed: RuntimeError('CUDA error')")
+    assert world.status().state is JobState.FAILED and world.status().error == error
 
 
 def test_an_unexpected_error_fails_the_job_with_its_type(world: World) -> None:
@@ -443,10 +480,23 @@ def test_an_unexpected_error_fails_the_job_with_its_type(world: World) -> None:
     status = world.status()
     assert status.state is JobState.FAILED and status.error == ErrorInfo(type="KeyError", message="'boom'")
     assert world.events() == ["job.started", "job.failed"]
+    assert world.logged() == ["job job-1 failed unexpectedly", "job job-1 failed: KeyError: 'boom'"]
+
+
+def test_a_failure_after_the_job_ended_elsewhere_sends_nothing(world: World) -> None:
+    def cancel_then_fail() -> None:
+        world.statuses.transition(JOB, JobState.CANCELLED)
+        raise OSError("store unreachable")
+
+    world.rt.settings.store_retry_s = 0.0
+    world.store.during_write = cancel_then_fail
+    world.deliver(callback_url=HOOK)
+    assert world.status().state is JobState.CANCELLED and world.events() == ["job.started"]
+    assert world.metrics.jobs == [] and not world.statuses.terminal_webhook_sent(JOB)
 
 
 def test_a_store_outage_retries_only_the_write(world: World) -> None:
-    seen: list[tuple[JobState, str | None]] = []
+    seen: list[tuple[JobState, ErrorInfo | None]] = []
     world.store.during_write = lambda: seen.append((world.status().state, world.status().error))
     world.store.failures = 2
     world.deliver()
@@ -477,6 +527,7 @@ def test_a_job_cancelled_while_its_result_waits_gets_nothing_written(world: Worl
     assert world.store.writes == 2 and "job-1.json" not in world.store.objects
     assert world.status().state is JobState.CANCELLED and world.events() == ["job.started"]
     assert world.metrics.jobs == [] and world.cache.remembered == []
+    assert world.logged() == ["job job-1 ended while its result waited; nothing written"]
 
 
 def test_a_result_written_while_the_job_failed_is_removed(world: World) -> None:
@@ -485,21 +536,25 @@ def test_a_result_written_while_the_job_failed_is_removed(world: World) -> None:
     world.deliver(callback_url=HOOK)
     assert "job-1.json" not in world.store.objects and world.status().error == error
     assert world.events() == ["job.started"] and world.cache.remembered == [] and world.metrics.tokens == {}
+    assert world.logged() == ["job job-1 ended failed while its result was written; removing it"]
 
 
 def test_a_result_another_run_stored_for_the_succeeded_job_stays(world: World) -> None:
     world.store.during_write = lambda: world.statuses.transition(JOB, JobState.SUCCEEDED, result_uri="mem://other")
     world.deliver(callback_url=HOOK)
     assert "job-1.json" in world.store.objects and world.status().result_uri == "mem://other"
-    assert world.events() == ["job.started"]
+    assert world.events() == ["job.started"] and world.logged() == []
 
 
-def test_a_result_that_cannot_be_removed_is_logged(world: World, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_result_that_cannot_be_removed_is_logged(world: World) -> None:
     world.store.delete_fails = True
     world.store.during_write = lambda: world.statuses.transition(JOB, JobState.CANCELLED)
     world.deliver()
     assert world.status().state is JobState.CANCELLED and "job-1.json" in world.store.objects
-    assert "could not remove its result" in caplog.text
+    assert world.logged() == [
+        "job job-1 ended cancelled while its result was written; removing it",
+        "job job-1: could not remove its result",
+    ]
 
 
 def test_a_record_lost_meanwhile_is_made_anew_by_the_end(world: World) -> None:
@@ -516,6 +571,7 @@ def test_a_delivery_of_a_finished_job_runs_nothing_again(world: World) -> None:
     assert len(world.engine.requests) == 1 and world.store.writes == 1
     assert world.events() == ["job.started", "job.succeeded"]  # its terminal webhook was already queued
     assert world.status().attempts == 1 and len(world.leases.held) == 1
+    assert world.logged() == ["job job-1 not run: it is succeeded (delivery 1)"]
 
 
 @pytest.mark.parametrize(
@@ -537,6 +593,10 @@ def test_a_terminal_webhook_no_run_queued_is_sent_by_the_next_delivery(
     error = fields.get("error")
     assert payload["error"] == (error.model_dump() if error else None)
     assert world.statuses.terminal_webhook_sent(JOB)
+    assert world.logged() == [
+        f"job job-1 not run: it is {state.value} (delivery 0)",
+        f"job job-1: sending its {event} webhook, which no run had queued",
+    ]
     world.deliver(callback_url=HOOK, metadata={"m": 1})
     assert len(world.webhooks) == 1  # once
 
@@ -554,8 +614,8 @@ def test_no_missing_webhook_for_a_cancelled_job_or_an_unreadable_request(world: 
     assert world.webhooks == [] and not world.statuses.terminal_webhook_sent(JOB)
     world.statuses.create("job-2", "caption")
     world.statuses.request_cancel("job-2")
-    deliver(world.rt, "job-2", InferMessage("job-2", {"image_uri": "https://i/x", "task": "caption",
-            "callback_url": HOOK}), world.retry, delivery_tag=None)  # fmt: skip
+    request = {"image_uri": "https://i/x", "task": "caption", "callback_url": HOOK}
+    deliver(world.rt, "job-2", InferMessage("job-2", request), world.retry, delivery_tag=None)
     assert world.webhooks == []
 
 
@@ -567,3 +627,5 @@ def test_a_copy_of_a_job_a_live_run_holds_waits_for_its_lease(world: World) -> N
     assert 30.0 < countdown <= 31.0  # when the lease would lapse, plus a second
     assert world.fetcher.uris == [] and world.webhooks == [] and world.leases.held == []
     assert world.status().attempts == 1 and world.leases.released == [JOB]
+    [line] = world.logged()
+    assert re.fullmatch(r"job job-1 is running under a live lease; this delivery waits (29\.\d|30\.0)s", line)
