@@ -32,7 +32,7 @@ from varco.workers.runtime.lifecycle import RetryNotQueued, Runtime, deliver
 
 JOB = "job-1"
 SHA = "ab" * 32
-ENQUEUED = 1_700_000_000.0  # the fake clock starts 10 s after the job was enqueued
+ENQUEUED = 1_700_000_000.0  # the fake clock starts 10.123456 s after the job was enqueued
 ENQUEUED_AT = datetime.fromtimestamp(ENQUEUED, UTC).isoformat()
 HOOK = "https://hooks.example/h"
 TEXT = "A <obj>cat</obj><bbox>0.1, 0.2, 0.5, 0.6</bbox> on a mat."
@@ -54,7 +54,7 @@ class Clock:
     """`time.time()` and `time.perf_counter()` of the lifecycle: moved only by the fakes, so timings are exact."""
 
     def __init__(self) -> None:
-        self.now = ENQUEUED + 10.0
+        self.now = ENQUEUED + 10.123456
 
     def time(self) -> float:
         return self.now
@@ -248,7 +248,7 @@ def world(statuses: StatusStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest
     monkeypatch.setattr(lifecycle, "metrics", metrics)
     monkeypatch.setattr(result_writer, "FIRST_WAIT_S", 0.01)  # the store's retries, without the real pauses
     monkeypatch.setattr(result_writer, "MAX_WAIT_S", 0.01)
-    settings = Settings(model="test/model", max_attempts=3, store_retry_s=60.0, max_new_tokens=99, keep_images=True)
+    settings = Settings(model="test/model", max_attempts=3, store_retry_s=3.0, max_new_tokens=99, keep_images=True)
     fetcher, engine, store, cache, leases = Fetcher(clock), Engine(clock), Store(clock), Cache(), Leases(statuses)
     cancels = CancelWatcher(statuses.redis)  # its listener is not started: tests mark cancels by hand
     webhooks: list[tuple[str, dict[str, Any]]] = []
@@ -277,10 +277,10 @@ def test_a_job_runs_to_a_stored_result_a_succeeded_record_and_its_webhooks(world
         uri="https://img.example/cat.png", width=40, height=30, sha256=SHA, kept_uri="mem://job-1.image"
     )
     assert world.store.objects["job-1.image"] == b"bytes"
-    # Timings from the fake clock: fetched 10 s after enqueue, 1.23456 s fetching, 2.34567 s generating.
+    # Timings from the fake clock: started 10.123456 s after enqueue, 1.23456 s fetching, 2.34567 s generating.
     t = result.timings
-    assert (t.queued_s, t.fetch_s, t.inference_s) == (10.0, 1.2346, 2.3457)
-    assert t.total_s == 13.5802  # up to the result, before its write
+    assert (t.queued_s, t.fetch_s, t.inference_s) == (10.1235, 1.2346, 2.3457)
+    assert t.total_s == 13.7037  # up to the result, before its write
     assert result.worker == "gpu0@test" and result.metadata == {"k": "v"} and result.cached_from is None
     assert result.created_at == datetime.fromisoformat(ENQUEUED_AT) and result.finished_at is not None
     assert result.region is None and result.label is None
@@ -304,7 +304,7 @@ def test_a_job_runs_to_a_stored_result_a_succeeded_record_and_its_webhooks(world
     assert world.cache.remembered == [("caption", SHA, JOB, "mem://job-1.json")]
     assert world.fetcher.uris == ["https://img.example/cat.png"]
     assert world.fetcher.contexts == [{"job_id": JOB, "task": "caption"}]
-    phases = {"fetch": 1.23456, "store": 0.5, "inference": 2.34567, "queue": 10.0, "total": 14.08023}
+    phases = {"fetch": 1.23456, "store": 0.5, "inference": 2.34567, "queue": 10.1235, "total": 14.203686}
     [(task, state, observed)] = world.metrics.jobs
     assert (task, state) == ("caption", "succeeded") and observed == pytest.approx(phases)
     assert world.metrics.tokens == {"prompt": 11, "output": 7}
@@ -358,7 +358,7 @@ def test_a_repeat_is_answered_from_the_cache_without_the_engine(world: World) ->
     assert world.status().state is JobState.SUCCEEDED
     [(_, state, phases)] = world.metrics.jobs
     assert state == "succeeded"  # a cached answer ran no inference: none observed
-    assert phases == pytest.approx({"fetch": 1.23456, "store": 0.5, "queue": 10.0, "total": 11.73456})
+    assert phases == pytest.approx({"fetch": 1.23456, "store": 0.5, "queue": 10.1235, "total": 11.858016})
     assert world.metrics.tokens == {}
 
 
@@ -537,6 +537,17 @@ def test_a_result_written_while_the_job_failed_is_removed(world: World) -> None:
     assert "job-1.json" not in world.store.objects and world.status().error == error
     assert world.events() == ["job.started"] and world.cache.remembered == [] and world.metrics.tokens == {}
     assert world.logged() == ["job job-1 ended failed while its result was written; removing it"]
+
+
+def test_a_result_whose_record_vanished_meanwhile_is_removed(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = iter([world.statuses.get(JOB), None])  # the write's check finds it; then it expired
+    monkeypatch.setattr(world.statuses, "get", lambda job_id: next(reads))
+    world.store.during_write = lambda: world.statuses.transition(
+        JOB, JobState.FAILED, error=ErrorInfo(type="X", message="x")
+    )
+    world.deliver()
+    assert "job-1.json" not in world.store.objects
+    assert world.logged() == ["job job-1 ended unknown while its result was written; removing it"]
 
 
 def test_a_result_another_run_stored_for_the_succeeded_job_stays(world: World) -> None:
