@@ -3,12 +3,14 @@ and fake engine, fetcher, result store, cache, leases, webhook sender and `retry
 
 from __future__ import annotations
 
+import ast
 import logging
 import re
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -640,3 +642,11 @@ def test_a_copy_of_a_job_a_live_run_holds_waits_for_its_lease(world: World) -> N
     assert world.status().attempts == 1 and world.leases.released == [JOB]
     [line] = world.logged()
     assert re.fullmatch(r"job job-1 is running under a live lease; this delivery waits (29\.\d|30\.0)s", line)
+
+
+def test_the_lifecycle_imports_no_celery() -> None:
+    """The transport stays in `celery_task.py`: the lifecycle runs on whatever calls `deliver`."""
+    tree = ast.parse(Path(lifecycle.__file__).read_text(encoding="utf-8"))
+    imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert imported and not [name for name in imported if name.split(".")[0] in ("celery", "kombu")]
