@@ -112,7 +112,12 @@ def test_a_retry_the_broker_refuses_is_retry_not_queued() -> None:
 def test_a_revoked_job_ends_cancelled(bound, delivered) -> None:
     _, infer, statuses = bound
     statuses.create(JOB, "caption")
-    task_revoked.send(sender=bound[0].tasks["celery.backend_cleanup"], request=SimpleNamespace(id=JOB))
+
+    def other_task() -> None:
+        """Any task but varco.infer."""
+
+    other = bound[0].task(name="test.other", shared=False)(other_task)
+    task_revoked.send(sender=other, request=SimpleNamespace(id=JOB))
     task_revoked.send(sender=infer, request=None)
     task_revoked.send(sender=infer, request=SimpleNamespace(id="not a job id!"))
     assert statuses.get(JOB).state is JobState.QUEUED
