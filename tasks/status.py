@@ -23,6 +23,9 @@ from varco.tasks.schemas import ErrorInfo, JobState, JobStatus
 
 EVENTS_CHANNEL = "varco:events"
 CANCEL_CHANNEL = "varco:cancel"
+# Set on a job's record once its terminal webhook was queued (or was not wanted): a later delivery of the
+# finished job sends it only when this is missing (the run that ended the job died before queueing it).
+TERMINAL_WEBHOOK_FIELD = "terminal_webhook"
 
 # Leases are timed on the Redis server's clock, so workers' clocks need not agree.
 _CLOCK = """
@@ -287,6 +290,18 @@ class StatusStore:
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(self.key(job_id), "cancel_requested") == "1"
+
+    def mark_terminal_webhook(self, job_id: str) -> None:
+        """Note that the job's terminal webhook was queued (or not wanted). The TTL is set again with it, so
+        a record that expired meanwhile leaves no hash without one."""
+        with self.redis.pipeline() as pipe:
+            pipe.hset(self.key(job_id), TERMINAL_WEBHOOK_FIELD, "1")
+            pipe.expire(self.key(job_id), self.ttl)
+            pipe.execute()
+
+    def terminal_webhook_sent(self, job_id: str) -> bool:
+        """Whether a run already queued the job's terminal webhook (`mark_terminal_webhook`)."""
+        return self.redis.hget(self.key(job_id), TERMINAL_WEBHOOK_FIELD) == "1"
 
     # An idempotency key's value is "{job_id}:{request fingerprint}" (job ids hold no colon); a value of a
     # job id alone (written before fingerprints were kept) matches any request.

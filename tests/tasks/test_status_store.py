@@ -408,3 +408,18 @@ def test_cancelling_a_running_job_tells_its_worker(store: StatusStore) -> None:
     assert _next_message(pubsub) == "run"  # the worker's CancelWatcher stops generating on this
     status = store.get("run")
     assert status.state is JobState.STARTED and store.cancel_requested("run") and status.updated_at > started
+
+
+def test_the_terminal_webhook_mark(store: StatusStore) -> None:
+    store.create("tw", "caption")
+    store.transition("tw", JobState.SUCCEEDED, result_uri="s3://b/tw.json")
+    store.redis.expire(store.key("tw"), 5)
+    assert not store.terminal_webhook_sent("tw")
+    store.mark_terminal_webhook("tw")
+    assert store.terminal_webhook_sent("tw") and store.record("tw")["terminal_webhook"] == "1"
+    assert store.get("tw").state is JobState.SUCCEEDED  # nothing else changed
+    assert store.redis.ttl(store.key("tw")) > 60  # the record's TTL, set again with the mark
+    # A record that expired meanwhile leaves no hash without a TTL behind.
+    store.mark_terminal_webhook("gone")
+    assert 0 < store.redis.ttl(store.key("gone")) <= 120
+    assert not store.terminal_webhook_sent("never")
