@@ -212,9 +212,9 @@ class _Job:
         """The job ended under this run: a cancel while it waited to retry its write, or while it failed.
         No later delivery comes for it, so its job.cancelled goes out from here, once."""
         status = self.rt.statuses.get(self.job_id)
-        if status is not None and status.state is JobState.CANCELLED:
-            if not self.rt.statuses.terminal_webhook_sent(self.job_id):
-                self.notify("job.cancelled", JobState.CANCELLED)
+        cancelled = status is not None and status.state is JobState.CANCELLED
+        if cancelled and not self.rt.statuses.terminal_webhook_sent(self.job_id):
+            self.notify("job.cancelled", JobState.CANCELLED)
 
     def run(self) -> None:
         rt, request = self.rt, self.request
