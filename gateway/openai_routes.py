@@ -96,6 +96,22 @@ async def _finished(state: GatewayState, job_id: str) -> JobStatus | None:
     return None
 
 
+HUNG_UP = "hung up"
+
+
+async def _finished_unless_hung_up(request: Request, state: GatewayState, job_id: str) -> JobStatus | str | None:
+    """The job's final status, or HUNG_UP if the caller disconnects first."""
+    finished = asyncio.ensure_future(_finished(state, job_id))
+    hung_up = asyncio.ensure_future(_hung_up(request))
+    try:
+        await asyncio.wait({finished, hung_up}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (finished, hung_up):
+            task.cancel()
+        await asyncio.gather(finished, hung_up, return_exceptions=True)
+    return finished.result() if not finished.cancelled() else HUNG_UP
+
+
 async def _hung_up(request: Request) -> None:
     """Returns when the caller disconnects (the body is read: the next receive waits for that)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -126,22 +142,12 @@ async def chat_completions(request: Request, state: State, who: Caller) -> JSONR
         raise bad_request(exc.reason, job.param_for(exc.field)) from None
     state.metrics.submitted.inc()
 
-    finished = asyncio.ensure_future(_finished(state, job_id))
-    hung_up = asyncio.ensure_future(_hung_up(request))
-    try:
-        await asyncio.wait({finished, hung_up}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        hung_up.cancel()
-        if not finished.done():
-            finished.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await finished
-    if not finished.done():  # the caller left: its answer would reach nobody
+    status = await _finished_unless_hung_up(request, state, job_id)
+    if status is HUNG_UP:  # the caller left: its answer would reach nobody
         log.info("chat completion %s: the caller disconnected; cancelling its job", job_id)
         with contextlib.suppress(JobNotFound):
             await run_in_threadpool(state.client.cancel, job_id)
         return JSONResponse({}, status_code=499)  # never sent: there is no one to send it to
-    status = finished.result()
     if status is None:
         raise OpenAIError(500, f"job {job_id}'s status record expired before it finished", code="job_lost")
     if status.state is JobState.FAILED:
