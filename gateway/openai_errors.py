@@ -91,13 +91,17 @@ def model_not_found(model: str) -> OpenAIError:
     )  # fmt: skip
 
 
+def problem_as_openai(problem: Problem) -> OpenAIError:
+    code = _CODES.get(problem.kind, problem.kind.replace("-", "_"))
+    return OpenAIError(problem.status, problem.detail, param=problem.field, code=code, headers=problem.headers)
+
+
 def from_exception(exc: Exception) -> OpenAIError | None:
     """The OpenAI-shaped form of an error the shared gateway code raises; None for anything else."""
     if isinstance(exc, OpenAIError):
         return exc
     if isinstance(exc, Problem):
-        code = _CODES.get(exc.kind, exc.kind.replace("-", "_"))
-        return OpenAIError(exc.status, exc.detail, param=exc.field, code=code, headers=exc.headers)
+        return problem_as_openai(exc)
     if isinstance(exc, BrokerUnavailable | redis.exceptions.RedisError):
         retry = {"Retry-After": "5"}
         return OpenAIError(503, f"Redis is unavailable: {exc}", code="service_unavailable", headers=retry)
@@ -108,6 +112,11 @@ def from_exception(exc: Exception) -> OpenAIError | None:
     if isinstance(exc, StarletteHTTPException):
         return OpenAIError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
     return None
+
+
+def is_openai_path(path: str) -> bool:
+    """Whether `path` is one of the OpenAI routes (for answers sent before routing, like BodyLimits' 413)."""
+    return path == "/v1/chat/completions" or path == "/v1/models" or path.startswith("/v1/models/")
 
 
 class OpenAIRoute(APIRoute):

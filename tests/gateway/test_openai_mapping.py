@@ -59,6 +59,8 @@ def test_referring_takes_region_and_label_from_the_tags() -> None:
     request = to_job(chat(CARD["referring"]), SERVED).request
     assert (request.region, request.label) == ((0.039, 0.138, 0.283, 0.257), "이 물건")
     assert request.prompt == "은 어떻게 쓰는거야?"
+    spaced = to_job(chat("<obj>the cup</obj><bbox>0.1, 0.2, 0.3, 0.4</bbox> What is in it?"), SERVED).request
+    assert spaced.model_prompt == "<obj>the cup</obj><bbox>0.1, 0.2, 0.3, 0.4</bbox> What is in it?"  # as written
 
 
 def test_any_other_text_is_a_question_and_no_text_a_caption() -> None:

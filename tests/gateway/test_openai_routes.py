@@ -261,6 +261,18 @@ def test_redis_down_is_a_503_in_openais_shape(settings: Settings, client: Client
     assert unavailable.value.status_code == 503 and unavailable.value.code == "service_unavailable"
 
 
+def test_a_body_over_the_limit_is_a_413_in_openais_shape(base: str, settings: Settings, client: Client) -> None:
+    huge = {**CHAT, "user": "u" * (settings.gateway_max_body_bytes + 1)}
+    with sdk(base) as api, pytest.raises(openai.APIStatusError) as declared:  # the SDK sends a Content-Length
+        api.chat.completions.create(**huge)
+    assert declared.value.status_code == 413 and declared.value.code == "request_too_large"
+    body = json.dumps(huge).encode()
+    chunks = (body[i : i + 65536] for i in range(0, len(body), 65536))  # no Content-Length: capped as it streams
+    streamed = httpx.post(base + "/v1/chat/completions", content=chunks, headers={"Authorization": f"Bearer {ALICE}"})
+    assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "request_too_large"
+    assert records(client) == []
+
+
 def test_v1_jobs_keeps_its_problem_documents(base: str) -> None:
     answer = httpx.post(base + "/v1/jobs", content=b"{not json", headers={"Authorization": f"Bearer {ALICE}"})
     assert answer.status_code == 422 and answer.headers["content-type"] == "application/problem+json"
