@@ -18,6 +18,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from openai.types import Model
+from openai.types.chat import ChatCompletion
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
@@ -130,7 +131,8 @@ def _failed(status: JobStatus, job: ChatJob) -> OpenAIError:
 
 @router.post(
     "/chat/completions", summary="A chat completion: one image and its question, answered by one job",
-    responses={200: {"description": "a `chat.completion` with a top-level `varco` object (job id, parsed output)"},
+    responses={200: {"model": ChatCompletion,
+                     "description": "a `chat.completion` with a top-level `varco` object (job id, parsed output)"},
                **error_responses(404, 409, 413)},
 )  # fmt: skip
 async def chat_completions(request: Request, state: State, who: Caller) -> JSONResponse:
