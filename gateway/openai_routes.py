@@ -77,6 +77,8 @@ async def _body(request: Request) -> Any:
         return json.loads(await request.body())
     except ValueError as exc:
         raise bad_request(f"We could not parse the JSON body of your request: {exc}", None, "invalid_json") from None
+    except RecursionError:  # json's C parser recurses once per "[" or "{"
+        raise bad_request("the JSON body is nested too deeply to parse", None, "invalid_json") from None
 
 
 def _job(body: Any, state: GatewayState) -> ChatJob:
@@ -106,11 +108,25 @@ async def _finished_unless_hung_up(request: Request, state: GatewayState, job_id
     hung_up = asyncio.ensure_future(_hung_up(request))
     try:
         await asyncio.wait({finished, hung_up}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (finished, hung_up):
-            task.cancel()
-        await asyncio.gather(finished, hung_up, return_exceptions=True)
-    return finished.result() if not finished.cancelled() else HUNG_UP
+    except BaseException:  # this request itself was cancelled (the server shuts down)
+        finished.cancel()
+        hung_up.cancel()
+        raise
+    await _stop(hung_up)
+    if finished.done():
+        return finished.result()
+    await _stop(finished)
+    return HUNG_UP
+
+
+async def _stop(task: asyncio.Future[Any]) -> None:
+    """Cancel `task` and wait until it ends. Asked again while it runs on: redis.asyncio's reads under a
+    timeout can swallow one cancellation (it meets their own timeout and reads as "no message yet")."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
+    if not task.cancelled():
+        task.exception()  # retrieved: a failure of a task we no longer need is not logged as unhandled
 
 
 async def _hung_up(request: Request) -> None:

@@ -236,6 +236,9 @@ def test_auth_rate_limit_and_bad_json_answer_in_openais_shape(base: str, setting
                         headers={"Authorization": f"Bearer {ALICE}"})  # fmt: skip
     assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_json"
     assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
+    auth = {"Authorization": f"Bearer {ALICE}"}
+    deep = httpx.post(base + "/v1/chat/completions", content=b"[" * 200_000, headers=auth)
+    assert deep.status_code == 400 and deep.json()["error"]["message"] == "the JSON body is nested too deeply to parse"
     slow = settings.model_copy(update={"rate_limit": 0.001})  # a bucket of one, refilled once in 1000 s
     with serve(slow, [ALICE, BOB], client) as limited_base, sdk(limited_base) as api:
         api.models.list()
