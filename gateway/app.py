@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from varco.gateway import page, problems, routes
+from varco.gateway import openai_routes, page, problems, routes
 from varco.gateway.auth import KeyRing
 from varco.gateway.limits import BodyLimits
 from varco.gateway.metrics import HttpMetrics
@@ -95,6 +95,7 @@ def create_app(settings: Settings, keys: list[str] | None, *, client: Client | N
     )
     app.add_middleware(metrics.middleware)  # outermost: counts 413s from BodyLimits too
     app.include_router(routes.router)
+    app.include_router(openai_routes.router)
     app.include_router(page.router)
 
     @app.get("/livez", response_model=Health, tags=["health"])

@@ -12,6 +12,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from varco.gateway.openai_errors import is_openai_path, problem_as_openai
 from varco.gateway.problems import Problem, problem_response
 
 
@@ -25,7 +26,12 @@ class BodyLimits:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await problem_response(413, "body-too-large", self._too_large())(scope, receive, send)
+            too_large = Problem(413, "body-too-large", self._too_large())
+            if is_openai_path(scope["path"]):  # those routes answer in OpenAI's error shape
+                response = problem_as_openai(too_large).response()
+            else:
+                response = problem_response(too_large.status, too_large.kind, too_large.detail)
+            await response(scope, receive, send)
             return
         received = 0
         done = False

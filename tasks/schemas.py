@@ -113,6 +113,9 @@ class JobResult(BaseModel):
     image: ImageInfo
     output: ParsedOutput
     usage: Usage = Field(default_factory=Usage)
+    # Why generation ended: "stop" (the model ended its answer) or "length" (max_new_tokens); None in
+    # results written before this field existed.
+    finish_reason: Literal["stop", "length"] | None = None
     timings: Timings = Field(default_factory=Timings)
     worker: str | None = None
     created_at: datetime | None = None

@@ -253,6 +253,7 @@ class _Job:
             prompt=generation.prompt,
             output=parsed,
             usage=Usage(prompt_tokens=output.prompt_tokens, output_tokens=output.output_tokens),
+            finish_reason=output.finish_reason,
             region=request.region,
             label=request.label,
             **self.own_fields(fetched, started, fetch_s, inference_s),

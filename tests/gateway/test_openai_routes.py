@@ -1,0 +1,278 @@
+"""The OpenAI routes in this process, through the official `openai` SDK: models, errors, waiting, disconnects.
+
+As in test_gateway_routes.py: a real uvicorn server (a thread) over a real redis-server, with no
+worker; the test moves jobs on the way a worker would (status transitions, a result file).
+tests/integration/test_openai_api.py runs the whole pipeline with a real worker.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+
+pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+import openai
+from test_gateway_routes import ALICE, BOB, IMAGE, enqueued, finish, serve
+
+from varco.gateway.auth import key_id
+from varco.gateway.openai_mapping import SERVED_ALIAS
+from varco.producer import Client
+from varco.tasks.results_store import FileResultStore
+from varco.tasks.schemas import ErrorInfo, JobState
+from varco.tasks.settings import Settings
+from varco.workers.devtools.local_redis import free_port, start_redis
+
+MODEL = "NCSOFT/VARCO-VISION-14B-HF"  # VARCO_MODEL's default: the settings these tests serve
+CHAT: dict[str, Any] = {
+    "model": SERVED_ALIAS,
+    "messages": [{"role": "user", "content": [{"type": "text", "text": "<gro>\nDescribe the image in detail."},
+                                              {"type": "image_url", "image_url": {"url": IMAGE}}]}],
+    "max_tokens": 64,
+}  # fmt: skip
+RAW = "The image shows <obj>a cat</obj><bbox>0.1, 0.2, 0.5, 0.6</bbox>."
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    with start_redis(tmp_path_factory.mktemp("redis-openai")) as redis_server:
+        yield Settings(broker_url=redis_server.url, result_store=tmp_path_factory.mktemp("results").as_uri() + "/")
+
+
+@pytest.fixture(scope="module")
+def client(settings: Settings) -> Iterator[Client]:
+    with Client(settings) as c:
+        yield c
+
+
+@pytest.fixture
+def base(settings: Settings, client: Client) -> Iterator[str]:
+    with serve(settings, [ALICE, BOB], client) as url:
+        yield url
+
+
+@pytest.fixture(autouse=True)
+def clean(client: Client) -> None:
+    client.redis.flushdb()
+
+
+def sdk(base: str, key: str = ALICE) -> Any:
+    return openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=30)
+
+
+def records(client: Client) -> list[str]:
+    return [k.removeprefix("varco:job:") for k in client.redis.scan_iter("varco:job:*")]
+
+
+def await_job(client: Client) -> str:
+    """The id of the job a chat completion submitted, once it is on the queue (its record is made first)."""
+    until(lambda: bool(enqueued(client)), "no job was enqueued")
+    [job_id] = records(client)
+    return job_id
+
+
+def until(done: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not done():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def in_background(call: Callable[[], Any]) -> Future[Any]:
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(call)
+    pool.shutdown(wait=False)
+    return future
+
+
+def succeed(client: Client, settings: Settings, job_id: str, finish_reason: str = "stop") -> None:
+    result = {
+        "job_id": job_id, "task": "grounding", "state": "succeeded", "model": MODEL, "prompt": "p",
+        "image": {"uri": IMAGE, "width": 200, "height": 100, "sha256": "0" * 64},
+        "output": {"raw": RAW, "text": "The image shows a cat.",
+                   "objects": [{"label": "a cat", "span": [16, 21], "boxes": [[0.1, 0.2, 0.5, 0.6]],
+                                "boxes_px": [[20, 20, 100, 60]]}]},
+        "usage": {"prompt_tokens": 900, "output_tokens": 21}, "finish_reason": finish_reason,
+        "finished_at": "2026-12-05T08:00:00+00:00",
+    }  # fmt: skip
+    uri = FileResultStore(settings.result_store).write(job_id, json.dumps(result).encode())
+    finish(client, job_id, JobState.SUCCEEDED, result_uri=uri)
+
+
+def test_models_list_and_retrieve(base: str) -> None:
+    with sdk(base) as api:
+        models = api.models.list()
+        assert [m.id for m in models.data] == [MODEL, SERVED_ALIAS]
+        assert {m.object for m in models.data} == {"model"}
+        assert api.models.retrieve(SERVED_ALIAS).id == SERVED_ALIAS
+        with pytest.raises(openai.NotFoundError) as missing:
+            api.models.retrieve("gpt-4o")
+    assert missing.value.code == "model_not_found"
+
+
+def test_a_completion_waits_for_its_job_and_answers_with_the_tags_usage_and_varco(
+    base: str, client: Client, settings: Settings
+) -> None:
+    with sdk(base) as api:
+        pending = in_background(lambda: api.chat.completions.with_raw_response.create(**CHAT))
+        job_id = await_job(client)
+        [request] = enqueued(client)
+        assert request["task"] == "grounding" and request["max_new_tokens"] == 64 and request["image_uri"] == IMAGE
+        assert client.statuses.record(job_id)["owner"] == key_id(ALICE)  # a job like any: /v1/jobs sees it
+        assert not pending.done()
+        succeed(client, settings, job_id, finish_reason="length")
+        raw = pending.result(timeout=30)
+    completion = raw.parse()
+    assert raw.headers["x-request-id"] == job_id and completion.id == f"chatcmpl-{job_id}"
+    assert completion.model == MODEL and completion.object == "chat.completion"
+    assert completion.choices[0].message.content == RAW and completion.choices[0].finish_reason == "length"
+    assert completion.usage is not None and completion.usage.total_tokens == 921
+    assert completion.varco["job_id"] == job_id
+    assert completion.varco["output"]["objects"][0]["boxes_px"] == [[20, 20, 100, 60]]
+
+
+@pytest.mark.parametrize(
+    ("error", "exception", "code", "param"),
+    [
+        (ErrorInfo(type="ImageDecodeError", message="not an image"), "BadRequestError", "invalid_image",
+         "messages[0].content[1].image_url.url"),
+        (ErrorInfo(type="ImageFetchError", message="404 from origin"), "BadRequestError", "invalid_image",
+         "messages[0].content[1].image_url.url"),
+        (ErrorInfo(type="InferenceError", message="CUDA error"), "InternalServerError", "InferenceError", None),
+        (None, "InternalServerError", "job_failed", None),
+    ],
+)  # fmt: skip
+def test_a_failed_job_is_an_openai_error(
+    base: str, client: Client, error: ErrorInfo | None, exception: str, code: str, param: str | None
+) -> None:
+    with sdk(base) as api:
+        pending = in_background(lambda: api.chat.completions.create(**CHAT))
+        job_id = await_job(client)
+        finish(client, job_id, JobState.FAILED, **({"error": error} if error else {}))
+        with pytest.raises(getattr(openai, exception)) as failed:
+            pending.result(timeout=30)
+    assert (failed.value.code, failed.value.param) == (code, param)
+    assert job_id in failed.value.message
+
+
+def test_a_job_cancelled_on_v1_jobs_is_a_conflict(base: str, client: Client) -> None:
+    with sdk(base) as api, httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ALICE}"}) as http:
+        pending = in_background(lambda: api.chat.completions.create(**CHAT))
+        job_id = await_job(client)
+        assert http.delete(f"/v1/jobs/{job_id}").json()["state"] == "cancelled"
+        with pytest.raises(openai.ConflictError) as cancelled:
+            pending.result(timeout=30)
+    assert cancelled.value.code == "job_cancelled"
+
+
+@pytest.mark.parametrize("running", [False, True])
+def test_a_caller_that_hangs_up_cancels_its_job(base: str, client: Client, running: bool) -> None:
+    body = json.dumps(CHAT).encode()
+    port = httpx.URL(base).port
+    assert port is not None
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + ALICE.encode()
+                     + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode()
+                     + b"\r\n\r\n" + body)  # fmt: skip
+        job_id = await_job(client)
+        if running:  # a worker took it
+            client.statuses.begin_attempt(job_id, "gpu0@test", max_attempts=3)
+    # The socket is closed: the gateway sees the disconnect and cancels the job (a running one: its worker is told).
+    if running:
+        until(lambda: client.statuses.cancel_requested(job_id), "the running job's cancel was never requested")
+    else:
+        until(lambda: client.status(job_id).state is JobState.CANCELLED, "the queued job was not cancelled")
+
+
+@pytest.mark.parametrize(
+    ("change", "param", "code"),
+    [
+        ({"temperature": 0.8}, "temperature", "unsupported_parameter"),
+        ({"n": 3}, "n", "unsupported_parameter"),
+        ({"max_tokens": 100000}, "max_tokens", "invalid_value"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ftp://h/a.png"}}]}]},
+         "messages[0].content[0].image_url.url", "invalid_image_url"),
+    ],
+)  # fmt: skip
+def test_a_bad_parameter_is_a_400_naming_it_and_enqueues_nothing(
+    base: str, client: Client, change: dict[str, Any], param: str, code: str
+) -> None:
+    with sdk(base) as api, pytest.raises(openai.BadRequestError) as refused:
+        api.chat.completions.create(**{**CHAT, **change})
+    assert (refused.value.param, refused.value.code, refused.value.type) == (param, code, "invalid_request_error")
+    assert records(client) == []
+
+
+def test_an_unknown_model_is_a_404_model_not_found(base: str, client: Client) -> None:
+    with sdk(base) as api, pytest.raises(openai.NotFoundError) as missing:
+        api.chat.completions.create(**{**CHAT, "model": "gpt-4o"})
+    assert (missing.value.code, missing.value.param) == ("model_not_found", "model")
+    assert "'gpt-4o'" in missing.value.message and records(client) == []
+
+
+def test_a_big_inline_image_is_a_400_on_its_url(base: str, client: Client, settings: Settings) -> None:
+    too_big = "data:image/png;base64," + "A" * (settings.max_data_uri_bytes * 4 // 3 + 8)
+    content = [{"type": "image_url", "image_url": {"url": too_big}}]
+    with sdk(base) as api, pytest.raises(openai.BadRequestError) as refused:
+        api.chat.completions.create(**{**CHAT, "messages": [{"role": "user", "content": content}]})
+    assert refused.value.param == "messages[0].content[0].image_url.url" and "VARCO_MAX_DATA_URI_BYTES" in str(
+        refused.value.message
+    )
+    assert records(client) == []
+
+
+def test_auth_rate_limit_and_bad_json_answer_in_openais_shape(base: str, settings: Settings, client: Client) -> None:
+    with sdk(base, "not-a-key") as stranger, pytest.raises(openai.AuthenticationError) as unknown:
+        stranger.models.list()
+    assert unknown.value.code == "invalid_api_key" and unknown.value.type == "invalid_request_error"
+    answer = httpx.post(base + "/v1/chat/completions", content=b"{not json",
+                        headers={"Authorization": f"Bearer {ALICE}"})  # fmt: skip
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_json"
+    assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
+    auth = {"Authorization": f"Bearer {ALICE}"}
+    deep = httpx.post(base + "/v1/chat/completions", content=b"[" * 200_000, headers=auth)
+    assert deep.status_code == 400 and deep.json()["error"]["message"] == "the JSON body is nested too deeply to parse"
+    slow = settings.model_copy(update={"rate_limit": 0.001})  # a bucket of one, refilled once in 1000 s
+    with serve(slow, [ALICE, BOB], client) as limited_base, sdk(limited_base) as api:
+        api.models.list()
+        with pytest.raises(openai.RateLimitError) as limited:
+            api.chat.completions.create(**CHAT)
+    assert limited.value.code == "rate_limit_exceeded" and int(limited.value.response.headers["retry-after"]) >= 990
+    assert records(client) == []
+
+
+def test_redis_down_is_a_503_in_openais_shape(settings: Settings, client: Client) -> None:
+    down = settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{free_port()}/0", "redis_timeout_s": 1.0})
+    with Client(down) as unreachable, serve(down, [ALICE], unreachable) as base, sdk(base) as api, \
+            pytest.raises(openai.InternalServerError) as unavailable:  # fmt: skip
+        api.chat.completions.create(**CHAT)
+    assert unavailable.value.status_code == 503 and unavailable.value.code == "service_unavailable"
+
+
+def test_a_body_over_the_limit_is_a_413_in_openais_shape(base: str, settings: Settings, client: Client) -> None:
+    huge = {**CHAT, "user": "u" * (settings.gateway_max_body_bytes + 1)}
+    with sdk(base) as api, pytest.raises(openai.APIStatusError) as declared:  # the SDK sends a Content-Length
+        api.chat.completions.create(**huge)
+    assert declared.value.status_code == 413 and declared.value.code == "request_too_large"
+    body = json.dumps(huge).encode()
+    chunks = (body[i : i + 65536] for i in range(0, len(body), 65536))  # no Content-Length: capped as it streams
+    streamed = httpx.post(base + "/v1/chat/completions", content=chunks, headers={"Authorization": f"Bearer {ALICE}"})
+    assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "request_too_large"
+    assert records(client) == []
+
+
+def test_v1_jobs_keeps_its_problem_documents(base: str) -> None:
+    answer = httpx.post(base + "/v1/jobs", content=b"{not json", headers={"Authorization": f"Bearer {ALICE}"})
+    assert answer.status_code == 422 and answer.headers["content-type"] == "application/problem+json"
+
+
+def test_the_api_description_lists_the_openai_routes(base: str) -> None:
+    paths = httpx.get(base + "/openapi.json").json()["paths"]
+    assert {"/v1/models", "/v1/models/{model}", "/v1/chat/completions"} <= set(paths)
