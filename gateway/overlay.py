@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from varco.gateway.label_font import label_font
 from varco.producer.client import Client
 from varco.tasks.prompts import DEFAULT_REFERRING_LABEL
+from varco.tasks.requests import IMAGE_FORMATS
 from varco.tasks.schemas import Box, JobResult
 from varco.tasks.tags import parse, to_pixels
 
@@ -146,16 +147,16 @@ def draw_overlay(image: Image.Image, result: JobResult) -> Image.Image:
 
 def open_kept_image(data: bytes) -> Image.Image:
     """Decode kept image bytes as the worker did: EXIF orientation applied, RGB."""
-    with Image.open(io.BytesIO(data)) as opened:
+    with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as opened:
         opened.load()
         return ImageOps.exif_transpose(opened).convert("RGB")
 
 
-def overlay_png(client: Client, job_id: str) -> bytes:
-    """PNG bytes of the job's image with its parsed result drawn on it, at the image's own size.
+def kept_image(client: Client, job_id: str) -> tuple[JobResult, bytes, str]:
+    """The job's result, the image bytes its worker kept, and their media type (`image/png`…).
 
     Raises JobNotFound (unknown), JobFailed / JobCancelled (no result), OverlayNotReady (not finished
-    yet; an OverlayUnavailable) and OverlayUnavailable (no image is kept for this job).
+    yet; an OverlayUnavailable) and OverlayUnavailable (no image is kept for this job, or it is unreadable).
     """
     try:
         result = client.result(job_id, timeout=0)  # reads the record once: never waits
@@ -164,9 +165,22 @@ def overlay_png(client: Client, job_id: str) -> bytes:
     if result.image.kept_uri is None:
         raise OverlayUnavailable(f"no image was kept for job {job_id} (its worker ran with VARCO_KEEP_IMAGES=false)")
     try:
-        image = open_kept_image(client.store.read(result.image.kept_uri))
+        data = client.store.read(result.image.kept_uri)
+        with Image.open(io.BytesIO(data)) as opened:
+            media_type = opened.get_format_mimetype() or "application/octet-stream"
     except (UnidentifiedImageError, OSError, ValueError, ClientError, BotoCoreError) as exc:
         # Deleted or expired (a file store's FileNotFoundError, S3's NoSuchKey), or not an image.
+        raise OverlayUnavailable(f"the image kept for job {job_id} cannot be read: {exc}") from None
+    return result, data, media_type
+
+
+def overlay_png(client: Client, job_id: str) -> bytes:
+    """PNG bytes of the job's image with its parsed result drawn on it, at the image's own size; raises
+    as `kept_image` does."""
+    result, data, _ = kept_image(client, job_id)
+    try:
+        image = open_kept_image(data)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise OverlayUnavailable(f"the image kept for job {job_id} cannot be read: {exc}") from None
     buffer = io.BytesIO()
     draw_overlay(image, result).save(buffer, format="PNG", optimize=True)

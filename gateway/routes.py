@@ -8,7 +8,8 @@ waiting uses redis.asyncio pub/sub (sse.watch), so a waiting request holds no th
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -18,13 +19,15 @@ from starlette.concurrency import run_in_threadpool
 from varco.gateway import overlay
 from varco.gateway.access import JobId, caller, job_caller, not_found, owned_status
 from varco.gateway.problems import Problem, responses
+from varco.gateway.public_view import public_result, public_status
 from varco.gateway.sse import event_stream, watch
 from varco.gateway.state import GatewayState, gateway
-from varco.producer.client import JobCancelled, JobFailed, JobNotFound
-from varco.tasks.requests import InvalidRequest, JobRequest
+from varco.producer.client import Client, JobCancelled, JobFailed, JobNotFound
+from varco.tasks.requests import IdempotencyKeyReused, InvalidRequest, JobRequest
 from varco.tasks.schemas import JobResult, JobState, JobStatus
 
 MAX_WAIT_S = 60.0
+T = TypeVar("T")
 MAX_IDEMPOTENCY_KEY_CHARS = 128  # namespaced by key id below, within JobRequest's 200
 
 router = APIRouter(prefix="/v1", tags=["jobs"], responses=responses(401, 422, 429, 503))
@@ -53,10 +56,13 @@ def _request_body(schema: str) -> dict[str, Any]:
 
 
 async def _json(request: Request) -> Any:
+    body = await request.body()
     try:
-        return json.loads(await request.body())
+        return json.loads(body)
     except ValueError as exc:
         raise Problem(422, "invalid-json", f"request body is not JSON: {exc}") from None
+    except RecursionError:  # json's C parser recurses once per "[" or "{"; the interpreter's limit ends it
+        raise Problem(422, "invalid-json", "request body is nested too deeply to parse") from None
 
 
 def _job_fields(item: Any, who: str, idempotency_key: str | None, index: int | None = None) -> dict[str, Any]:
@@ -111,6 +117,8 @@ async def submit_job(
     fields = _job_fields(await _json(request), who, idempotency_key)
     try:
         [job_id] = await run_in_threadpool(state.client.submit_many, [fields], owner=who)
+    except IdempotencyKeyReused as exc:
+        raise Problem(422, "idempotency-key-reused", exc.reason, field=exc.field) from None
     except InvalidRequest as exc:  # a one-job batch: the message without "request #0"
         raise Problem(422, "invalid-request", exc.reason, field=exc.field) from None
     state.metrics.submitted.inc()
@@ -126,6 +134,8 @@ async def submit_batch(request: Request, state: State, who: Caller) -> BatchSubm
     fields = _batch_fields(await _json(request), who, state.client.settings.gateway_max_batch)
     try:
         job_ids = await run_in_threadpool(state.client.submit_many, fields, owner=who)
+    except IdempotencyKeyReused as exc:
+        raise Problem(422, "idempotency-key-reused", str(exc), field=exc.field, index=exc.index) from None
     except InvalidRequest as exc:
         raise _invalid_in_batch(exc) from None
     state.metrics.submitted.inc(len(job_ids))
@@ -134,7 +144,7 @@ async def submit_batch(request: Request, state: State, who: Caller) -> BatchSubm
 
 @router.get("/jobs/{job_id}", response_model=JobStatus, responses=responses(404), summary="A job's status")
 async def get_job(job_id: JobId, state: State, who: JobCaller) -> JobStatus:
-    return await owned_status(state, job_id, who)
+    return public_status(await owned_status(state, job_id, who))
 
 
 def _finished_or_409(status: JobStatus) -> None:
@@ -161,7 +171,7 @@ async def get_result(
             status = update or status
     _finished_or_409(status)
     try:
-        return await run_in_threadpool(state.client.result, job_id, 5.0)
+        return public_result(await run_in_threadpool(state.client.result, job_id, 5.0))
     except JobNotFound:
         raise not_found(job_id) from None
     except Exception as exc:  # the store is down or the object is gone: say so, never a bare 500
@@ -178,7 +188,7 @@ async def cancel_job(job_id: JobId, state: State, who: Caller) -> JobStatus:
         final = await owned_status(state, job_id, who)
         raise Problem(409, "job-finished", f"job {job_id} already finished ({final.state.value})",
                       state=final.state.value)  # fmt: skip
-    return await owned_status(state, job_id, who)  # cancelled, or still running with the cancel on its way
+    return public_status(await owned_status(state, job_id, who))  # cancelled, or running with the cancel on its way
 
 
 @router.get(
@@ -195,19 +205,35 @@ async def job_events(job_id: JobId, state: State, who: JobCaller) -> StreamingRe
     )
 
 
+async def _read_kept(state: GatewayState, job_id: str, who: str, read: Callable[[Client, str], T], kind: str) -> T:
+    """`read` (the kept image, or the overlay drawn on it) for the caller's finished job; its errors as 409s,
+    `kind` when no image was kept."""
+    _finished_or_409(await owned_status(state, job_id, who))
+    try:
+        return await run_in_threadpool(read, state.client, job_id)
+    except JobNotFound:
+        raise not_found(job_id) from None
+    except (JobFailed, JobCancelled) as exc:
+        raise Problem(409, "job-failed", str(exc)) from None
+    except overlay.OverlayUnavailable as exc:
+        raise Problem(409, kind, str(exc)) from None
+
+
+@router.get(
+    "/jobs/{job_id}/image", response_class=Response, summary="The image bytes the worker fetched for the job",
+    responses={200: {"description": "the image as fetched (`image.kept_uri` of the result names this route)",
+                     "content": {"image/*": {}}}, **responses(404, 409)},
+)  # fmt: skip
+async def job_image(job_id: JobId, state: State, who: JobCaller) -> Response:
+    _, data, media_type = await _read_kept(state, job_id, who, overlay.kept_image, "image-unavailable")
+    return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
+
+
 @router.get(
     "/jobs/{job_id}/overlay.png", response_class=Response, summary="The image with its parsed result drawn on it",
     responses={200: {"description": "PNG at the image's own size", "content": {"image/png": {}}},
                **responses(404, 409)},
 )  # fmt: skip
 async def job_overlay(job_id: JobId, state: State, who: JobCaller) -> Response:
-    _finished_or_409(await owned_status(state, job_id, who))
-    try:
-        png = await run_in_threadpool(overlay.overlay_png, state.client, job_id)
-    except JobNotFound:
-        raise not_found(job_id) from None
-    except (JobFailed, JobCancelled) as exc:
-        raise Problem(409, "job-failed", str(exc)) from None
-    except overlay.OverlayUnavailable as exc:
-        raise Problem(409, "overlay-unavailable", str(exc)) from None
+    png = await _read_kept(state, job_id, who, overlay.overlay_png, "overlay-unavailable")
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})

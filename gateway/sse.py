@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 import redis
 
+from varco.gateway.public_view import public_status
 from varco.tasks.async_status import AsyncEventFeed, AsyncStatusStore
 from varco.tasks.schemas import JobStatus
 from varco.tasks.waiting import Follow, Listen, Read, TimedOut, WaitPlan
@@ -70,4 +71,5 @@ async def event_stream(statuses: AsyncStatusStore, job_id: str) -> AsyncIterator
             yield b": keep-alive\n\n"
             continue
         event_id = status.updated_at.isoformat() if status.updated_at else ""
-        yield f"event: status\nid: {event_id}\ndata: {status.model_dump_json()}\n\n".encode()
+        data = public_status(status).model_dump_json()  # issue 21: gateway URLs, not store URIs
+        yield f"event: status\nid: {event_id}\ndata: {data}\n\n".encode()

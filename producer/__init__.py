@@ -2,6 +2,14 @@
 
 from varco.producer.client import Client, JobCancelled, JobFailed, JobNotFound
 from varco.tasks.connections import BrokerUnavailable
-from varco.tasks.requests import InvalidRequest
+from varco.tasks.requests import IdempotencyKeyReused, InvalidRequest
 
-__all__ = ["BrokerUnavailable", "Client", "InvalidRequest", "JobCancelled", "JobFailed", "JobNotFound"]
+__all__ = [
+    "BrokerUnavailable",
+    "Client",
+    "IdempotencyKeyReused",
+    "InvalidRequest",
+    "JobCancelled",
+    "JobFailed",
+    "JobNotFound",
+]

@@ -1,4 +1,4 @@
-"""The `varco` command line: submit, status, result, wait, cancel, overlay, worker, demo, make-tiny-model."""
+"""The `varco` command line: submit, status, result, results, wait, cancel, overlay, worker, demo, make-tiny-model."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 console = Console()
-err = Console(stderr=True)
+# soft_wrap: a message stays one line whatever the width (rich wraps at 80 columns when stderr is no terminal).
+err = Console(stderr=True, soft_wrap=True)
+TASKS = "caption | grounding | referring | ocr | vqa"
 
 
 class UsageError(Exception):
@@ -70,27 +72,60 @@ def _metadata(text: str | None) -> Any:
         raise UsageError(f"--metadata is not JSON: {exc}") from None
 
 
-def _requests_from_file(path: str, defaults: dict[str, Any]) -> list[Input]:
-    """One image URI per line, or one JSON object per line (submit's keyword names)."""
+class BadLines(Exception):
+    """Lines of a --from file that cannot be submitted, each as "PATH:LINE: why": all of them, not the first."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def _read_lines(path: str) -> list[tuple[int, str]]:
+    """The (line number, text) of each line that is neither blank nor a # comment."""
     try:
         text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"--from {path}: cannot read it: {getattr(exc, 'strerror', None) or exc}") from None
-    inputs = []
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("{"):
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
+    return [(n, line) for n, line in lines if line and not line.startswith("#")]
+
+
+def _requests_from_file(
+    client: Any, path: str, defaults: dict[str, Any], idempotency_prefix: str | None = None
+) -> list[Input]:
+    """One image URI per line, or one JSON object per line (submit's keyword names). With
+    `idempotency_prefix`, a line without its own key gets "{prefix}:{line number}", so running the same
+    file again submits nothing twice. Each request is checked as submit checks it; BadLines names every
+    line that is not a good request, in file order."""
+    from varco.tasks.requests import InvalidRequest
+
+    inputs, bad = [], []
+    for number, line in _read_lines(path):
+        item: Any = {"image_uri": line}
+        if line.startswith(("{", "[")):  # JSON; no URI starts so
             try:
                 item = json.loads(line)
             except ValueError as exc:
-                raise UsageError(f"{path}:{number}: not JSON: {exc}") from None
+                bad.append(f"{path}:{number}: not JSON: {exc}")
+                continue
             if not isinstance(item, dict):
-                raise UsageError(f"{path}:{number}: expected a JSON object")
-            inputs.append(Input({**defaults, **item}, number))
-        else:
-            inputs.append(Input({**defaults, "image_uri": line}, number))
+                bad.append(f"{path}:{number}: expected a JSON object")
+                continue
+        request = {**defaults, **item}
+        if idempotency_prefix is not None and request.get("idempotency_key") is None:
+            request["idempotency_key"] = f"{idempotency_prefix}:{number}"
+        if request.get("task") is None:
+            bad.append(f'{path}:{number}: no task: give --task ({TASKS}) or a "task" field on the line')
+            continue
+        fields = {k: v for k, v in request.items() if v is not None}
+        try:
+            client.validate(fields.pop("image_uri", None), fields.pop("task", None), **fields)
+        except InvalidRequest as exc:
+            bad.append(f"{path}:{number}: {exc.reason}")
+            continue
+        inputs.append(Input(request, number))
+    if bad:
+        raise BadLines(bad)
     if not inputs:
         raise UsageError(f"--from {path}: no requests in it")
     return inputs
@@ -126,18 +161,29 @@ def cmd_submit(args: argparse.Namespace) -> int:
     }.items() if v is not None}  # fmt: skip
     if args.from_file and args.image_uri:
         raise UsageError("give an IMAGE_URI or --from FILE, not both")
-    if args.from_file:
-        inputs = _requests_from_file(args.from_file, defaults)
-    elif args.image_uri:
-        inputs = [Input({**defaults, "image_uri": args.image_uri, "idempotency_key": args.idempotency_key})]
-    else:
-        raise UsageError("give an IMAGE_URI or --from FILE")
-    client = _client()
+    if args.idempotency_prefix is not None and not args.from_file:
+        raise UsageError("--idempotency-prefix goes with --from FILE (give one IMAGE_URI --idempotency-key)")
+    client = _client()  # connects lazily: checking a file needs no Redis
+    try:
+        if args.from_file:
+            inputs = _requests_from_file(client, args.from_file, defaults, args.idempotency_prefix)
+        elif args.image_uri:
+            if args.task is None:
+                raise UsageError(f"--task is required: {TASKS}")
+            inputs = [Input({**defaults, "image_uri": args.image_uri, "idempotency_key": args.idempotency_key})]
+        else:
+            raise UsageError("give an IMAGE_URI or --from FILE")
+    except BadLines as exc:
+        for line in exc.lines:
+            err.print(line, markup=False, highlight=False)
+        err.print(f"{len(exc.lines)} bad line(s); nothing was submitted", markup=False, highlight=False)
+        return 2
     try:
         job_ids = client.submit_many([{k: v for k, v in i.request.items() if v is not None} for i in inputs])
-    except InvalidRequest as exc:
+    except InvalidRequest as exc:  # checked above; an idempotency key bound to another request ends here
         where = inputs[exc.index].line if exc.index is not None else None
-        err.print(f"{args.from_file}:{where}: {exc.reason}" if where is not None else exc.reason, markup=False)
+        message = f"{args.from_file}:{where}: {exc.reason}" if args.from_file and where else exc.reason
+        err.print(message, markup=False, highlight=False)
         return 2
     if not args.wait:
         if args.json:
@@ -156,12 +202,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
         _print(rows, True)
     else:
         for row in rows:
-            print(
-                "\t".join(str(row[k]) if row[k] is not None else "-" for k in ("line", "image_uri", "job_id", "state"))
-            )
+            print("\t".join(_cell(row[k]) for k in ("line", "image_uri", "job_id", "state", "error")))
     bad = sum(row["state"] != "succeeded" for row in rows)
     err.print(f"{len(rows) - bad} succeeded, {bad} did not ({len(rows)} submitted)", markup=False)
     return 0 if bad == 0 else 1
+
+
+def _cell(value: Any) -> str:
+    """One tab-separated column: "-" for nothing, an error as "Type: message", never a tab or newline."""
+    if value is None:
+        return "-"
+    text = f"{value['type']}: {value['message']}" if isinstance(value, dict) else str(value)
+    return " ".join(text.split())
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -187,6 +239,74 @@ def cmd_result(args: argparse.Namespace) -> int:
         err.print(f"[red]{exc!s}[/]")
         return 2
     return 0
+
+
+def _job_ids_from(path: str) -> list[str]:
+    """Job ids from a file: on each line the first word that is a job id (plain ids, or the lines
+    `varco submit --from … --wait` prints)."""
+    from varco.tasks.job_ids import is_valid_job_id
+
+    ids, bad = [], []
+    for number, line in _read_lines(path):
+        found = next((word for word in line.split() if is_valid_job_id(word)), None)
+        if found is None:
+            bad.append(f"{path}:{number}: no job id on this line")
+        else:
+            ids.append(found)
+    if bad:
+        raise BadLines(bad)
+    return ids
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    """Write each finished job's result JSON to DIR/JOB_ID.json; one line per job: id, state, file or error."""
+    from varco.producer.client import JobNotFound
+
+    try:
+        job_ids = list(args.job_ids) + (_job_ids_from(args.from_file) if args.from_file else [])
+    except BadLines as exc:
+        for line in exc.lines:
+            err.print(line, markup=False, highlight=False)
+        return 2
+    if not job_ids:
+        raise UsageError("give JOB_IDs or --from FILE")
+    job_ids = list(dict.fromkeys(job_ids))  # each once, in the order given
+    out = Path(args.output)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"-o {out}: cannot create it: {exc.strerror or exc}") from None
+    client = _client()
+    try:
+        statuses = wait_with_progress(client, job_ids, args.timeout)
+    except JobNotFound as exc:
+        err.print(f"no such job: {exc.args[0]}", markup=False, highlight=False)
+        return 2
+    except TimeoutError:
+        statuses = {s.job_id: s for s in client.statuses.get_many(job_ids).values() if s is not None}
+    rows = []
+    for job_id in job_ids:
+        status = statuses.get(job_id)
+        state = status.state.value if status is not None and status.state.finished else "unfinished"
+        row = {"job_id": job_id, "state": state, "file": None, "error": None}
+        if state == "succeeded":
+            try:
+                path = out / f"{job_id}.json"
+                path.write_text(client.result(job_id, timeout=0).model_dump_json(indent=2) + "\n", encoding="utf-8")
+                row["file"] = str(path)
+            except Exception as exc:  # the store is down or the object is gone: said on its row
+                row["error"] = {"type": type(exc).__name__, "message": str(exc)}
+        elif status is not None and status.error is not None:
+            row["error"] = status.error.model_dump()
+        rows.append(row)
+    if args.json:
+        _print(rows, True)
+    else:
+        for row in rows:
+            print("\t".join(_cell(row[k]) for k in ("job_id", "state", "file", "error")))
+    written = sum(row["file"] is not None for row in rows)
+    err.print(f"{written} of {len(rows)} results written to {out}", markup=False, highlight=False)
+    return 0 if written == len(rows) else 1
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
@@ -263,14 +383,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_json(sub.add_parser("submit", help="enqueue one image, or many with --from FILE"))
     p.add_argument("image_uri", nargs="?")
-    p.add_argument("--task", default="caption", help="caption | grounding | referring | ocr | vqa")
+    p.add_argument("--task", help=f'required: {TASKS} (with --from, a JSON line\'s own "task" wins)')
     p.add_argument("--prompt")
     p.add_argument("--region", help="x1,y1,x2,y2 in 0..1 (referring)")
     p.add_argument("--label", help="what the region is called (referring)")
     p.add_argument("--callback-url")
     p.add_argument("--priority", type=int, help="0..9, higher runs sooner")
     p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--idempotency-key")
+    p.add_argument("--idempotency-key", help="the same key and request again returns the first job")
+    p.add_argument(
+        "--idempotency-prefix", metavar="PREFIX",
+        help="with --from: each line's key is PREFIX:LINE, so running the same file again submits nothing twice",
+    )  # fmt: skip
     p.add_argument("--metadata", help="JSON object stored with the result")
     p.add_argument("--from", dest="from_file", help="file with one URI or JSON object per line ('-' = stdin)")
     p.add_argument("--wait", action="store_true", help="wait for the jobs, with a progress bar")
@@ -285,6 +409,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p.add_argument("--timeout", type=float)
     p.set_defaults(func=cmd_result)
+
+    p = with_json(sub.add_parser("results", help="wait for jobs and write each result to DIR/JOB_ID.json"))
+    p.add_argument("job_ids", nargs="*", metavar="JOB_ID")
+    p.add_argument(
+        "--from", dest="from_file", help="file with a job id on each line ('-' = stdin), e.g. submit's output"
+    )
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory to write the results into")
+    p.add_argument("--timeout", type=float, help="stop waiting after this many seconds (unfinished jobs are listed)")
+    p.set_defaults(func=cmd_results)
 
     p = with_json(sub.add_parser("wait", help="wait for jobs to finish"))
     p.add_argument("job_ids", nargs="+")

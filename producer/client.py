@@ -19,7 +19,13 @@ import redis
 from varco.tasks.celery_app import INFER_TASK, broker_priority, create_app, infer_queue
 from varco.tasks.connections import BrokerUnavailable, broker_errors, redis_client
 from varco.tasks.job_ids import is_valid_job_id
-from varco.tasks.requests import InvalidRequest, JobRequest, check_data_uri_size, validate_request
+from varco.tasks.requests import (
+    IdempotencyKeyReused,
+    InvalidRequest,
+    JobRequest,
+    check_data_uri_size,
+    validate_request,
+)
 from varco.tasks.results_store import ResultStore, result_store
 from varco.tasks.schemas import ErrorInfo, JobResult, JobState, JobStatus
 from varco.tasks.settings import Settings, get_settings
@@ -107,16 +113,25 @@ class Client:
         job_ids: list[str] = []
         try:
             with broker_errors(self.settings):
+                self._check_idempotency_keys(validated)  # issue 21: a reused key refuses the batch up front
                 for request in validated:
                     job_ids.append(self._enqueue(request, owner))
         except BrokerUnavailable as exc:
             raise BrokerUnavailable(f"{exc} ({len(job_ids)} of {len(validated)} enqueued)", job_ids) from exc
         return job_ids
 
+    def _check_idempotency_keys(self, requests: list[JobRequest]) -> None:
+        """IdempotencyKeyReused, naming the request, when one reuses a key bound to a different request."""
+        keyed = [(i, r) for i, r in enumerate(requests) if r.idempotency_key]
+        conflicts = self.statuses.idempotency_conflicts([(r.idempotency_key or "", r.fingerprint()) for _, r in keyed])
+        for (index, _), first in zip(keyed, conflicts, strict=True):
+            if first is not None:
+                raise IdempotencyKeyReused(first, index=index)
+
     def _enqueue(self, request: JobRequest, owner: str | None = None) -> str:
         job_id = uuid.uuid4().hex
         if request.idempotency_key:
-            first = self.statuses.claim_idempotency_key(request.idempotency_key, job_id)
+            first = self.statuses.claim_idempotency_key(request.idempotency_key, job_id, request.fingerprint())
             if first != job_id:
                 return first
         self.statuses.create(job_id, request.task.value, owner=owner)

@@ -157,7 +157,7 @@ class JobResult(BaseModel):
 class WebhookEvent(BaseModel):
     """The JSON body of a webhook: enough for a receiver to act without looking the job up."""
 
-    type: Literal["job.started", "job.succeeded", "job.failed"]
+    type: Literal["job.started", "job.succeeded", "job.failed", "job.cancelled"]
     job_id: str
     task: str
     state: JobState

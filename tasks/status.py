@@ -23,7 +23,12 @@ import redis
 
 from varco.tasks import keys
 from varco.tasks.keys import CANCEL_CHANNEL, EVENTS_CHANNEL  # also importable from here, as before
+from varco.tasks.requests import IdempotencyKeyReused
 from varco.tasks.schemas import FINISHED_RANK, ErrorInfo, JobState, JobStatus
+
+# Set on a job's record once its terminal webhook was queued (or was not wanted): a later delivery of the
+# finished job sends it only when this is missing (the run that ended the job died before queueing it).
+TERMINAL_WEBHOOK_FIELD = "terminal_webhook"
 
 # Leases are timed on the Redis server's clock, so workers' clocks need not agree.
 _CLOCK = """
@@ -336,16 +341,46 @@ class StatusStore:
         """Subscribe to every status change; subscribe before reading records, so no change slips between."""
         return EventFeed(self.redis)
 
-    def claim_idempotency_key(self, key: str, job_id: str) -> str:
-        """The job id already bound to `key`, or `job_id` after binding it (atomic SET NX)."""
+    def mark_terminal_webhook(self, job_id: str) -> None:
+        """Note that the job's terminal webhook was queued (or not wanted). The TTL is set again with it, so
+        a record that expired meanwhile leaves no hash without one."""
+        with self.redis.pipeline() as pipe:
+            pipe.hset(self.key(job_id), TERMINAL_WEBHOOK_FIELD, "1")
+            pipe.expire(self.key(job_id), self.ttl)
+            pipe.execute()
+
+    def terminal_webhook_sent(self, job_id: str) -> bool:
+        """Whether a run already queued the job's terminal webhook (`mark_terminal_webhook`)."""
+        return self.redis.hget(self.key(job_id), TERMINAL_WEBHOOK_FIELD) == "1"
+
+    # An idempotency key's value is "{job_id}:{request fingerprint}" (job ids hold no colon); a value of a
+    # job id alone (written before fingerprints were kept) matches any request.
+    def claim_idempotency_key(self, key: str, job_id: str, fingerprint: str | None = None) -> str:
+        """The job id already bound to `key`, or `job_id` after binding it with the request's `fingerprint`
+        (atomic SET NX). IdempotencyKeyReused when `key` is bound to a request of another fingerprint."""
         name = keys.idempotency(key)
-        if self.redis.set(name, job_id, nx=True, ex=self.ttl):
+        if self.redis.set(name, f"{job_id}:{fingerprint}" if fingerprint else job_id, nx=True, ex=self.ttl):
             return job_id
-        return self.redis.get(name) or job_id
+        first, _, stored = (self.redis.get(name) or job_id).partition(":")
+        if fingerprint and stored and stored != fingerprint:
+            raise IdempotencyKeyReused(first)
+        return first
+
+    def idempotency_conflicts(self, claims: list[tuple[str, str]]) -> list[str | None]:
+        """For each (key, fingerprint): the job id its key is bound to when that job's request was another
+        one, else None. One round trip; `claim_idempotency_key` checks again when it binds."""
+        if not claims:
+            return []
+        stored = self.redis.mget([keys.idempotency(key) for key, _ in claims])
+        conflicts: list[str | None] = []
+        for (_, fingerprint), value in zip(claims, stored, strict=True):
+            first, _, bound = (value or "").partition(":")
+            conflicts.append(first if bound and bound != fingerprint else None)
+        return conflicts
 
     def release_idempotency_key(self, key: str, job_id: str) -> None:
         name = keys.idempotency(key)
-        if self.redis.get(name) == job_id:
+        if (self.redis.get(name) or "").partition(":")[0] == job_id:
             self.redis.delete(name)
 
 

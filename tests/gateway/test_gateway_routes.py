@@ -24,9 +24,12 @@ import pytest
 pytest.importorskip("fastapi")
 import uvicorn
 from fastapi.exceptions import RequestValidationError
+from images import png
+from prometheus_client.parser import text_string_to_metric_families
 
 from varco.gateway.app import create_app
 from varco.gateway.auth import KeyRing, key_id
+from varco.gateway.public_view import public_model
 from varco.producer import Client
 from varco.tasks.celery_app import INFER_QUEUE
 from varco.tasks.results_store import FileResultStore
@@ -173,6 +176,21 @@ def test_idempotency_key_from_header_or_body_per_api_key(base: str, client: Clie
     assert first == again == in_body == header_wins
     assert bobs != first  # one key's Idempotency-Key never names another key's job
     assert len(enqueued(client)) == 2
+
+
+def test_an_idempotency_key_reused_with_another_body_is_refused(base: str, client: Client) -> None:
+    ocr = {"image_uri": IMAGE, "task": "ocr"}
+    with api(base) as http:
+        first = http.post("/v1/jobs", json=ocr, headers={"Idempotency-Key": "scan-1"}).json()["job_id"]
+        again = http.post("/v1/jobs", json={**ocr, "metadata": {}}, headers={"Idempotency-Key": "scan-1"})
+        other = http.post("/v1/jobs", json={**ocr, "task": "grounding"}, headers={"Idempotency-Key": "scan-1"})
+        refused = problem(other, 422, "idempotency-key-reused")
+        batch = http.post("/v1/jobs/batch", json={"jobs": [JOB, {**JOB, "idempotency_key": "scan-1"}]})
+        in_batch = problem(batch, 422, "idempotency-key-reused")
+    assert again.status_code == 202 and again.json()["job_id"] == first  # defaults as given: the same request
+    assert refused["field"] == "idempotency_key" and first in refused["detail"] and "index" not in refused
+    assert in_batch["index"] == 1 and in_batch["detail"].startswith("request #1: ")
+    assert len(enqueued(client)) == 1  # neither the other body nor any job of the batch ran
 
 
 @pytest.mark.parametrize("key", ["", "k" * 129, 7, ["order-1"]])
@@ -368,6 +386,42 @@ def test_result_of_each_state(base: str, client: Client, settings: Settings) -> 
         problem(http.get(f"/v1/jobs/{failed}/overlay.png"), 409, "job-failed")
 
 
+def test_callers_see_gateway_urls_never_the_store_or_the_workers_paths(
+    base: str, client: Client, settings: Settings
+) -> None:
+    store = FileResultStore(settings.result_store)
+    picture = png(4, 3)
+    with api(base) as http:
+        job_id, bare = (http.post("/v1/jobs", json=JOB).json()["job_id"] for _ in range(2))
+        body = json.loads(result_json(job_id)) | {"model": "/srv/models/varco-vision-14b/"}
+        body["image"]["kept_uri"] = store.write_image(job_id, picture)
+        finish(client, job_id, JobState.SUCCEEDED, result_uri=store.write(job_id, json.dumps(body).encode()))
+        finish(client, bare, JobState.SUCCEEDED, result_uri=store.write(bare, result_json(bare)))  # no image kept
+        status = http.get(f"/v1/jobs/{job_id}").json()
+        result = http.get(f"/v1/jobs/{job_id}/result").json()
+        events = http.get(f"/v1/jobs/{job_id}/events").text
+        image = http.get(result["image"]["kept_uri"])
+        not_kept = problem(http.get(f"/v1/jobs/{bare}/image"), 409, "image-unavailable")
+        bare_result = http.get(f"/v1/jobs/{bare}/result").json()
+    assert status["result_uri"] == f"/v1/jobs/{job_id}/result"
+    assert result["image"]["kept_uri"] == f"/v1/jobs/{job_id}/image" and result["model"] == "varco-vision-14b"
+    assert f'"result_uri":"/v1/jobs/{job_id}/result"' in events
+    assert "file://" not in events + json.dumps(status) + json.dumps(result)
+    assert image.status_code == 200 and image.content == picture and image.headers["content-type"] == "image/png"
+    assert "VARCO_KEEP_IMAGES=false" in not_kept["detail"] and bare_result["image"]["kept_uri"] is None
+    assert bare_result["model"] == "tiny"  # a name that is no path is shown as it is
+    assert (client.status(job_id).result_uri or "").startswith("file://")  # Python callers, inside, keep them
+
+
+@pytest.mark.parametrize(
+    ("model", "shown"),
+    [("NCSOFT/VARCO-VISION-14B-HF", "NCSOFT/VARCO-VISION-14B-HF"), ("/srv/models/varco", "varco"),
+     ("file:///srv/models/varco/", "varco"), ("./models/tiny", "tiny"), ("C:\\models\\varco", "varco")],
+)  # fmt: skip
+def test_a_local_model_directory_is_shown_by_its_name(model: str, shown: str) -> None:
+    assert public_model(model) == shown
+
+
 def test_result_wait_is_bounded(base: str) -> None:
     with api(base) as http:
         job_id = http.post("/v1/jobs", json=JOB).json()["job_id"]
@@ -425,7 +479,7 @@ def test_problem_documents_for_any_status_and_error() -> None:
 
 
 def test_rate_limited_for_less_than_a_second_is_still_refused() -> None:
-    from varco.gateway.access import _rate_limit
+    from varco.gateway.access import rate_limit
     from varco.gateway.problems import Problem
     from varco.gateway.ratelimit import RateLimiter
 
@@ -435,9 +489,9 @@ def test_rate_limited_for_less_than_a_second_is_still_refused() -> None:
 
     state = SimpleNamespace(limiter=FrozenClock(4.0))  # a bucket of 4; the 5th waits 0.25 s
     for _ in range(4):
-        _rate_limit(state, "alice")  # type: ignore[arg-type]
+        rate_limit(state, "alice")  # type: ignore[arg-type]
     with pytest.raises(Problem) as refused:
-        _rate_limit(state, "alice")  # type: ignore[arg-type]
+        rate_limit(state, "alice")  # type: ignore[arg-type]
     assert refused.value.status == 429 and refused.value.headers == {"Retry-After": "1"}
 
 
@@ -456,3 +510,16 @@ def test_the_api_description_documents_bodies_and_problems(base: str) -> None:
         }
         assert {"401", "408", "413", "429", "503"} <= set(operation["responses"])
     assert {"JobRequest", "JobBatch", "ProblemDetails"} <= set(schema["components"]["schemas"])
+
+
+# --- metrics ---------------------------------------------------------------------------------------
+
+
+def test_metrics_carry_the_process_and_no_created_series(base: str) -> None:
+    with api(base) as http:
+        http.get("/v1/jobs/" + "0" * 32)
+        text = httpx.get(base + "/metrics").text
+    names = {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+    assert "varco_gateway_requests_total" in names
+    assert not [n for n in names if n.endswith("_created")]  # they reached Prometheus as timestamp gauges
+    assert {"process_resident_memory_bytes", "process_cpu_seconds_total", "process_start_time_seconds"} <= names

@@ -135,7 +135,12 @@ def test_the_cli_prints_one_line_and_exits_2(settings: Settings) -> None:
         "VARCO_BROKER_URL": f"redis://:s3cret@127.0.0.1:{free_port()}/0",
         "VARCO_RESULT_STORE": settings.result_store,
     }
-    for argv in (["submit", CAT_URI], ["status", "0" * 32], ["wait", "0" * 32], ["cancel", "0" * 32]):
+    for argv in (
+        ["submit", CAT_URI, "--task", "caption"],
+        ["status", "0" * 32],
+        ["wait", "0" * 32],
+        ["cancel", "0" * 32],
+    ):
         run = subprocess.run([*VARCO_CLI, *argv], env=env, capture_output=True, text=True, timeout=120)
         assert run.returncode == 2, (argv, run.stdout, run.stderr)
         lines = run.stderr.strip().splitlines()

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 from conftest import LONG, LONG_ANSWER_TOKENS, RESULTS_BUCKET, forced_tokens
+from helpers import WebhookReceiver
 
 from varco.producer import Client, JobCancelled
 from varco.tasks.celery_app import queue_depth
 from varco.tasks.settings import Settings
+
+
+def events(receiver: WebhookReceiver, path: str) -> list[str]:
+    return [json.loads(r.body)["type"] for r in receiver.received if r.path == path]
 
 
 def test_cancel_a_queued_job(settings: Settings, worker, http_files) -> None:
@@ -28,10 +34,15 @@ def test_cancel_a_queued_job(settings: Settings, worker, http_files) -> None:
     assert parked.cancel(job_id) is True  # cancelling again is harmless
 
 
-def test_cancel_a_running_job_stops_generation(client: Client, http_files, s3, worker_env) -> None:
+def test_cancel_a_running_job_stops_generation(
+    client: Client, http_files, s3, worker_env, receiver: WebhookReceiver
+) -> None:
     before = forced_tokens(worker_env, LONG)
     url = http_files.add("/long.png", LONG)
-    job_id = client.submit(url, "caption", max_new_tokens=LONG_ANSWER_TOKENS + 500)  # scripted, no EOS before
+    hook = "/cancel/running"
+    job_id = client.submit(
+        url, "caption", max_new_tokens=LONG_ANSWER_TOKENS + 500, callback_url=receiver.url(hook)
+    )  # scripted, no EOS before
     # Cancel once its tokens are being generated, not while it is still fetched or waiting for a batch.
     deadline = time.monotonic() + 60
     while forced_tokens(worker_env, LONG) == before:
@@ -46,8 +57,14 @@ def test_cancel_a_running_job_stops_generation(client: Client, http_files, s3, w
     listing = s3.list_objects_v2(Bucket=RESULTS_BUCKET, Prefix=f"jobs/{job_id}")
     assert listing.get("KeyCount", 0) == 0  # no result written
     # The engine is free again.
-    ok = client.submit(http_files.base + "/cat.png", "caption")
+    ok = client.submit(http_files.base + "/cat.png", "caption", callback_url=receiver.url(hook + "/marker"))
     assert next(client.wait(ok, timeout=60)).state.value == "succeeded"
+    # A backend driven by webhooks sees the job end: job.cancelled follows job.started, once.
+    receiver.wait_for(lambda _: "job.cancelled" in events(receiver, hook), timeout=60)
+    receiver.wait_for(lambda _: "job.succeeded" in events(receiver, hook + "/marker"), timeout=60)
+    assert events(receiver, hook) == ["job.started", "job.cancelled"]
+    [cancelled] = [json.loads(r.body) for r in receiver.received if r.path == hook and b"job.cancelled" in r.body]
+    assert (cancelled["job_id"], cancelled["state"], cancelled["result_uri"]) == (job_id, "cancelled", None)
 
 
 def test_cancel_a_finished_job_returns_false(client: Client, http_files) -> None:

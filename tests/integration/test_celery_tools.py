@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from conftest import wait_for_state
+from helpers import WebhookReceiver
 
 from varco.producer import Client
 from varco.tasks.settings import Settings
@@ -47,12 +48,13 @@ def test_inspect_sees_the_worker_its_queues_and_stats(worker_env: dict[str, str]
 
 
 def test_a_celery_revoke_of_a_queued_job_ends_it_cancelled(
-    worker_env: dict[str, str], settings: Settings, serving: Client
+    worker_env: dict[str, str], settings: Settings, serving: Client, receiver: WebhookReceiver
 ) -> None:
     # The job waits on a queue the worker does not read yet, so the revoke lands before delivery.
     parked = Client(settings.model_copy(update={"task_routes": {"caption": "varco.revoke-test"}}))
+    hook = "/revoked"
     try:
-        job_id = parked.submit("https://example.com/never-fetched.png", "caption")
+        job_id = parked.submit("https://example.com/never-fetched.png", "caption", callback_url=receiver.url(hook))
         assert celery(worker_env, "control", "revoke", job_id).returncode == 0
         # Only inference workers may consume it: a broadcast would also reach the webhook worker, which
         # has no varco.infer task and would drop the message as unregistered.
@@ -62,6 +64,9 @@ def test_a_celery_revoke_of_a_queued_job_ends_it_cancelled(
         assert added.returncode == 0, added.stderr
         wait_for_state(parked, job_id, {"cancelled"}, timeout=60)
         assert parked.status(job_id).attempts == 0  # never run
+        # A webhook-driven backend hears of it too: job.cancelled, the job's one terminal event.
+        got = receiver.wait_for(lambda rs: any(r.path == hook for r in rs), timeout=60)
+        assert [json.loads(r.body)["type"] for r in got if r.path == hook] == ["job.cancelled"]
     finally:
         celery(worker_env, "control", "cancel_consumer", "varco.revoke-test")
         parked.close()

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -45,7 +46,9 @@ def images(http_files: ServedFiles) -> dict[str, str]:
     return {"cat": http_files.base + "/cat.png", "text": http_files.base + "/not-an-image.txt", **served}
 
 
-def test_submit_status_result_overlay_and_cancel_after_finish(gateway: str, images: dict[str, str]) -> None:
+def test_submit_status_result_overlay_and_cancel_after_finish(
+    gateway: str, gateway_env: dict[str, str], images: dict[str, str]
+) -> None:
     with api(gateway) as http:
         submitted = http.post(
             "/v1/jobs", json={"image_uri": images["cat"], "task": "grounding", "max_new_tokens": 1024}
@@ -61,7 +64,11 @@ def test_submit_status_result_overlay_and_cancel_after_finish(gateway: str, imag
         assert result.json()["output"]["objects"][0]["label"] == "two cats"
         assert result.json()["output"]["objects"][0]["boxes_px"] == [[9, 51, 326, 478], [326, 26, 637, 378]]
         status = http.get(f"/v1/jobs/{job_id}").json()
-        assert status["state"] == "succeeded" and status["result_uri"].endswith(f"{job_id}.json")
+        assert status["state"] == "succeeded" and status["result_uri"] == f"/v1/jobs/{job_id}/result"
+        # Gateway URLs, never the store's: the kept image is served by the gateway too.
+        kept = http.get(result.json()["image"]["kept_uri"])
+        assert kept.status_code == 200 and Image.open(io.BytesIO(kept.content)).size == (640, 480)
+        assert result.json()["model"] == Path(gateway_env["VARCO_MODEL"]).name  # a local directory: its name
         assert "owner" not in status
 
         overlay = http.get(f"/v1/jobs/{job_id}/overlay.png")

@@ -15,6 +15,7 @@ import redis
 import redis.asyncio as aioredis
 
 from varco.tasks.async_status import AsyncStatusStore
+from varco.tasks.requests import IdempotencyKeyReused
 from varco.tasks.schemas import ErrorInfo, JobState, JobStatus
 from varco.tasks.status import CANCEL_CHANNEL, EVENTS_CHANNEL, StatusStore, parse_event, record_to_status
 from varco.workers.devtools.local_redis import LocalRedis, start_redis
@@ -149,6 +150,17 @@ def test_a_vanished_record_is_recreated_only_by_a_terminal_transition_that_asks(
         "v", "caption", JobState.SUCCEEDED, "s3://b/v.json")  # fmt: skip
     assert status.created_at is not None and status.finished_at is not None
     assert 0 < store.redis.ttl(store.key("v")) <= 120
+
+
+def test_an_idempotency_key_bound_to_another_request_is_refused(store: StatusStore) -> None:
+    assert store.claim_idempotency_key("k", "a", "fp-ocr") == "a"
+    assert store.claim_idempotency_key("k", "b", "fp-ocr") == "a"  # the same request: its first job
+    with pytest.raises(IdempotencyKeyReused) as reused:
+        store.claim_idempotency_key("k", "c", "fp-grounding")
+    assert reused.value.first_job_id == "a" and reused.value.field == "idempotency_key"
+    assert store.idempotency_conflicts([("k", "fp-ocr"), ("k", "fp-grounding"), ("free", "fp")]) == [None, "a", None]
+    store.release_idempotency_key("k", "a")  # the owner still frees it (a failed enqueue)
+    assert store.claim_idempotency_key("k", "d", "fp-grounding") == "d"
 
 
 def test_records_and_idempotency_keys_live_under_the_varco_prefix(store: StatusStore) -> None:
@@ -471,3 +483,18 @@ def test_events_are_the_published_statuses(server: LocalRedis, store: StatusStor
 
     [done] = on_asyncio(server, follow)
     assert (done.job_id, done.state, done.result_uri) == ("e", JobState.SUCCEEDED, "file:///r/e.json")
+
+
+def test_the_terminal_webhook_mark(store: StatusStore) -> None:
+    store.create("tw", "caption")
+    store.transition("tw", JobState.SUCCEEDED, result_uri="s3://b/tw.json")
+    store.redis.expire(store.key("tw"), 5)
+    assert not store.terminal_webhook_sent("tw")
+    store.mark_terminal_webhook("tw")
+    assert store.terminal_webhook_sent("tw") and store.record("tw")["terminal_webhook"] == "1"
+    assert store.get("tw").state is JobState.SUCCEEDED  # nothing else changed
+    assert store.redis.ttl(store.key("tw")) > 60  # the record's TTL, set again with the mark
+    # A record that expired meanwhile leaves no hash without a TTL behind.
+    store.mark_terminal_webhook("gone")
+    assert 0 < store.redis.ttl(store.key("gone")) <= 120
+    assert not store.terminal_webhook_sent("never")

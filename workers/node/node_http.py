@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import redis
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from varco.tasks.celery_app import queue_depth
@@ -37,13 +38,35 @@ class QueueLengthCollector:
         yield family
 
 
+class NodeProcessCollector:
+    """The standard `process_*` metrics (CPU seconds, resident memory, open fds, start time) of each of the
+    node's processes, labelled `process` (supervisor, gpu0@host, callbacks@host…): multiprocess mode has
+    no process metrics of its own, and a child's memory is what an operator watches."""
+
+    def __init__(self, pids: Callable[[], Mapping[str, int]]) -> None:
+        self.pids = pids
+
+    def collect(self) -> Iterable[Metric]:
+        families: dict[str, Metric] = {}
+        for name, pid in self.pids().items():
+            # A process that has just exited reads as nothing (ProcessCollector skips what /proc lacks).
+            for family in ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():
+                merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+                for sample in family.samples:
+                    merged.add_sample(sample.name, {**sample.labels, "process": name}, sample.value)
+        yield from families.values()
+
+
 def serve(
-    port: int, state_dir: Path, health: NodeHealth, client: redis.Redis, queues: Iterable[str]
-) -> ThreadingHTTPServer:
-    """Start the endpoint on a daemon thread; raises OSError if the port is taken."""
+    port: int, state_dir: Path, health: NodeHealth, client: redis.Redis, queues: Iterable[str],
+    *, host: str = "0.0.0.0", pids: Callable[[], Mapping[str, int]] | None = None,
+) -> ThreadingHTTPServer:  # fmt: skip
+    """Start the endpoint on a daemon thread at `host:port` (VARCO_METRICS_HOST, VARCO_METRICS_PORT); raises
+    OSError if the port is taken. `pids` names the node's living processes for their `process_*` metrics."""
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(state_dir))
     registry.register(QueueLengthCollector(client, queues))
+    registry.register(NodeProcessCollector(pids or (lambda: {"supervisor": os.getpid()})))
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -67,7 +90,7 @@ def serve(
         def log_message(self, format: str, *args: object) -> None:  # probes every few seconds: keep logs quiet
             pass
 
-    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    server = ThreadingHTTPServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="node-http", daemon=True).start()
-    log.info("serving /metrics, /livez and /readyz on port %d", port)
+    log.info("serving /metrics, /livez and /readyz on %s:%d", host, port)
     return server

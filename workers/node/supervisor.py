@@ -198,6 +198,15 @@ def run(gpus: str, queues: str, callbacks: bool = True, concurrency: int | None 
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
+def node_pids(children: list[Child]) -> dict[str, int]:
+    """The node's living processes by name, for their process_* metrics (read from the HTTP thread)."""
+    pids = {"supervisor": os.getpid()}
+    for child in children:
+        if child.process is not None and child.process.returncode is None:
+            pids[child.name] = child.process.pid
+    return pids
+
+
 def _serve_endpoint(
     settings: Settings, children: list[Child], state_dir: Path, queues: list[str], callbacks: bool
 ) -> node_http.ThreadingHTTPServer | None:
@@ -208,8 +217,9 @@ def _serve_endpoint(
     watched = [*queues, CALLBACK_QUEUE] if callbacks else queues
     try:
         client = redis_client(settings, timeout_s=PROBE_TIMEOUT_S, retries=0)
-        return node_http.serve(settings.metrics_port, state_dir, health, client, watched)
+        return node_http.serve(settings.metrics_port, state_dir, health, client, watched,
+                               host=settings.metrics_host, pids=lambda: node_pids(children))  # fmt: skip
     except OSError as exc:  # serving jobs matters more than being scraped
-        log.error("cannot serve /metrics, /livez, /readyz on port %d (%s); running without them",
-                  settings.metrics_port, exc)  # fmt: skip
+        log.error("cannot serve /metrics, /livez, /readyz on %s:%d (%s); running without them",
+                  settings.metrics_host, settings.metrics_port, exc)  # fmt: skip
         return None

@@ -2,8 +2,9 @@
 
 A store outage must not cost the inference already done, nor count as a delivery: the result stays in
 memory and its write is retried with capped exponential backoff and jitter (tenacity) until it lands or
-`VARCO_STORE_RETRY_S` has passed. Before every try the job's record is read: a job that ended meanwhile
-(cancelled, failed, or finished by another run) gets nothing written.
+`VARCO_STORE_RETRY_S` has passed. Before every try the job's status record is read: a job that ended
+meanwhile (cancelled, failed, or finished by another run) gets nothing written. Each failed try shows the
+job `retrying` with the store's error (not an attempt: only the write is retried).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Callable
 from tenacity import RetryCallState, Retrying, retry_if_not_exception_type, stop_after_delay, wait_exponential_jitter
 
 from varco.tasks.errors import ResultStoreError
+from varco.tasks.schemas import JobState
+from varco.tasks.status import StatusStore
 
 log = logging.getLogger(__name__)
 
@@ -30,25 +33,25 @@ def write_result(
     deadline_s: float,
     *,
     job_id: str,
-    ended: Callable[[], bool],
-    on_wait: Callable[[ResultStoreError], None],
+    statuses: StatusStore,
 ) -> str | None:
-    """The result's URI once `write` (the job's store writes, safe to repeat) succeeded; None when the job
-    ended before it could (nothing written).
+    """The result's URI once `write` (the job's store writes, safe to repeat) succeeded; None when the job's
+    record in `statuses` says it ended before it could (nothing written).
 
-    `on_wait` is told each failed try (the job shows `retrying` with it); past `deadline_s` the last
-    error is raised as a permanent ResultStoreError.
+    Past `deadline_s` the last error is raised as a permanent ResultStoreError.
     """
 
     def attempt() -> str:
-        if ended():
+        status = statuses.get(job_id)
+        if status is not None and status.state.finished:
             raise _JobEnded
         return write()
 
     def waiting(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         log.warning("job %s: result write failed (%r); retrying in %.1fs", job_id, exc, state.upcoming_sleep)
-        on_wait(ResultStoreError(f"cannot write the result yet, retrying: {exc!r}"))
+        error = ResultStoreError(f"cannot write the result yet, retrying: {exc!r}")
+        statuses.transition(job_id, JobState.RETRYING, error=error.info())
 
     retrying = Retrying(
         stop=stop_after_delay(deadline_s),

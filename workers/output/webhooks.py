@@ -19,6 +19,20 @@ from varco.tasks.schemas import ErrorInfo, JobState, WebhookEvent
 log = logging.getLogger(__name__)
 
 
+# The webhook that ends each terminal state: one of them is sent once per job (exactly-once rules in
+# docs/webhooks.md), so a backend driven by webhooks never sees a job stop at job.started.
+TERMINAL_EVENTS: dict[JobState, str] = {
+    JobState.SUCCEEDED: "job.succeeded",
+    JobState.FAILED: "job.failed",
+    JobState.CANCELLED: "job.cancelled",
+}
+
+
+def terminal_event(state: JobState) -> str | None:
+    """The webhook event that reports `state`, or None for a state that is not terminal."""
+    return TERMINAL_EVENTS.get(state)
+
+
 def event_payload(
     event: str,
     job_id: str,

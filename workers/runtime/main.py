@@ -9,6 +9,7 @@ Celery warm shutdown: in-flight jobs finish, then the process exits.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import socket
@@ -46,9 +47,11 @@ def run_inference_worker(hostname: str, queues: list[str], concurrency: int | No
         from varco.workers.engines import create_engine
         from varco.workers.input.fetch import ImageFetcher
         from varco.workers.output.result_cache import ResultCache
+        from varco.workers.output.webhooks import send_event
         from varco.workers.runtime.cancels import CancelWatcher
-        from varco.workers.runtime.inference import Runtime, register_inference_task
+        from varco.workers.runtime.celery_task import register_inference_task
         from varco.workers.runtime.leases import LeaseKeeper
+        from varco.workers.runtime.lifecycle import Runtime
     except ImportError as exc:
         log.error("%s cannot start: %s. Install the worker extra: pip install 'varco-queue[worker]'", hostname, exc)
         raise SystemExit(exit_codes.CANNOT_START) from None
@@ -84,9 +87,9 @@ def run_inference_worker(hostname: str, queues: list[str], concurrency: int | No
         store=store,
         statuses=statuses,
         cancels=CancelWatcher(client).start(),
-        app=app,
         leases=LeaseKeeper(client, statuses, app, settings.visibility_timeout).start(),
         cache=ResultCache(client, store, settings),
+        send_webhook=functools.partial(send_event, app),
     )
     register_inference_task(app, lambda: runtime)
     # Enough task threads to keep the engine full while others fetch: a batch and the next one for hf,

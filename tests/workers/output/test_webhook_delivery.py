@@ -27,7 +27,7 @@ from varco.workers import metrics
 from varco.workers.devtools.local_redis import free_port, start_redis
 from varco.workers.net.retry import backoff_s
 from varco.workers.output.webhook_delivery import DeliveredLog, delivery_outcome, register_callback_task
-from varco.workers.output.webhooks import event_payload
+from varco.workers.output.webhooks import event_payload, terminal_event
 
 PAYLOAD = {"type": "job.succeeded", "job_id": "abc", "state": "succeeded"}
 RETRIES = 2
@@ -247,3 +247,20 @@ def test_event_payload_is_the_webhook_body() -> None:
         "result_uri": None,
         "error": {"type": "ImageFetchError", "message": "HTTP 404 for the image"},
     }
+
+
+def test_a_cancelled_job_has_its_own_terminal_event() -> None:
+    request = JobRequest(
+        image_uri="https://images.example.com/cat.png", task="caption", callback_events=("job.cancelled",)
+    )
+    ts = "2026-12-01T02:00:00Z"
+    body = event_payload(terminal_event(JobState.CANCELLED), "j1", request, JobState.CANCELLED, ts)
+    assert (body["type"], body["state"], body["result_uri"], body["error"]) == (
+        "job.cancelled",
+        "cancelled",
+        None,
+        None,
+    )
+    assert [terminal_event(s) for s in JobState] == [
+        None, None, None, "job.succeeded", "job.failed", "job.cancelled"
+    ]  # fmt: skip

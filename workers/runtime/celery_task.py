@@ -1,0 +1,77 @@
+"""The `varco.infer` task: the thin Celery binding of the job lifecycle (`lifecycle.py`).
+
+It reads the untrusted task arguments, maps Celery's `self.retry` onto the lifecycle's `retry(countdown)`,
+and passes the message's delivery tag on. Two Celery hooks end a job's record that never reaches the task:
+a `celery control revoke` (the job ends `cancelled`) and a message whose body cannot be decoded (`failed`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery, Task
+from celery.exceptions import Retry
+from celery.signals import task_revoked
+
+from varco.tasks.celery_app import INFER_TASK
+from varco.tasks.job_ids import is_valid_job_id
+from varco.tasks.messages import InferMessage
+from varco.tasks.schemas import ErrorInfo, JobState
+from varco.workers.runtime.lifecycle import RetryNotQueued, Runtime, deliver, send_missing_terminal_webhook
+from varco.workers.runtime.undecodable import on_undecodable
+
+log = logging.getLogger(__name__)
+
+
+def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> Task:
+    """Register `varco.infer` on `app`, run by the lifecycle on the runtime `get_runtime` returns."""
+
+    @app.task(name=INFER_TASK, bind=True, acks_late=True, max_retries=None)
+    def infer(self: Task, *args: Any, **kwargs: Any) -> None:
+        message = InferMessage.from_task_args(args, kwargs)  # never raises: the message is not trusted yet
+        if message.job_id is None:
+            log.error("dropped a %s message (task id %.80r): %s", INFER_TASK, self.request.id, message.problem)
+            return
+        delivery_tag = (getattr(self.request, "properties", None) or {}).get("delivery_tag")
+        deliver(get_runtime(), message.job_id, message, celery_retry(self), delivery_tag=delivery_tag)
+
+    def on_revoked(sender: Task | None = None, request: Any = None, **_: Any) -> None:
+        # `celery control revoke` of a queued job: Celery drops its message when it arrives here; the
+        # record must end too, or pollers would wait on a job that never runs.
+        if getattr(sender, "name", None) != INFER_TASK or request is None or not is_valid_job_id(request.id):
+            return
+        if get_runtime().statuses.transition(request.id, JobState.CANCELLED):
+            log.info("job %s cancelled by a Celery revoke", request.id)
+            args = getattr(request, "args", None)  # the dropped message's request carries the callback
+            if isinstance(args, list | tuple) and len(args) > 1:
+                send_missing_terminal_webhook(get_runtime(), request.id, args[1])
+
+    task_revoked.connect(on_revoked, weak=False)
+
+    def fail_undecodable(headers: dict[str, Any], exc: Exception) -> None:
+        task_id = headers.get("id")
+        if headers.get("task") != INFER_TASK or not is_valid_job_id(task_id):
+            return
+        error = ErrorInfo(type="InvalidRequest", message=f"the job message cannot be decoded: {exc!s:.300}")
+        if get_runtime().statuses.transition(task_id, JobState.FAILED, error=error):
+            log.warning("job %s failed: its message cannot be decoded", task_id)
+
+    on_undecodable(app, fail_undecodable)
+    return infer
+
+
+def celery_retry(task: Task) -> Callable[[float], None]:
+    """The lifecycle's `retry(countdown)` for one running task: Celery's `Retry` ends the delivery (the
+    message is queued again); any other failure to queue it becomes RetryNotQueued."""
+
+    def retry(countdown: float) -> None:
+        try:
+            raise task.retry(countdown=countdown, max_retries=None)
+        except Retry:
+            raise
+        except Exception as exc:  # Celery raises Reject when the broker would not take the new message
+            raise RetryNotQueued(f"could not queue the retry: {exc!r}") from exc
+
+    return retry
