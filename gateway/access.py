@@ -17,7 +17,6 @@ from varco.gateway.ratelimit import retry_after
 from varco.gateway.state import GatewayState, gateway
 from varco.tasks.job_ids import JOB_ID_PATTERN
 from varco.tasks.schemas import JobStatus
-from varco.tasks.status import record_to_status
 
 ANONYMOUS = "anonymous"  # the caller under --no-auth (one rate-limit bucket)
 JobId = Annotated[str, Path(pattern=f"^{JOB_ID_PATTERN}$", description="the job id `POST /v1/jobs` returned")]
@@ -97,7 +96,7 @@ def not_found(job_id: str) -> Problem:
 
 async def owned_status(state: GatewayState, job_id: str, who: str) -> JobStatus:
     """The job's status when `who` may see it; 404 for an unknown job and for another key's job alike."""
-    record = await state.aredis.hgetall(state.client.statuses.key(job_id))
-    if not record or (state.keys is not None and record.get("owner") != who):
+    status = await state.statuses.get_owned(job_id, who if state.keys is not None else None)
+    if status is None:
         raise not_found(job_id)
-    return record_to_status(record)
+    return status

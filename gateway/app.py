@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import redis.asyncio as aioredis
 import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
@@ -21,7 +20,8 @@ from varco.gateway.metrics import HttpMetrics
 from varco.gateway.ratelimit import RateLimiter
 from varco.gateway.state import GatewayState
 from varco.producer import Client
-from varco.tasks.connections import BrokerUnavailable, is_sentinel, parse_sentinel_url
+from varco.tasks.async_status import AsyncStatusStore
+from varco.tasks.connections import BrokerUnavailable, async_redis_client
 from varco.tasks.requests import JobRequest
 from varco.tasks.settings import Settings
 
@@ -35,19 +35,6 @@ class JobBatch(BaseModel):
 class Health(BaseModel):
     status: str
     reasons: list[str] = Field(default_factory=list)
-
-
-def async_redis(settings: Settings) -> aioredis.Redis:
-    """The broker's Redis for watching jobs, as `tasks.connections.redis_client` builds it, but asyncio."""
-    timeouts = {"socket_connect_timeout": settings.redis_timeout_s, "socket_timeout": settings.redis_timeout_s}
-    if not is_sentinel(settings.broker_url):
-        return aioredis.Redis.from_url(settings.broker_url, decode_responses=True, socket_keepalive=True, **timeouts)
-    target = parse_sentinel_url(settings.broker_url)
-    sentinel = aioredis.sentinel.Sentinel(target.sentinels, sentinel_kwargs=timeouts, **timeouts)
-    return sentinel.master_for(
-        settings.sentinel_master, db=target.db, username=target.username, password=target.password,
-        decode_responses=True,
-    )  # fmt: skip
 
 
 async def _broker_unavailable(_: Request, exc: Exception) -> JSONResponse:
@@ -65,19 +52,19 @@ def create_app(settings: Settings, keys: list[str] | None, *, client: Client | N
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        aredis = async_redis(settings)
+        statuses = AsyncStatusStore(async_redis_client(settings))
         sync_client = client or Client(settings)
         app.state.gateway = GatewayState(
             client=sync_client,
             keys=KeyRing(keys) if keys is not None else None,
             limiter=RateLimiter(settings.rate_limit) if settings.rate_limit else None,
             metrics=metrics,
-            aredis=aredis,
+            statuses=statuses,
         )
         try:
             yield
         finally:
-            await aredis.aclose()
+            await statuses.aclose()
             if client is None:
                 sync_client.close()
 
@@ -106,7 +93,7 @@ def create_app(settings: Settings, keys: list[str] | None, *, client: Client | N
              responses={503: {"model": Health, "description": "Redis does not answer"}})  # fmt: skip
     async def readyz() -> Any:
         try:
-            await app.state.gateway.aredis.ping()
+            await app.state.gateway.statuses.ping()
         except Exception as exc:  # any failure to reach the broker means not ready
             return JSONResponse(Health(status="unavailable", reasons=[f"redis: {type(exc).__name__}: {exc}"])
                                 .model_dump(), status_code=503)  # fmt: skip

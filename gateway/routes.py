@@ -167,7 +167,7 @@ async def get_result(
 ) -> JobResult:  # fmt: skip
     status = await owned_status(state, job_id, who)
     if not status.state.finished and wait > 0:
-        async for update in watch(state.aredis, state.client.statuses, job_id, timeout=wait):
+        async for update in watch(state.statuses, job_id, timeout=wait):
             status = update or status
     _finished_or_409(status)
     try:
@@ -199,7 +199,7 @@ async def cancel_job(job_id: JobId, state: State, who: Caller) -> JobStatus:
 async def job_events(job_id: JobId, state: State, who: JobCaller) -> StreamingResponse:
     await owned_status(state, job_id, who)
     return StreamingResponse(
-        event_stream(state.aredis, state.client.statuses, job_id),
+        event_stream(state.statuses, job_id),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},  # nginx: do not buffer the stream
     )

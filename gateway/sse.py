@@ -1,82 +1,72 @@
 """Watching a job's status without blocking the event loop, and Server-Sent Events of it.
 
-`watch` subscribes to `varco:events` (redis.asyncio) before it reads the record, so no change slips
-between; it yields the current status first, then every newer one, until the job is finished. Like
-`Client.wait`, it re-reads the record every second as well, so a missed event only delays it.
+`watch` is the asyncio loop over tasks/waiting.py, as `Client.wait` is the sync one: it subscribes to
+`varco:events` before it reads the record, so no change slips between; it yields the current status first,
+then every newer one, until the job is finished. It re-reads the record every second as well, so a missed
+event only delays it, and rides out a Redis outage as `Client.wait` does.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 
-import redis.asyncio as aioredis
+import redis
 
 from varco.gateway.public_view import public_status
-from varco.tasks.schemas import JobState, JobStatus
-from varco.tasks.status import EVENTS_CHANNEL, StatusStore, parse_event, record_to_status
+from varco.tasks.async_status import AsyncEventFeed, AsyncStatusStore
+from varco.tasks.schemas import JobStatus
+from varco.tasks.waiting import Follow, Listen, Read, TimedOut, WaitPlan
 
-POLL_INTERVAL_S = 1.0
 HEARTBEAT_S = 15.0  # an SSE comment this often keeps proxies from closing an idle stream
-_RANK = {JobState.QUEUED: 0, JobState.STARTED: 1, JobState.RETRYING: 1}
-_EPOCH = datetime.min.replace(tzinfo=UTC)
-
-
-def _order(status: JobStatus) -> tuple[datetime, int]:
-    return status.updated_at or _EPOCH, _RANK.get(status.state, 2)
 
 
 async def watch(
-    redis: aioredis.Redis, statuses: StatusStore, job_id: str, *, timeout: float | None = None,
-    heartbeat_s: float | None = None,
-) -> AsyncIterator[JobStatus | None]:  # fmt: skip
+    statuses: AsyncStatusStore, job_id: str, *, timeout: float | None = None, heartbeat_s: float | None = None
+) -> AsyncIterator[JobStatus | None]:
     """Yield the job's status now and at every change until it is finished (or `timeout` passes).
 
     With `heartbeat_s`, yields None after that long without a change (the caller sends a keep-alive).
     Ends early if the record disappears (expired)."""
-    start = time.monotonic()
-    deadline = None if timeout is None else start + timeout
-    pubsub = redis.pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(EVENTS_CHANNEL)
+    plan = WaitPlan(time.monotonic(), timeout)
+    follow = Follow(job_id, time.monotonic(), heartbeat_s)
+    feed: AsyncEventFeed | None = await statuses.events()
     try:
-        last: JobStatus | None = None
-        last_yield = start
-        next_poll = 0.0
-        while True:
-            now = time.monotonic()
+        while not follow.finished:
             status: JobStatus | None = None
-            if now >= next_poll:
-                record = await redis.hgetall(statuses.key(job_id))
-                if not record:
-                    return
-                status = record_to_status(record)
-                next_poll = now + POLL_INTERVAL_S
-            else:
-                if deadline is not None and now >= deadline:
-                    return
-                wait_s = next_poll - now if deadline is None else min(next_poll, deadline) - now
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=max(0.0, wait_s))
-                if message is not None:
-                    event = parse_event(message["data"])
-                    if event is not None and event.job_id == job_id:
-                        status = event
-            # Events buffered before the first read can be older than it: only move forward.
-            if status is not None and (last is None or _order(status) > _order(last)):
-                last, last_yield = status, time.monotonic()
-                yield status
-                if status.state.finished:
-                    return
-            elif heartbeat_s is not None and time.monotonic() - last_yield >= heartbeat_s:
-                last_yield = time.monotonic()
+            try:
+                if feed is None:
+                    feed = await statuses.events()
+                match plan.next_step(time.monotonic()):
+                    case Read():
+                        status = await statuses.get(job_id)
+                        if status is None:
+                            return
+                    case Listen(seconds):
+                        status = await feed.next(seconds)
+                    case TimedOut():
+                        return
+                plan.answered()
+            except (redis.ConnectionError, redis.TimeoutError):
+                if not plan.outage(time.monotonic()):
+                    raise
+                if feed is not None:
+                    await feed.aclose()
+                feed = None
+                await asyncio.sleep(plan.poll_interval_s)
+            if (news := follow.offer(status, time.monotonic())) is not None:
+                yield news
+            elif follow.heartbeat(time.monotonic()):
                 yield None
     finally:
-        await pubsub.aclose()
+        if feed is not None:
+            await feed.aclose()
 
 
-async def event_stream(redis: aioredis.Redis, statuses: StatusStore, job_id: str) -> AsyncIterator[bytes]:
+async def event_stream(statuses: AsyncStatusStore, job_id: str) -> AsyncIterator[bytes]:
     """`text/event-stream` frames: one `status` event per change (JSON of the status), then the end."""
-    async for status in watch(redis, statuses, job_id, heartbeat_s=HEARTBEAT_S):
+    async for status in watch(statuses, job_id, heartbeat_s=HEARTBEAT_S):
         if status is None:
             yield b": keep-alive\n\n"
             continue

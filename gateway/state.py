@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
 from fastapi import Request
 
 from varco.gateway.auth import KeyRing
 from varco.gateway.metrics import HttpMetrics
 from varco.gateway.ratelimit import RateLimiter
 from varco.producer import Client
+from varco.tasks.async_status import AsyncStatusStore
 
 
 @dataclass
@@ -19,7 +19,7 @@ class GatewayState:
     keys: KeyRing | None  # None: --no-auth, every caller sees every job
     limiter: RateLimiter | None
     metrics: HttpMetrics
-    aredis: aioredis.Redis  # watching jobs (SSE, result?wait) without blocking the event loop
+    statuses: AsyncStatusStore  # reading and watching jobs (SSE, result?wait) without blocking the event loop
 
 
 def gateway(request: Request) -> GatewayState:

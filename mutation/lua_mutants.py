@@ -1,9 +1,10 @@
 """Hand-made mutants of tasks/status.py's Lua scripts, run against tests/tasks/test_status_store.py.
 
 mutmut mutates only code inside functions, so the module-level Lua strings, where the status rules live,
-get no mutants from `make mutants`. This applies each mutation below to tasks/status.py in turn (restored
+get no mutants from `make mutants`. This applies each mutation below to its file in turn (restored
 afterwards, also on Ctrl-C), runs the status tests, and lists the survivors; mutation/MUTANTS.md explains the
-ones left. Run from the repository root: `.venv/bin/python mutation/lua_mutants.py [INDEX ...]`.
+ones left. The scripts' rank table is made from `JobState.rank`, so the rank mutants change tasks/schemas.py.
+Run from the repository root: `.venv/bin/python mutation/lua_mutants.py [INDEX ...]`.
 """
 
 from __future__ import annotations
@@ -11,43 +12,54 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "tasks" / "status.py"
+SCHEMAS = ROOT / "tasks" / "schemas.py"
 _PUBLISH = 'publish(KEYS[1], \'"""\n    + EVENTS_CHANNEL\n    + """\')'  # an event, as the source spells it
 _FINISH = "  redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])\n"
 _END_LEASE = "redis.call('HDEL', KEYS[1], 'lease_owner', 'lease_until')"
 
-# (text in tasks/status.py, its replacement); each text occurs exactly once.
-MUTATIONS: list[tuple[str, str]] = [
-    # _COMMON
-    ("retrying=1, succeeded", "retrying=0, succeeded"),
-    ("started=1, retrying", "started=0, retrying"),
-    ("failed=2, cancelled", "failed=1, cancelled"),
-    ("cancelled=2}", "cancelled=1}"),
-    ("succeeded=2, failed", "succeeded=1, failed"),
+
+class Mutation(NamedTuple):
+    old: str  # occurs exactly once in `source`
+    new: str
+    source: Path = SOURCE
+
+
+MUTATIONS: list[Mutation | tuple[str, str]] = [  # a pair: a text of tasks/status.py
+    # _COMMON: the rank table (made from JobState.rank), then publish
+    Mutation("JobState.RETRYING: 1,", "JobState.RETRYING: 0,", SCHEMAS),
+    Mutation("JobState.STARTED: 1,", "JobState.STARTED: 0,", SCHEMAS),
+    Mutation("JobState.FAILED: FINISHED_RANK,", "JobState.FAILED: 1,", SCHEMAS),
+    Mutation("JobState.CANCELLED: FINISHED_RANK,", "JobState.CANCELLED: 1,", SCHEMAS),
+    Mutation("JobState.SUCCEEDED: FINISHED_RANK,", "JobState.SUCCEEDED: 1,", SCHEMAS),
     ("record[flat[i]] = flat[i + 1]", "record[flat[i]] = flat[i]"),
     # _TRANSITION
-    ("if ARGV[4] ~= '1' or rank[ARGV[1]] ~= 2 then return {0, ''} end", "if ARGV[4] ~= '1' then return {0, ''} end"),
     (
-        "if ARGV[4] ~= '1' or rank[ARGV[1]] ~= 2 then return {0, ''} end",
-        "if rank[ARGV[1]] ~= 2 then return {0, ''} end",
+        "if ARGV[4] ~= '1' or rank[ARGV[1]] ~= FINISHED then return {0, ''} end",
+        "if ARGV[4] ~= '1' then return {0, ''} end",
+    ),
+    (
+        "if ARGV[4] ~= '1' or rank[ARGV[1]] ~= FINISHED then return {0, ''} end",
+        "if rank[ARGV[1]] ~= FINISHED then return {0, ''} end",
     ),
     (
         "redis.call('HSET', KEYS[1], 'created_at', ARGV[3], 'recreated', '1')",
         "redis.call('HSET', KEYS[1], 'recreated', '1')",
     ),
     (
-        "if rank[cur] == 2 or rank[ARGV[1]] < rank[cur] then return {0, cur} end",
+        "if rank[cur] == FINISHED or rank[ARGV[1]] < rank[cur] then return {0, cur} end",
         "if rank[ARGV[1]] < rank[cur] then return {0, cur} end",
     ),
     (
-        "if rank[cur] == 2 or rank[ARGV[1]] < rank[cur] then return {0, cur} end",
-        "if rank[cur] == 2 or rank[ARGV[1]] <= rank[cur] then return {0, cur} end",
+        "if rank[cur] == FINISHED or rank[ARGV[1]] < rank[cur] then return {0, cur} end",
+        "if rank[cur] == FINISHED or rank[ARGV[1]] <= rank[cur] then return {0, cur} end",
     ),
     (
-        "if rank[cur] == 2 or rank[ARGV[1]] < rank[cur] then return {0, cur} end",
-        "if rank[cur] == 2 then return {0, cur} end",
+        "if rank[cur] == FINISHED or rank[ARGV[1]] < rank[cur] then return {0, cur} end",
+        "if rank[cur] == FINISHED then return {0, cur} end",
     ),
     (
         "redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at', ARGV[3])\nfor",
@@ -81,10 +93,13 @@ MUTATIONS: list[tuple[str, str]] = [
         "redis.call('HSET', KEYS[1], 'job_id', ARGV[6], 'state', 'queued', 'created_at', ARGV[3])",
         "redis.call('HSET', KEYS[1], 'job_id', ARGV[6], 'state', 'queued')",
     ),
-    ("if rank[cur] == 2 then return {cur, tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0'), '0'} end", ""),
     (
-        "if rank[cur] == 2 then return {cur, tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0'), '0'} end",
-        "if rank[cur] == 2 then return {cur, 0, '0'} end",
+        "if rank[cur] == FINISHED then return {cur, tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0'), '0'} end",
+        "",
+    ),
+    (
+        "if rank[cur] == FINISHED then return {cur, tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0'), '0'} end",
+        "if rank[cur] == FINISHED then return {cur, 0, '0'} end",
     ),
     ("if owner and owner ~= ARGV[7] and left > 0 then", "if owner and left > 0 then"),
     ("if owner and owner ~= ARGV[7] and left > 0 then", "if owner and owner ~= ARGV[7] then"),
@@ -167,7 +182,7 @@ MUTATIONS: list[tuple[str, str]] = [
         "  redis.call('HDEL', KEYS[1], 'lease_until')\n  return 1",
     ),
     # _CANCEL
-    ("if not cur then return '' end\nif rank[cur] == 2 then return cur end", "if not cur then return '' end"),
+    ("if not cur then return '' end\nif rank[cur] == FINISHED then return cur end", "if not cur then return '' end"),
     (
         "redis.call('HSET', KEYS[1], 'cancel_requested', '1', 'updated_at', ARGV[2])",
         "redis.call('HSET', KEYS[1], 'updated_at', ARGV[2])",
@@ -194,23 +209,29 @@ MUTATIONS: list[tuple[str, str]] = [
 
 
 def main(only: set[int]) -> int:
-    original = SOURCE.read_text(encoding="utf-8")
+    mutations = [Mutation(*m) for m in MUTATIONS]
+    originals = {path: path.read_text(encoding="utf-8") for path in {m.source for m in mutations}}
     survivors = []
     try:
-        for i, (old, new) in enumerate(MUTATIONS):
+        for i, (old, new, source) in enumerate(mutations):
             if only and i not in only:
                 continue
+            original = originals[source]
             if original.count(old) != 1:
-                print(f"#{i}: the text occurs {original.count(old)} times, not once: {old[:60]!r}")
+                print(f"#{i}: the text occurs {original.count(old)} times in {source.name}, not once: {old[:60]!r}")
                 survivors.append(i)
                 continue
-            SOURCE.write_text(original.replace(old, new), encoding="utf-8")
+            source.write_text(original.replace(old, new), encoding="utf-8")
             cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:randomly", "tests/tasks/test_status_store.py"]
-            alive = subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0
+            try:
+                alive = subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0
+            finally:
+                source.write_text(original, encoding="utf-8")
             print(f"#{i} {'SURVIVED' if alive else 'killed'}: {old[:70]!r} -> {new[:70]!r}", flush=True)
             survivors += [i] if alive else []
     finally:
-        SOURCE.write_text(original, encoding="utf-8")
+        for path, text in originals.items():
+            path.write_text(text, encoding="utf-8")
     listed = (ROOT / "mutation" / "MUTANTS.md").read_text(encoding="utf-8")
     unlisted = [i for i in survivors if f"`#{i}`" not in listed]
     print(f"Lua scripts of tasks/status.py: {len(MUTATIONS)} mutants, {len(MUTATIONS) - len(survivors)} killed;"

@@ -15,7 +15,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import redis
-from redis.client import PubSub
 
 from varco.tasks.celery_app import INFER_TASK, broker_priority, create_app, infer_queue
 from varco.tasks.connections import BrokerUnavailable, broker_errors, redis_client
@@ -30,13 +29,8 @@ from varco.tasks.requests import (
 from varco.tasks.results_store import ResultStore, result_store
 from varco.tasks.schemas import ErrorInfo, JobResult, JobState, JobStatus
 from varco.tasks.settings import Settings, get_settings
-from varco.tasks.status import EVENTS_CHANNEL, StatusStore, now_iso, parse_event
-
-# A pub/sub message can be missed (reconnects); `wait` re-reads the records this often regardless.
-_POLL_INTERVAL_S = 1.0
-# A `wait` that has reached Redis once rides out an outage this long (a restart, or a sentinel failover:
-# down-after-milliseconds, 30 s by default, plus the election) before it raises BrokerUnavailable.
-_OUTAGE_GRACE_S = 60.0
+from varco.tasks.status import EventFeed, StatusStore, now_iso
+from varco.tasks.waiting import FinishLine, Listen, Read, TimedOut, WaitPlan
 
 
 class JobNotFound(KeyError):
@@ -140,7 +134,7 @@ class Client:
             first = self.statuses.claim_idempotency_key(request.idempotency_key, job_id, request.fingerprint())
             if first != job_id:
                 return first
-        self.statuses.create(job_id, request.task.value, **({"owner": owner} if owner else {}))
+        self.statuses.create(job_id, request.task.value, owner=owner)
         try:
             self.app.send_task(
                 INFER_TASK,
@@ -173,63 +167,45 @@ class Client:
             yield from self._wait(job_ids, timeout)
 
     def _wait(self, job_ids: str | Iterable[str], timeout: float | None) -> Iterator[JobStatus]:
-        pending = {job_ids} if isinstance(job_ids, str) else set(job_ids)
-        if malformed := sorted(j for j in pending if not is_valid_job_id(j)):
+        # The decisions are tasks/waiting.py's; this loop only does the Redis calls they ask for.
+        line = FinishLine([job_ids] if isinstance(job_ids, str) else job_ids)
+        if malformed := sorted(j for j in line.pending if not is_valid_job_id(j)):
             raise JobNotFound(malformed[0])
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pubsub: PubSub | None = self._subscribe()  # before reading records, so no finish slips between
-        outage_since: float | None = None  # when Redis stopped answering this wait
+        plan = WaitPlan(time.monotonic(), timeout)
+        feed: EventFeed | None = self.statuses.events()  # before reading records, so no finish slips between
         try:
-            next_poll = 0.0
-            while pending:
+            while line.pending:
                 statuses: dict[str, JobStatus | None] = {}
-                message = None
+                event = None
                 try:
-                    if pubsub is None:
-                        pubsub = self._subscribe()
-                    if time.monotonic() >= next_poll:
-                        statuses = self.statuses.get_many(sorted(pending))
-                        next_poll = time.monotonic() + _POLL_INTERVAL_S
-                    else:
-                        if deadline is not None and time.monotonic() >= deadline:
-                            raise TimeoutError(f"{len(pending)} job(s) not finished after {timeout}s")
-                        wait_s = next_poll - time.monotonic()
-                        if deadline is not None:
-                            wait_s = min(wait_s, deadline - time.monotonic())
-                        message = pubsub.get_message(timeout=max(0.0, wait_s))
-                    outage_since = None
+                    if feed is None:
+                        feed = self.statuses.events()
+                    match plan.next_step(time.monotonic()):
+                        case Read():
+                            statuses = self.statuses.get_many(sorted(line.pending))
+                        case Listen(seconds):
+                            event = feed.next(seconds)
+                        case TimedOut():
+                            raise TimeoutError(f"{len(line.pending)} job(s) not finished after {timeout}s")
+                    plan.answered()
                 except (redis.ConnectionError, redis.TimeoutError):
-                    # A failover or restart under way: ride it out for a while, then read the records
-                    # again (events sent meanwhile are lost). Past the grace (or the timeout) it raises.
-                    now = time.monotonic()
-                    outage_since = outage_since or now
-                    if now - outage_since >= _OUTAGE_GRACE_S or (deadline is not None and now >= deadline):
+                    if not plan.outage(time.monotonic()):
                         raise
-                    if pubsub is not None:
-                        with contextlib.suppress(redis.RedisError):
-                            pubsub.close()
-                    pubsub, next_poll = None, 0.0
-                    time.sleep(_POLL_INTERVAL_S)
+                    if feed is not None:
+                        feed.close()
+                    feed = None
+                    time.sleep(plan.poll_interval_s)
                     continue
                 for job_id, status in statuses.items():
                     if status is None:
                         raise JobNotFound(job_id)
-                    if status.state.finished:
-                        pending.discard(job_id)
-                        yield status
-                event = parse_event(message["data"]) if message is not None else None
-                if event is not None and event.job_id in pending and event.state.finished:
-                    pending.discard(event.job_id)
-                    yield event
+                    if (final := line.offer(status)) is not None:
+                        yield final
+                if (final := line.offer(event)) is not None:
+                    yield final
         finally:
-            if pubsub is not None:
-                with contextlib.suppress(redis.RedisError):
-                    pubsub.close()
-
-    def _subscribe(self) -> PubSub:
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(EVENTS_CHANNEL)
-        return pubsub
+            if feed is not None:
+                feed.close()
 
     def result(self, job_id: str, timeout: float | None = None) -> JobResult:
         """Wait for the job (up to `timeout`), then read its result JSON from the store."""

@@ -12,13 +12,12 @@ from celery import Celery
 from kombu import Queue
 
 from varco.tasks.connections import PUBLISH_RETRY_POLICY, broker_transport_options
+from varco.tasks.keys import CALLBACK_QUEUE, INFER_QUEUE, queue_lane
 from varco.tasks.prompts import TaskType
 from varco.tasks.settings import Settings, get_settings
 
 INFER_TASK = "varco.infer"
 CALLBACK_TASK = "varco.callback"
-INFER_QUEUE = "varco"
-CALLBACK_QUEUE = "varco.callbacks"
 # Redis lists per priority; kombu consumes lane 0 first, so API priority p (higher = sooner) maps to 9 - p.
 PRIORITY_STEPS = list(range(10))
 UNACKED_MUTEX_EXPIRE_S = 15
@@ -79,7 +78,7 @@ def create_app(settings: Settings) -> Celery:
 
 def queue_lanes(queue: str) -> list[str]:
     """The Redis lists kombu keeps for one queue: one per priority step ("varco", "varco:1", …)."""
-    return [queue if step == 0 else f"{queue}:{step}" for step in PRIORITY_STEPS]
+    return [queue_lane(queue, step) for step in PRIORITY_STEPS]
 
 
 def queue_depth(client: redis.Redis, queue: str = INFER_QUEUE) -> int:

@@ -1,8 +1,8 @@
 """Redis connections from Settings: the one place a Redis client is built (plain, TLS or Sentinel).
 
 Like arq's `connections.py`: connection settings and pools, nothing else. Every side (client, worker
-process, cancel watcher, health checks, CLI, dev tools) gets its client here, so a `sentinel://` URL and
-the timeouts work the same everywhere.
+process, cancel watcher, health checks, CLI, dev tools, and the gateway's asyncio client) gets its client
+here, so a `sentinel://` URL and the timeouts work the same everywhere.
 
 `VARCO_BROKER_URL` takes what Celery takes: `redis://`, `rediss://`, or Sentinel as
 `sentinel://[:password@]host:26379/0;sentinel://host2:26379/0` with the master group in
@@ -19,8 +19,11 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis
+import redis.asyncio as aioredis
 from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
@@ -91,15 +94,16 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     )
 
 
-def connection_options(timeout_s: float, retries: int = RETRIES) -> dict[str, Any]:
-    """Timeouts and retries every Redis connection of ours uses."""
+def connection_options(timeout_s: float, retries: int = RETRIES, *, asyncio: bool = False) -> dict[str, Any]:
+    """Timeouts and retries every Redis connection of ours uses (`asyncio`: for a redis.asyncio client)."""
+    backoff = ExponentialWithJitterBackoff(base=0.1, cap=1.0)
     return {
         "socket_connect_timeout": timeout_s,
         "socket_timeout": timeout_s,
         "socket_keepalive": True,
         # No redis-py health-check PING: it adds a third level of nested retries on every new connection,
         # and a timed-out command already drops a dead connection.
-        "retry": Retry(ExponentialWithJitterBackoff(base=0.1, cap=1.0), retries),
+        "retry": AsyncRetry(backoff, retries) if asyncio else Retry(backoff, retries),
     }
 
 
@@ -114,11 +118,19 @@ def redis_from_url(
     """A client for a broker URL. With a sentinel:// URL it asks the sentinels for the current master on
     every new connection, so it follows a failover."""
     options = connection_options(timeout_s, retries)
+    return _client_for(url, sentinel_master, options, decode_responses, redis.Redis, Sentinel)
+
+
+def _client_for(
+    url: str, sentinel_master: str, options: dict[str, Any], decode_responses: bool, plain: Any, sentinel_class: Any
+) -> Any:
+    """A plain client (`plain.from_url`) or, for a sentinel:// URL, the master through `sentinel_class`:
+    the sync and the asyncio client are built alike."""
     if not is_sentinel(url):
-        return redis.Redis.from_url(url, decode_responses=decode_responses, **options)
+        return plain.from_url(url, decode_responses=decode_responses, **options)
     target = parse_sentinel_url(url)
     sentinel_options = {k: v for k, v in options.items() if k.startswith("socket_")}
-    sentinel = Sentinel(target.sentinels, sentinel_kwargs=sentinel_options, **options)
+    sentinel = sentinel_class(target.sentinels, sentinel_kwargs=sentinel_options, **options)
     return sentinel.master_for(
         sentinel_master,
         db=target.db,
@@ -140,6 +152,16 @@ def redis_client(
         retries=retries,
         decode_responses=decode_responses,
     )
+
+
+def async_redis_client(settings: Settings, *, retries: int = RETRIES) -> aioredis.Redis:
+    """`redis_client`'s asyncio twin, for the gateway: watching jobs holds no thread. The same URL forms,
+    Sentinel included (it follows a failover the same way), timeouts and retries."""
+    options = connection_options(settings.redis_timeout_s, retries, asyncio=True)
+    client: aioredis.Redis = _client_for(
+        settings.broker_url, settings.sentinel_master, options, True, aioredis.Redis, AsyncSentinel
+    )
+    return client
 
 
 def broker_transport_options(settings: Settings) -> dict[str, Any]:

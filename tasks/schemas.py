@@ -43,17 +43,45 @@ class ParsedOutput(BaseModel):
     warnings: list[str] = Field(default_factory=list)
 
 
+FINISHED_RANK = 2
+"""The rank of the three states a job ends in; nothing moves a job out of them."""
+
+
 class JobState(StrEnum):
+    """Where a job stands. It only moves forward in `rank` order: the Lua scripts of tasks/status.py refuse any
+    other move (their rank table is made from this one), and readers use the same order to drop stale news."""
+
     QUEUED = "queued"
+    """Submitted, waiting for a worker."""
     STARTED = "started"
+    """A worker is running it."""
     RETRYING = "retrying"
+    """A transient failure; it runs again (`error` says why). Alternates with started."""
     SUCCEEDED = "succeeded"
+    """Finished with a result (`result_uri`)."""
     FAILED = "failed"
+    """Finished without one (`error` says why)."""
     CANCELLED = "cancelled"
+    """Finished by a cancel."""
+
+    @property
+    def rank(self) -> int:
+        """0 queued, 1 started or retrying, FINISHED_RANK for the end states."""
+        return _STATE_RANKS[self]
 
     @property
     def finished(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+        return self.rank == FINISHED_RANK
+
+
+_STATE_RANKS: dict[JobState, int] = {
+    JobState.QUEUED: 0,
+    JobState.STARTED: 1,
+    JobState.RETRYING: 1,
+    JobState.SUCCEEDED: FINISHED_RANK,
+    JobState.FAILED: FINISHED_RANK,
+    JobState.CANCELLED: FINISHED_RANK,
+}
 
 
 class ErrorInfo(BaseModel):

@@ -1,28 +1,31 @@
 """Job status records in Redis: forward-only transitions, attempt counting, cancel flags, events.
 
-A record is a Redis hash `varco:job:{id}`. Every change runs as one Lua script, so a redelivered
-message or two workers racing can never move a job backwards (`queued -> started/retrying ->
+A record is a Redis hash `varco:job:{id}` (`tasks/keys.py`). Every change runs as one Lua script, so a
+redelivered message or two workers racing can never move a job backwards (`queued -> started/retrying ->
 succeeded | failed | cancelled`), and each change is published on `varco:events` in the same step.
 Records expire `VARCO_STATUS_TTL` seconds after their last change.
 
 A running job holds a lease in its record (`lease_owner`, `lease_until` on Redis's own clock), renewed by
 its worker's heartbeat: a redelivery while the lease lives is told to wait, neither run nor counted.
+
+This module owns the record: every field is written and read through `StatusStore` (or, in asyncio code,
+`tasks/async_status.AsyncStatusStore`), never by raw hash commands elsewhere.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import redis
 
-from varco.tasks.job_ids import check_job_id
+from varco.tasks import keys
+from varco.tasks.keys import CANCEL_CHANNEL, EVENTS_CHANNEL  # also importable from here, as before
 from varco.tasks.requests import IdempotencyKeyReused
-from varco.tasks.schemas import ErrorInfo, JobState, JobStatus
+from varco.tasks.schemas import FINISHED_RANK, ErrorInfo, JobState, JobStatus
 
-EVENTS_CHANNEL = "varco:events"
-CANCEL_CHANNEL = "varco:cancel"
 # Set on a job's record once its terminal webhook was queued (or was not wanted): a later delivery of the
 # finished job sends it only when this is missing (the run that ended the job died before queueing it).
 TERMINAL_WEBHOOK_FIELD = "terminal_webhook"
@@ -35,8 +38,15 @@ local function clock()
 end
 """
 
-_COMMON = """
-local rank = {queued=0, started=1, retrying=1, succeeded=2, failed=2, cancelled=2}
+# The state order of JobState.rank, so the scripts and Python never disagree: `rank[state]`, FINISHED at the end.
+_RANKS = (
+    "local rank = {" + ", ".join(f"{state.value}={state.rank}" for state in JobState) + "}\n"
+    f"local FINISHED = {FINISHED_RANK}\n"
+)
+
+_COMMON = (
+    _RANKS
+    + """
 local function publish(key, channel)
   local flat = redis.call('HGETALL', key)
   local record = {}
@@ -44,6 +54,7 @@ local function publish(key, channel)
   redis.call('PUBLISH', channel, cjson.encode(record))
 end
 """
+)
 
 # KEYS[1] record; ARGV: new state, ttl, now, recreate ('1': a terminal move makes a missing record anew from
 # the fields, which then carry job_id and task), then field/value pairs. Returns {changed, state}.
@@ -52,15 +63,15 @@ _TRANSITION = (
     + """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then
-  if ARGV[4] ~= '1' or rank[ARGV[1]] ~= 2 then return {0, ''} end
+  if ARGV[4] ~= '1' or rank[ARGV[1]] ~= FINISHED then return {0, ''} end
   redis.call('HSET', KEYS[1], 'created_at', ARGV[3], 'recreated', '1')
   cur = 'queued'
 end
-if rank[cur] == 2 or rank[ARGV[1]] < rank[cur] then return {0, cur} end
+if rank[cur] == FINISHED or rank[ARGV[1]] < rank[cur] then return {0, cur} end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at', ARGV[3])
 for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if ARGV[1] == 'succeeded' then redis.call('HDEL', KEYS[1], 'error') end
-if rank[ARGV[1]] == 2 then
+if rank[ARGV[1]] == FINISHED then
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
   redis.call('HDEL', KEYS[1], 'lease_owner', 'lease_until')
 end
@@ -85,7 +96,7 @@ if not cur then
   redis.call('HSET', KEYS[1], 'job_id', ARGV[6], 'state', 'queued', 'created_at', ARGV[3])
   cur = 'queued'
 end
-if rank[cur] == 2 then return {cur, tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0'), '0'} end
+if rank[cur] == FINISHED then return {cur, tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0'), '0'} end
 local owner = redis.call('HGET', KEYS[1], 'lease_owner')
 local left = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0') - clock()
 if owner and owner ~= ARGV[7] and left > 0 then
@@ -149,7 +160,7 @@ _CANCEL = (
     + """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return '' end
-if rank[cur] == 2 then return cur end
+if rank[cur] == FINISHED then return cur end
 redis.call('HSET', KEYS[1], 'cancel_requested', '1', 'updated_at', ARGV[2])
 if cur == 'queued' or cur == 'retrying' then
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[2])
@@ -181,17 +192,44 @@ def now_iso() -> str:
 
 
 def record_to_status(record: dict[str, str]) -> JobStatus:
+    """A record as read from Redis (or as an event carries it) -> its JobStatus; fields it does not name
+    (`owner`, the lease, flags) stay in the record."""
     data: dict[str, Any] = {k: v for k, v in record.items() if v != ""}
     if "error" in data:
         data["error"] = ErrorInfo.model_validate_json(data["error"])
     return JobStatus.model_validate(data)
 
 
+def owned_status(record: dict[str, str], owner: str | None) -> JobStatus | None:
+    """`record`'s status when it exists and `owner` (None: anyone) submitted it."""
+    if not record or (owner is not None and record.get("owner") != owner):
+        return None
+    return record_to_status(record)
+
+
+class EventFeed:
+    """The events channel, subscribed (sync): each status published there, as `StatusStore.events` opens it."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self._pubsub.subscribe(EVENTS_CHANNEL)
+
+    def next(self, timeout_s: float) -> JobStatus | None:
+        """The next status published, or None: nothing within `timeout_s`, or a message that is no status."""
+        message = self._pubsub.get_message(timeout=max(0.0, timeout_s))
+        return parse_event(message["data"]) if message is not None else None
+
+    def close(self) -> None:
+        with contextlib.suppress(redis.RedisError):  # closing a feed whose Redis went away is no error
+            self._pubsub.close()
+
+
 class StatusStore:
-    def __init__(self, client: redis.Redis, ttl: int, prefix: str = "varco") -> None:
+    """The status records (sync): created by the Client, moved on by workers, read by anyone."""
+
+    def __init__(self, client: redis.Redis, ttl: int) -> None:
         self.redis = client
         self.ttl = ttl
-        self.prefix = prefix
         self._transition = client.register_script(_TRANSITION)
         self._begin = client.register_script(_BEGIN)
         self._cancel = client.register_script(_CANCEL)
@@ -199,12 +237,15 @@ class StatusStore:
         self._release = client.register_script(_RELEASE)
 
     def key(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{check_job_id(job_id)}"  # a malformed id never becomes a key
+        return keys.job(job_id)
 
-    def create(self, job_id: str, task: str, **fields: str) -> None:
+    def create(self, job_id: str, task: str, *, owner: str | None = None, **fields: str) -> None:
+        """A queued job's record. `owner`: who submitted it (the gateway's API key id), for `get_owned`."""
         now = now_iso()
         record = {"job_id": job_id, "state": JobState.QUEUED.value, "task": task, "attempts": "0",
                   "created_at": now, "updated_at": now, **fields}  # fmt: skip
+        if owner:
+            record["owner"] = owner
         with self.redis.pipeline() as pipe:
             pipe.hset(self.key(job_id), mapping=record)
             pipe.expire(self.key(job_id), self.ttl)
@@ -219,6 +260,11 @@ class StatusStore:
     def get(self, job_id: str) -> JobStatus | None:
         record = self.record(job_id)
         return record_to_status(record) if record else None
+
+    def get_owned(self, job_id: str, owner: str | None) -> JobStatus | None:
+        """The status if the job exists and `owner` submitted it (None: anyone's); else None, the same answer
+        as for an unknown job, so ids cannot be probed across owners."""
+        return owned_status(self.record(job_id), owner)
 
     def get_many(self, job_ids: list[str]) -> dict[str, JobStatus | None]:
         """Several records in one round trip."""
@@ -291,6 +337,10 @@ class StatusStore:
     def cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(self.key(job_id), "cancel_requested") == "1"
 
+    def events(self) -> EventFeed:
+        """Subscribe to every status change; subscribe before reading records, so no change slips between."""
+        return EventFeed(self.redis)
+
     def mark_terminal_webhook(self, job_id: str) -> None:
         """Note that the job's terminal webhook was queued (or not wanted). The TTL is set again with it, so
         a record that expired meanwhile leaves no hash without one."""
@@ -308,7 +358,7 @@ class StatusStore:
     def claim_idempotency_key(self, key: str, job_id: str, fingerprint: str | None = None) -> str:
         """The job id already bound to `key`, or `job_id` after binding it with the request's `fingerprint`
         (atomic SET NX). IdempotencyKeyReused when `key` is bound to a request of another fingerprint."""
-        name = f"{self.prefix}:idem:{key}"
+        name = keys.idempotency(key)
         if self.redis.set(name, f"{job_id}:{fingerprint}" if fingerprint else job_id, nx=True, ex=self.ttl):
             return job_id
         first, _, stored = (self.redis.get(name) or job_id).partition(":")
@@ -321,7 +371,7 @@ class StatusStore:
         one, else None. One round trip; `claim_idempotency_key` checks again when it binds."""
         if not claims:
             return []
-        stored = self.redis.mget([f"{self.prefix}:idem:{key}" for key, _ in claims])
+        stored = self.redis.mget([keys.idempotency(key) for key, _ in claims])
         conflicts: list[str | None] = []
         for (_, fingerprint), value in zip(claims, stored, strict=True):
             first, _, bound = (value or "").partition(":")
@@ -329,7 +379,7 @@ class StatusStore:
         return conflicts
 
     def release_idempotency_key(self, key: str, job_id: str) -> None:
-        name = f"{self.prefix}:idem:{key}"
+        name = keys.idempotency(key)
         if (self.redis.get(name) or "").partition(":")[0] == job_id:
             self.redis.delete(name)
 

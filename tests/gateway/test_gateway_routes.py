@@ -330,6 +330,9 @@ def test_without_keys_everyone_is_one_anonymous_caller(settings: Settings, clien
     with serve(settings, None, client) as base, api(base, None) as http:
         job_id = http.post("/v1/jobs", json=JOB).json()["job_id"]
         assert http.get(f"/v1/jobs/{job_id}").json()["state"] == "queued"
+        # Without keys every job is everyone's, also one a Python producer submitted with no owner.
+        python_job = client.submit(IMAGE, "caption")
+        assert http.get(f"/v1/jobs/{python_job}").json()["job_id"] == python_job
     assert client.statuses.record(job_id)["owner"] == "anonymous"
 
 

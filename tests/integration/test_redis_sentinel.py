@@ -4,6 +4,7 @@ on their own and new jobs succeed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -15,8 +16,10 @@ from conftest import running_worker
 from redis.sentinel import MasterNotFoundError, Sentinel
 
 from varco.producer import Client
-from varco.tasks.schemas import JobState
-from varco.tasks.settings import settings_from_env
+from varco.tasks.async_status import AsyncStatusStore
+from varco.tasks.connections import async_redis_client
+from varco.tasks.schemas import JobState, JobStatus
+from varco.tasks.settings import Settings, settings_from_env
 from varco.workers.devtools.local_redis import LocalRedis, free_port, start_redis, start_replica, start_sentinel
 
 MASTER = "varco-test-master"
@@ -63,6 +66,14 @@ def redis_ha(tmp_path: Path) -> Iterator[dict[str, LocalRedis]]:
             server.stop()
 
 
+async def read_as_the_gateway_does(settings: Settings, job_id: str) -> JobStatus | None:
+    statuses = AsyncStatusStore(async_redis_client(settings))
+    try:
+        return await statuses.get(job_id)
+    finally:
+        await statuses.aclose()
+
+
 def test_jobs_run_through_sentinel_and_survive_a_failover(
     worker_env: dict[str, str], redis_ha: dict[str, LocalRedis], receiver, file_root: Path, tmp_path: Path
 ) -> None:
@@ -103,3 +114,5 @@ def test_jobs_run_through_sentinel_and_survive_a_failover(
         promoted = redis.Redis(port=redis_ha["replica"].port, decode_responses=True)
         assert promoted.execute_command("ROLE")[0] == "master"
         assert promoted.exists(*[f"varco:job:{job_id}" for job_id in after]) == 3
+        # The gateway's asyncio client, built from the same sentinel URL, finds the promoted master too.
+        assert asyncio.run(read_as_the_gateway_does(client.settings, after[0])).state is JobState.SUCCEEDED

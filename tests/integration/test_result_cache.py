@@ -12,9 +12,9 @@ from conftest import running_worker
 from test_node_endpoint import base, node_env, scrape, value, wait_http
 
 from varco.producer import Client
+from varco.tasks.keys import RESULT_CACHE_PREFIX
 from varco.tasks.settings import settings_from_env
 from varco.workers.devtools.local_redis import LocalRedis
-from varco.workers.output.result_cache import KEY_PREFIX
 
 CACHE_DB = 12  # a Redis database of its own: no other test worker takes these jobs
 
@@ -106,7 +106,7 @@ def test_an_expired_entry_is_not_used(cache_client: Client, http_files) -> None:
     url = http_files.base + "/cat.png"
     source = cache_client.result(cache_client.submit(url, "vqa", prompt="Expiring?"), timeout=120)
     index = redis.Redis.from_url(cache_client.settings.broker_url)
-    keys = list(index.scan_iter(KEY_PREFIX + "*"))
+    keys = list(index.scan_iter(RESULT_CACHE_PREFIX + "*"))
     assert keys
     for key in keys:  # as if the TTL had run out
         index.pexpire(key, 1)
@@ -127,4 +127,4 @@ def test_ttl_zero_never_caches(client: Client, http_files) -> None:
     results = [client.result(job_id, timeout=120) for job_id in jobs]
     assert [r.cached_from for r in results] == [None, None]
     assert all(r.usage.output_tokens > 0 for r in results)
-    assert list(client.redis.scan_iter(KEY_PREFIX + "*")) == []
+    assert list(client.redis.scan_iter(RESULT_CACHE_PREFIX + "*")) == []

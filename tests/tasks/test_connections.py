@@ -3,10 +3,14 @@ first; passwords never reach a message."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.asyncio.sentinel import SentinelConnectionPool
 
 from varco.tasks.celery_app import create_app
-from varco.tasks.connections import describe, is_sentinel, parse_sentinel_url
+from varco.tasks.connections import async_redis_client, describe, is_sentinel, parse_sentinel_url
 from varco.tasks.settings import Settings
 
 SENTINELS = "sentinel://:p%40ss@10.0.0.1:26380/3;sentinel://10.0.0.2;sentinel://user:x@h3:26379/3"
@@ -36,3 +40,23 @@ def test_the_celery_app_names_the_sentinel_master() -> None:
     assert options["master_name"] == "queue-master"
     assert options["socket_timeout"] == 2 and options["sentinel_kwargs"]["socket_timeout"] == 2
     assert "master_name" not in create_app(Settings(broker_url="redis://h:6379/0")).conf.broker_transport_options
+
+
+def test_the_gateways_asyncio_client_asks_the_sentinels_for_the_master() -> None:
+    settings = Settings(broker_url=SENTINELS, sentinel_master="queue-master", redis_timeout_s=2)
+    pool = async_redis_client(settings).connection_pool
+    assert isinstance(pool, SentinelConnectionPool) and pool.service_name == "queue-master"
+    master = pool.connection_kwargs
+    assert (master["db"], master["password"], master["socket_timeout"]) == (3, "p@ss", 2)
+    sentinels = [s.connection_pool.connection_kwargs for s in pool.sentinel_manager.sentinels]
+    assert [(s["host"], s["port"]) for s in sentinels] == [("10.0.0.1", 26380), ("10.0.0.2", 26379), ("h3", 26379)]
+    assert all(s["password"] is None and s["socket_timeout"] == 2 for s in sentinels)  # sentinels: no password
+
+
+def test_the_gateways_asyncio_client_has_the_timeouts_and_retry_of_every_client() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # redis-py warns when it has to convert a sync Retry
+        client = async_redis_client(Settings(broker_url="redis://h:6379/2", redis_timeout_s=3))
+    options = client.connection_pool.connection_kwargs
+    assert (options["host"], options["db"], options["socket_timeout"], options["socket_keepalive"]) == ("h", 2, 3, True)
+    assert isinstance(options["retry"], AsyncRetry) and options["retry"]._retries == 1

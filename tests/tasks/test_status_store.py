@@ -1,19 +1,26 @@
-"""Status records on a real redis-server: forward-only transitions, attempts, cancels, events, TTL."""
+"""Status records on a real redis-server: forward-only transitions, attempts, cancels, events, TTL, owners;
+and AsyncStatusStore reading the same records from asyncio."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
+from typing import TypeVar
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 
+from varco.tasks.async_status import AsyncStatusStore
 from varco.tasks.requests import IdempotencyKeyReused
-from varco.tasks.schemas import ErrorInfo, JobState
+from varco.tasks.schemas import ErrorInfo, JobState, JobStatus
 from varco.tasks.status import CANCEL_CHANNEL, EVENTS_CHANNEL, StatusStore, parse_event, record_to_status
 from varco.workers.devtools.local_redis import LocalRedis, start_redis
+
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -408,6 +415,74 @@ def test_cancelling_a_running_job_tells_its_worker(store: StatusStore) -> None:
     assert _next_message(pubsub) == "run"  # the worker's CancelWatcher stops generating on this
     status = store.get("run")
     assert status.state is JobState.STARTED and store.cancel_requested("run") and status.updated_at > started
+
+
+def test_a_job_is_seen_only_by_its_owner(store: StatusStore) -> None:
+    store.create("mine", "caption", owner="alice")
+    store.create("nobodys", "caption", owner="")  # an empty owner is no owner
+    assert store.get_owned("mine", "alice").job_id == "mine"
+    assert store.get_owned("mine", None).job_id == "mine"  # no owner asked: anyone's job
+    assert store.get_owned("mine", "bob") is None  # the same answer as for an unknown job
+    assert store.get_owned("unknown", "alice") is None and store.get_owned("unknown", None) is None
+    assert "owner" not in store.record("nobodys") and store.get_owned("nobodys", "") is None
+
+
+def test_an_event_feed_reads_each_published_status(store: StatusStore) -> None:
+    feed = store.events()
+    try:
+        store.create("f", "caption")
+        store.begin_attempt("f", "gpu0@a", 3)
+        store.redis.publish(EVENTS_CHANNEL, "not a status")
+        seen = [feed.next(1.0) for _ in range(4)]  # the subscribe confirmation is no message either
+        started = [s for s in seen if s is not None]
+        assert [(s.job_id, s.state, s.worker) for s in started] == [("f", JobState.STARTED, "gpu0@a")]
+        assert feed.next(0.0) is None  # nothing more
+    finally:
+        feed.close()
+    feed.close()  # closing twice is harmless
+
+
+def on_asyncio(server: LocalRedis, use: Callable[[AsyncStatusStore], Awaitable[T]]) -> T:
+    async def run() -> T:
+        statuses = AsyncStatusStore(aioredis.Redis.from_url(server.url, decode_responses=True))
+        try:
+            return await use(statuses)
+        finally:
+            await statuses.aclose()
+
+    return asyncio.run(run())
+
+
+def test_get_and_get_owned_read_what_status_store_wrote(server: LocalRedis, store: StatusStore) -> None:
+    store.create("a", "ocr", owner="alice")
+    store.begin_attempt("a", "gpu0@x", 3)
+
+    async def read(statuses: AsyncStatusStore) -> list[JobStatus | None]:
+        await statuses.ping()
+        return [await statuses.get("a"), await statuses.get_owned("a", "alice"), await statuses.get_owned("a", "bob"),
+                await statuses.get_owned("a", None), await statuses.get("missing")]  # fmt: skip
+
+    mine, owned, theirs, anyones, missing = on_asyncio(server, read)
+    assert (mine.state, mine.task, mine.worker, mine.attempts) == (JobState.STARTED, "ocr", "gpu0@x", 1)
+    assert owned == anyones == mine and theirs is None and missing is None
+
+
+def test_events_are_the_published_statuses(server: LocalRedis, store: StatusStore) -> None:
+    store.create("e", "caption")
+
+    async def follow(statuses: AsyncStatusStore) -> list[JobStatus]:
+        feed = await statuses.events()
+        try:
+            await asyncio.to_thread(store.transition, "e", JobState.SUCCEEDED, result_uri="file:///r/e.json")
+            await asyncio.to_thread(store.redis.publish, EVENTS_CHANNEL, "[1]")  # anyone may publish there
+            seen = [await feed.next(1.0) for _ in range(4)]
+        finally:
+            await feed.aclose()
+        await feed.aclose()  # closing twice is harmless
+        return [s for s in seen if s is not None]
+
+    [done] = on_asyncio(server, follow)
+    assert (done.job_id, done.state, done.result_uri) == ("e", JobState.SUCCEEDED, "file:///r/e.json")
 
 
 def test_the_terminal_webhook_mark(store: StatusStore) -> None:

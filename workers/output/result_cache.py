@@ -2,7 +2,7 @@
 
 A job repeats an earlier one when its image bytes (sha256), task, prompt, region, label, generation
 budget (`max_new_tokens`, the default filled in) and model all equal those of a result stored within
-the TTL. The index lives in Redis: `varco:cache:{sha256 of those fields}` -> the source job's id and
+the TTL. The index lives in Redis: `varco:cache:{sha256 of those fields}` (`tasks/keys.py`) -> the source job's id and
 result URI, written with the TTL when a job's result is stored. Only results made by the engine are
 indexed, so `cached_from` always names the job that ran inference. A lookup that cannot read its
 source (deleted, unreadable, older than the TTL) is a miss; nothing here ever fails a job.
@@ -19,6 +19,7 @@ import redis
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ValidationError
 
+from varco.tasks import keys
 from varco.tasks.requests import JobRequest
 from varco.tasks.results_store import ResultStore
 from varco.tasks.schemas import JobResult
@@ -26,7 +27,6 @@ from varco.tasks.settings import Settings
 from varco.workers import metrics
 
 log = logging.getLogger(__name__)
-KEY_PREFIX = "varco:cache:"
 
 
 class CacheEntry(BaseModel):
@@ -52,7 +52,7 @@ class ResultCache:
             "label": request.label,
             "max_new_tokens": request.max_new_tokens or self.settings.max_new_tokens,
         }
-        return KEY_PREFIX + hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+        return keys.result_cache(hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest())
 
     def lookup(self, request: JobRequest, image_sha256: str) -> JobResult | None:
         """The stored result this job repeats, or None (cache off, no entry, expired or unreadable)."""

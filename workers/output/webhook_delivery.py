@@ -16,6 +16,7 @@ import httpx
 import redis
 from celery import Celery, Task
 
+from varco.tasks import keys
 from varco.tasks.celery_app import CALLBACK_TASK
 from varco.tasks.errors import ForbiddenURLError
 from varco.tasks.settings import Settings
@@ -46,11 +47,11 @@ class DeliveredLog:
     Redis errors never stop a delivery: then it is sent (at least once; receivers deduplicate on
     `webhook-id`)."""
 
-    def __init__(self, client: redis.Redis, ttl: int, prefix: str = "varco") -> None:
-        self.client, self.ttl, self.prefix = client, ttl, prefix
+    def __init__(self, client: redis.Redis, ttl: int) -> None:
+        self.client, self.ttl = client, ttl
 
     def _key(self, msg_id: str) -> str:
-        return f"{self.prefix}:webhook-delivered:{msg_id}"
+        return keys.webhook_delivered(msg_id)
 
     def seen(self, msg_id: str) -> bool:
         try:

@@ -9,7 +9,7 @@ from collections import Counter
 
 import redis
 
-from varco.tasks.status import CANCEL_CHANNEL
+from varco.tasks.keys import CANCEL_CHANNEL
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import redis
 from celery import Celery
 
+from varco.tasks import keys
 from varco.tasks.status import StatusStore
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class Held:
 def unacked_index_key(app: Celery) -> str:
     """The sorted set kombu's Redis transport scores unacknowledged messages in (as configured)."""
     options = app.conf.broker_transport_options or {}
-    return f"{options.get('global_keyprefix', '')}{options.get('unacked_index_key', 'unacked_index')}"
+    return f"{options.get('global_keyprefix', '')}{options.get('unacked_index_key', keys.UNACKED_INDEX)}"
 
 
 class LeaseKeeper:

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import redis
 
+from varco.tasks.keys import RESULT_CACHE_PREFIX
 from varco.tasks.requests import JobRequest
 from varco.tasks.results_store import FileResultStore
 from varco.tasks.schemas import ImageInfo, JobResult, JobState, ParsedOutput
 from varco.tasks.settings import Settings
 from varco.workers.devtools.local_redis import LocalRedis, start_redis
-from varco.workers.output.result_cache import KEY_PREFIX, ResultCache
+from varco.workers.output.result_cache import ResultCache
 
 SHA = "ab" * 32
 
@@ -52,7 +53,7 @@ def test_every_field_of_the_contract_is_in_the_key(client: redis.Redis, tmp_path
     c = cache(client, tmp_path)
     base = {"image_uri": "https://a/b.png", "task": "referring", "region": (0.1, 0.1, 0.5, 0.5), "label": "cup"}
     key = c.key(JobRequest(**base), SHA)
-    assert key.startswith(KEY_PREFIX)
+    assert key.startswith(RESULT_CACHE_PREFIX)
     variants = [
         c.key(JobRequest(**base), "cd" * 32),
         c.key(JobRequest(**base | {"region": (0.1, 0.1, 0.5, 0.6)}), SHA),
@@ -88,4 +89,4 @@ def test_ttl_zero_is_off(client: redis.Redis, tmp_path: Path) -> None:
     c = cache(client, tmp_path, ttl=0)
     request = JobRequest(image_uri="https://a/b.png", task="grounding")
     c.remember(request, SHA, "src", stored(c, "src"))
-    assert c.lookup(request, SHA) is None and client.keys(KEY_PREFIX + "*") == []
+    assert c.lookup(request, SHA) is None and client.keys(RESULT_CACHE_PREFIX + "*") == []

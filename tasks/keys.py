@@ -1,0 +1,52 @@
+"""Every Redis key and channel varco-queue uses, named once (like arq's `constants.py`).
+
+No other module spells a key prefix: each record's owner builds its keys with the functions here, and
+docs/redis.md lists them (tests/test_docs.py checks the table against this module). Who owns which record
+is in docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+from varco.tasks.job_ids import check_job_id
+
+JOB_PREFIX = "varco:job:"
+"""A job's status record, a hash (`tasks/status.py`); expires VARCO_STATUS_TTL after its last change."""
+IDEMPOTENCY_PREFIX = "varco:idem:"
+"""An idempotency key -> the first job's id (`tasks/status.py`), for VARCO_STATUS_TTL."""
+EVENTS_CHANNEL = "varco:events"
+"""Pub/sub: every status change, as the record's JSON, published in the same Lua step (`tasks/status.py`)."""
+CANCEL_CHANNEL = "varco:cancel"
+"""Pub/sub: the id of a job whose cancel was asked for (`tasks/status.py`); workers stop generating it."""
+RESULT_CACHE_PREFIX = "varco:cache:"
+"""The result cache index: sha256 of a job's inputs -> the source job and result URI (`output/result_cache.py`)."""
+WEBHOOK_DELIVERED_PREFIX = "varco:webhook-delivered:"
+"""A webhook id that was delivered, kept VARCO_STATUS_TTL (`output/webhook_delivery.py`)."""
+
+INFER_QUEUE = "varco"
+"""Celery's inference queue: a kombu list per priority step, `varco`, `varco:1` … `varco:9`."""
+CALLBACK_QUEUE = "varco.callbacks"
+"""Celery's webhook queue, consumed by the node's callback process (priority steps as above)."""
+UNACKED_INDEX = "unacked_index"
+"""kombu's sorted set of unacknowledged messages by delivery time (its default name; `runtime/leases.py`)."""
+
+
+def job(job_id: str) -> str:
+    """The status record of `job_id`; a malformed id never becomes a key (InvalidJobId)."""
+    return JOB_PREFIX + check_job_id(job_id)
+
+
+def idempotency(key: str) -> str:
+    return IDEMPOTENCY_PREFIX + key
+
+
+def result_cache(digest: str) -> str:
+    return RESULT_CACHE_PREFIX + digest
+
+
+def webhook_delivered(webhook_id: str) -> str:
+    return WEBHOOK_DELIVERED_PREFIX + webhook_id
+
+
+def queue_lane(queue: str, step: int) -> str:
+    """The Redis list kombu keeps for one priority step of a queue: step 0 is the queue's own name."""
+    return queue if step == 0 else f"{queue}:{step}"
