@@ -93,7 +93,7 @@ def _job(body: Any, state: GatewayState) -> ChatJob:
 
 async def _finished(state: GatewayState, job_id: str) -> JobStatus | None:
     """The job's status once it is finished; None if its record disappeared first."""
-    async for status in watch(state.aredis, state.client.statuses, job_id):
+    async for status in watch(state.statuses, job_id):
         if status is not None and status.state.finished:
             return status
     return None
