@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import logging
-import re
 import sys
 
 import uvicorn
 
 from varco.gateway.app import create_app
 from varco.gateway.auth import load_keys
+from varco.tasks.redaction import redact_text
 from varco.tasks.settings import Settings, get_settings
-
-_SECRET_QUERY = re.compile(r"([?&](?:key|token)=)[^&\s]*", re.IGNORECASE)
 
 
 class RedactSecrets(logging.Filter):
@@ -20,7 +18,7 @@ class RedactSecrets(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
-            record.args = tuple(_SECRET_QUERY.sub(r"\1[redacted]", a) if isinstance(a, str) else a for a in record.args)
+            record.args = tuple(redact_text(a) if isinstance(a, str) else a for a in record.args)
         return True
 
 
