@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from tenacity import RetryCallState, Retrying, retry_if_not_exception_type, stop_after_delay, wait_exponential_jitter
+from tenacity import RetryCallState
 
 from varco.tasks.errors import ResultStoreError
+from varco.workers.net.retry import retry_within
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,12 @@ def write_result(
         log.warning("job %s: result write failed (%r); retrying in %.1fs", job_id, exc, state.upcoming_sleep)
         on_wait(ResultStoreError(f"cannot write the result yet, retrying: {exc!r}"))
 
-    retrying = Retrying(
-        stop=stop_after_delay(deadline_s),
-        wait=wait_exponential_jitter(multiplier=FIRST_WAIT_S, max=MAX_WAIT_S, jitter=1.0),
-        retry=retry_if_not_exception_type(_JobEnded),
+    retrying = retry_within(
+        deadline_s,
+        first_s=FIRST_WAIT_S,
+        cap_s=MAX_WAIT_S,
+        retry_if=lambda exc: not isinstance(exc, _JobEnded),
         before_sleep=waiting,
-        reraise=True,
     )
     try:
         return retrying(attempt)
