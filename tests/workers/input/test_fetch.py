@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import quote_from_bytes
 
 import pytest
+import tenacity
 from helpers import ServedFiles
 from images import jpeg_rotated, png
 from PIL import Image, PngImagePlugin
@@ -502,6 +503,25 @@ def test_s3_reads_are_retried_in_place_after_a_pause(served: ServedFiles) -> Non
     assert len(times) == 4
     # The backoff starts at 0.2 s: an outage is not hammered (a lower bound, so no timing race).
     assert times[3] - times[2] >= 0.2
+
+
+def test_s3_read_pauses_double_from_a_fifth_of_a_second_with_half_a_second_of_jitter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pauses: list[float] = []
+    monkeypatch.setattr(tenacity.nap.time, "sleep", pauses.append)  # recorded, not taken
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)  # the most jitter
+    answers: list[bytes | ImageFetchError] = [ImageFetchError("S3 down", transient=True)] * 7 + [IMAGE]
+    s3 = s3_fetcher("http://127.0.0.1:9", s3_read_retry_s=30)
+    monkeypatch.setattr(s3, "_s3_get_once", lambda uri: _raise_or_return(answers.pop(0)))
+    assert s3.fetch_bytes("s3://bucket/blip.png") == IMAGE
+    assert pauses == pytest.approx([0.7, 0.9, 1.3, 2.1, 3.7, 5.0, 5.0])  # never more than 5 s apart
+
+
+def _raise_or_return(answer: bytes | ImageFetchError) -> bytes:
+    if isinstance(answer, ImageFetchError):
+        raise answer
+    return answer
 
 
 @pytest.mark.usefixtures("s3_credentials")
