@@ -5,6 +5,8 @@ Another key's job answers 404 exactly like an unknown one, so job ids cannot be 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request
@@ -27,12 +29,26 @@ def _unauthorized(detail: str) -> Problem:
     return Problem(401, "unauthorized", detail, headers={"WWW-Authenticate": 'Bearer realm="varco"'})
 
 
-def _rate_limit(state: GatewayState, caller: str) -> None:
+def rate_limit(state: GatewayState, caller: str, whose: str = "this key") -> None:
     if state.limiter is not None and (wait_s := state.limiter.acquire(caller)) > 0:
         raise Problem(
-            429, "rate-limited", f"over VARCO_RATE_LIMIT ({state.limiter.rate:g} requests/s) for this key",
+            429, "rate-limited", f"over VARCO_RATE_LIMIT ({state.limiter.rate:g} requests/s) for {whose}",
             headers={"Retry-After": retry_after(wait_s)},
         )  # fmt: skip
+
+
+@contextmanager
+def failures_limited(request: Request) -> Iterator[None]:
+    """Failed authentications inside the block are rate limited per client address (no key to charge):
+    past VARCO_RATE_LIMIT a wrong key, token or missing header gets 429 instead of 401, so keys cannot
+    be guessed at full speed. Behind a proxy the address is the one uvicorn trusts (X-Forwarded-For)."""
+    try:
+        yield
+    except Problem as exc:
+        if exc.status == 401:
+            address = request.client.host if request.client else "unknown"
+            rate_limit(gateway(request), f"address:{address}", "this client address")
+        raise
 
 
 def key_from_bearer(state: GatewayState, credentials: HTTPAuthorizationCredentials | None) -> str:
@@ -50,8 +66,9 @@ def key_from_bearer(state: GatewayState, credentials: HTTPAuthorizationCredentia
 async def caller(request: Request, credentials: Bearer) -> str:
     """The key id of an API call (rate limited)."""
     state = gateway(request)
-    who = key_from_bearer(state, credentials)
-    _rate_limit(state, who)
+    with failures_limited(request):
+        who = key_from_bearer(state, credentials)
+    rate_limit(state, who)
     return who
 
 
@@ -63,13 +80,14 @@ async def job_caller(
 ) -> str:
     """Like `caller`, but a job page's signed token for this very job also authenticates (GET only)."""
     state = gateway(request)
-    if credentials is None and token is not None and state.keys is not None and request.method == "GET":
-        who = state.keys.verify_page_token(token, job_id)
-        if who is None:
-            raise _unauthorized("page token is invalid or expired: reload the page with the API key")
-    else:
-        who = key_from_bearer(state, credentials)
-    _rate_limit(state, who)
+    with failures_limited(request):
+        if credentials is None and token is not None and state.keys is not None and request.method == "GET":
+            who = state.keys.verify_page_token(token, job_id)
+            if who is None:
+                raise _unauthorized("page token is invalid or expired: reload the page with the API key")
+        else:
+            who = key_from_bearer(state, credentials)
+    rate_limit(state, who)
     return who
 
 

@@ -51,7 +51,11 @@ def async_redis(settings: Settings) -> aioredis.Redis:
 
 
 async def _broker_unavailable(_: Request, exc: Exception) -> JSONResponse:
-    detail = str(exc) if isinstance(exc, BrokerUnavailable) else f"Redis is unavailable: {type(exc).__name__}: {exc}"
+    if isinstance(exc, BrokerUnavailable):
+        # `enqueued`: the jobs a batch had enqueued before Redis went away; a client resubmits only the rest.
+        return problems.problem_response(503, "broker-unavailable", str(exc), {"Retry-After": "5"},
+                                         enqueued=exc.enqueued)  # fmt: skip
+    detail = f"Redis is unavailable: {type(exc).__name__}: {exc}"
     return problems.problem_response(503, "broker-unavailable", detail, {"Retry-After": "5"})
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,6 +19,9 @@ from pathlib import Path
 from varco.tasks.settings import Settings
 
 PAGE_TOKEN_TTL_S = 15 * 60
+# `{key id}.{expiry}.{signature}` exactly as page_token writes it: ASCII hex, digits without a leading zero,
+# unpadded base64url. One spelling per token, so no other form of a signed expiry is accepted.
+_PAGE_TOKEN = re.compile(r"([0-9a-f]{16})\.([1-9][0-9]{0,11})\.([A-Za-z0-9_-]{43})", re.ASCII)
 
 
 def key_id(key: str) -> str:
@@ -60,9 +64,10 @@ class KeyRing:
 
     def verify_page_token(self, token: str, job_id: str, now: float | None = None) -> str | None:
         """The key id a valid, unexpired token for `job_id` was signed with, else None."""
-        kid, _, rest = token.partition(".")
-        expires_text, _, signature = rest.partition(".")
-        if kid not in self._by_id or not expires_text.isdigit():
+        if (parts := _PAGE_TOKEN.fullmatch(token)) is None:
+            return None
+        kid, expires_text, signature = parts.groups()
+        if kid not in self._by_id:
             return None
         expires = int(expires_text)
         if expires < (now or time.time()):

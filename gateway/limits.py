@@ -1,7 +1,8 @@
-"""Request body limits as ASGI middleware: a size cap (413) and a read timeout (408) for slow senders.
+"""Request body limits as ASGI middleware: a size cap (413) and one deadline for the whole body (408).
 
-uvicorn bounds headers (h11's incomplete-event size), idle keep-alive connections and concurrent
-connections (server.py); it has no limit on a body's size or on how slowly it arrives, hence this.
+uvicorn bounds the request head (h11's incomplete-event size, http_protocol.py), idle keep-alive
+connections and concurrent connections (server.py); it has no limit on a body's size or on how
+slowly it arrives, hence this.
 """
 
 from __future__ import annotations
@@ -28,13 +29,19 @@ class BodyLimits:
             return
         received = 0
         done = False
+        deadline: float | None = None  # one for the whole body, set by its first read: a sender that
+        # trickles a byte now and then cannot hold the request open longer than read_timeout_s
 
         async def limited_receive() -> Message:
-            nonlocal received, done
+            nonlocal received, done, deadline
             if done:  # the body is in: later receives wait for a disconnect (streaming responses)
                 return await receive()
+            loop = asyncio.get_running_loop()
+            if deadline is None:
+                deadline = loop.time() + self.read_timeout_s
             try:
-                message: dict[str, Any] = dict(await asyncio.wait_for(receive(), self.read_timeout_s))
+                async with asyncio.timeout_at(deadline):
+                    message: dict[str, Any] = dict(await receive())
             except TimeoutError:
                 detail = f"request body not received within {self.read_timeout_s:g}s (VARCO_GATEWAY_BODY_TIMEOUT_S)"
                 raise Problem(408, "body-timeout", detail) from None

@@ -32,14 +32,27 @@ class HttpMetrics:
                 await app(scope, receive, send)
                 return
             start = time.perf_counter()
+            started = False
+
+            def count(status: int) -> None:
+                route = getattr(scope.get("route"), "path", "unmatched")  # the template, not the job id
+                self.requests.labels(scope["method"], route, str(status)).inc()
+                self.duration.labels(scope["method"], route).observe(time.perf_counter() - start)
 
             async def send_and_count(message: Message) -> None:
+                nonlocal started
                 if message["type"] == "http.response.start":
-                    route = getattr(scope.get("route"), "path", "unmatched")  # the template, not the job id
-                    self.requests.labels(scope["method"], route, str(message["status"])).inc()
-                    self.duration.labels(scope["method"], route).observe(time.perf_counter() - start)
+                    started = True
+                    count(message["status"])
                 await send(message)
 
-            await app(scope, receive, send_and_count)
+            try:
+                await app(scope, receive, send_and_count)
+            except Exception:
+                # Starlette's ServerErrorMiddleware sits outside every user middleware: it answers this
+                # request 500 after the exception has passed here, so the 500 is counted here.
+                if not started:
+                    count(500)
+                raise
 
         return measured

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from varco.gateway.label_font import label_font
 from varco.producer.client import Client
 from varco.tasks.prompts import DEFAULT_REFERRING_LABEL
+from varco.tasks.requests import IMAGE_FORMATS
 from varco.tasks.schemas import Box, JobResult
 from varco.tasks.tags import parse, to_pixels
 
@@ -146,7 +147,7 @@ def draw_overlay(image: Image.Image, result: JobResult) -> Image.Image:
 
 def open_kept_image(data: bytes) -> Image.Image:
     """Decode kept image bytes as the worker did: EXIF orientation applied, RGB."""
-    with Image.open(io.BytesIO(data)) as opened:
+    with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as opened:
         opened.load()
         return ImageOps.exif_transpose(opened).convert("RGB")
 

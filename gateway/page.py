@@ -18,7 +18,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from varco.gateway.access import Bearer, JobId, key_from_bearer, owned_status
+from varco.gateway.access import ANONYMOUS, Bearer, JobId, failures_limited, key_from_bearer, owned_status, rate_limit
 from varco.gateway.problems import Problem, responses
 from varco.gateway.state import gateway
 
@@ -116,20 +116,24 @@ async def job_page(
 ) -> Response:  # fmt: skip
     state = gateway(request)
     if state.keys is None:  # --no-auth
+        rate_limit(state, ANONYMOUS)
         await owned_status(state, job_id, "")
         return render(job_id, None)
-    if token is not None and credentials is None and key is None:
-        who = state.keys.verify_page_token(token, job_id)
-        if who is None:
-            raise Problem(401, "unauthorized", "page token is invalid or expired: open the page with ?key= again")
-        await owned_status(state, job_id, who)
-        return render(job_id, token)
-    if key is not None and credentials is None:
-        who = state.keys.match(key)
-        if who is None:
-            raise Problem(401, "unauthorized", "unknown API key")
-    else:
-        who = key_from_bearer(state, credentials)
+    by_token = token is not None and credentials is None and key is None
+    with failures_limited(request):
+        if by_token:
+            who = state.keys.verify_page_token(token, job_id)
+            if who is None:
+                raise Problem(401, "unauthorized", "page token is invalid or expired: open the page with ?key= again")
+        elif key is not None and credentials is None:
+            who = state.keys.match(key)
+            if who is None:
+                raise Problem(401, "unauthorized", "unknown API key")
+        else:
+            who = key_from_bearer(state, credentials)
+    rate_limit(state, who)
     await owned_status(state, job_id, who)
+    if by_token:
+        return render(job_id, token)
     url = f"/ui/jobs/{quote(job_id)}?token={quote(state.keys.page_token(who, job_id))}"
     return RedirectResponse(url, status_code=303, headers={"Referrer-Policy": "no-referrer"})

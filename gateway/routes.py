@@ -53,10 +53,13 @@ def _request_body(schema: str) -> dict[str, Any]:
 
 
 async def _json(request: Request) -> Any:
+    body = await request.body()
     try:
-        return json.loads(await request.body())
+        return json.loads(body)
     except ValueError as exc:
         raise Problem(422, "invalid-json", f"request body is not JSON: {exc}") from None
+    except RecursionError:  # json's C parser recurses once per "[" or "{"; the interpreter's limit ends it
+        raise Problem(422, "invalid-json", "request body is nested too deeply to parse") from None
 
 
 def _job_fields(item: Any, who: str, idempotency_key: str | None, index: int | None = None) -> dict[str, Any]:

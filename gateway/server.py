@@ -9,6 +9,7 @@ import uvicorn
 
 from varco.gateway.app import create_app
 from varco.gateway.auth import load_keys
+from varco.gateway.http_protocol import MAX_REQUEST_HEAD_BYTES, CappedH11Protocol
 from varco.tasks.redaction import redact_text
 from varco.tasks.settings import Settings, get_settings
 
@@ -29,7 +30,8 @@ def uvicorn_config(app: object, settings: Settings, host: str, port: int) -> uvi
         port=port,
         timeout_keep_alive=5,  # idle keep-alive connections are closed after 5 s
         limit_concurrency=settings.gateway_max_connections,  # beyond: 503 at once, instead of piling up
-        h11_max_incomplete_event_size=16 * 1024,  # request line + headers
+        http=CappedH11Protocol,  # h11 even where httptools is installed: only h11 caps the request head
+        h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES,  # request line + headers; over it: 431
         timeout_graceful_shutdown=10,  # open SSE streams do not hold a shutdown
         server_header=False,
     )

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from varco.tasks.prompts import TaskType, build_prompt, find_control_token, find_varco_tag
 
 SUPPORTED_SCHEMES = ("http", "https", "s3", "file", "data")
+# The image formats a job's image may be in (Pillow's names): Pillow knows dozens more (EPS through
+# Ghostscript, PSD, ICO…), each a decoder an untrusted image would reach; only these are opened.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 CALLBACK_EVENTS = ("job.started", "job.succeeded", "job.failed")
 MAX_PROMPT_CHARS = 8000
 MAX_LABEL_CHARS = 200
@@ -36,20 +39,26 @@ class InvalidRequest(ValueError):
         self.field = field
 
 
+# Numbers are taken as numbers only: "0.1" or true is a mistake to report, not a value to coerce (an int
+# is a number, so region [0, 0, 1, 1] is fine; a bool is not, so max_new_tokens true is refused).
+Number = Annotated[float, Strict()]
+Integer = Annotated[int, Strict()]
+
+
 class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     image_uri: str
     task: TaskType
     prompt: str | None = None
-    region: tuple[float, float, float, float] | None = None
+    region: tuple[Number, Number, Number, Number] | None = None
     label: str | None = None
     callback_url: str | None = None
     callback_events: tuple[str, ...] | None = None
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
-    priority: int | None = Field(default=None, ge=0, le=9, description="0..9, higher runs sooner")
+    priority: Integer | None = Field(default=None, ge=0, le=9, description="0..9, higher runs sooner")
     metadata: dict[str, Any] = Field(default_factory=dict)
-    max_new_tokens: int | None = Field(default=None, ge=1, le=8192)
+    max_new_tokens: Integer | None = Field(default=None, ge=1, le=8192)
 
     @field_validator("task", mode="before")
     @classmethod
@@ -130,7 +139,8 @@ class JobRequest(BaseModel):
         if (depth := _nesting_over(value, MAX_METADATA_DEPTH)) is not None:
             raise ValueError(f"metadata is nested more than {depth} levels deep; the limit is {MAX_METADATA_DEPTH}")
         try:
-            size = len(json.dumps(value, ensure_ascii=False).encode())
+            # allow_nan=False: NaN and Infinity are not JSON; stored, they would come back as null
+            size = len(json.dumps(value, ensure_ascii=False, allow_nan=False).encode())
         except (TypeError, ValueError) as exc:
             raise ValueError(f"metadata must be JSON-serialisable: {exc}") from None
         if size > MAX_METADATA_BYTES:

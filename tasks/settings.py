@@ -8,8 +8,9 @@ from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -110,6 +111,21 @@ class Settings(BaseSettings):
         if not value.startswith(("s3://", "file://")):
             raise ValueError("VARCO_RESULT_STORE must be s3://bucket/prefix/ or file:///abs/dir/")
         return value if value.endswith("/") else value + "/"
+
+    @model_validator(mode="after")
+    def _image_sources_exclude_the_store(self) -> Settings:
+        """A job must never read the result store as its image: that would hand one key another job's kept
+        image (`{job_id}.image`) and results. Refused at start rather than checked per fetch."""
+        store = urlsplit(self.result_store)
+        if store.scheme == "file" and self.file_root is not None:
+            root, path = self.file_root.resolve(), Path(unquote(store.path)).resolve()
+            if path.is_relative_to(root):
+                raise ValueError(f"VARCO_FILE_ROOT ({root}) holds the result store ({path}): give it a directory "
+                                 "of images only")  # fmt: skip
+        if store.scheme == "s3" and ("*" in self.s3_buckets or store.netloc in self.s3_buckets):
+            raise ValueError(f"VARCO_S3_BUCKETS ({','.join(self.s3_buckets)}) covers the result store's bucket "
+                             f"{store.netloc!r}: list the image buckets only")  # fmt: skip
+        return self
 
 
 def settings_from_env(env: Mapping[str, str]) -> Settings:

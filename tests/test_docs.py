@@ -101,7 +101,19 @@ def test_every_setting_is_documented_in_the_settings_page() -> None:
     assert missing == []
 
 
+# Error types users see in `error.type` that tasks/errors.py does not define: the resolver's, and httpx's
+# for an image URL it cannot parse (an unexpected error keeps its class name: tasks.errors.error_info).
+ERRORS_FROM_ELSEWHERE = ["InvalidRequest", "UnresolvableHostError", "InvalidURL"]
+
+
 def test_every_job_error_type_is_documented() -> None:
     text = documentation()
     types = [name for name, obj in vars(errors).items() if isinstance(obj, type) and issubclass(obj, errors.JobError)]
-    assert [name for name in [*types, "InvalidRequest"] if f"`{name}`" not in text and name != "JobError"] == []
+    assert [name for name in [*types, *ERRORS_FROM_ELSEWHERE] if f"`{name}`" not in text and name != "JobError"] == []
+
+
+def test_the_errors_from_elsewhere_exist_under_those_names() -> None:
+    httpx = pytest.importorskip("httpx")
+    from varco.workers.net.netguard import UnresolvableHostError
+
+    assert {httpx.InvalidURL.__name__, UnresolvableHostError.__name__} <= set(ERRORS_FROM_ELSEWHERE)

@@ -422,7 +422,7 @@ def test_problem_documents_for_any_status_and_error() -> None:
 
 
 def test_rate_limited_for_less_than_a_second_is_still_refused() -> None:
-    from varco.gateway.access import _rate_limit
+    from varco.gateway.access import rate_limit
     from varco.gateway.problems import Problem
     from varco.gateway.ratelimit import RateLimiter
 
@@ -432,9 +432,9 @@ def test_rate_limited_for_less_than_a_second_is_still_refused() -> None:
 
     state = SimpleNamespace(limiter=FrozenClock(4.0))  # a bucket of 4; the 5th waits 0.25 s
     for _ in range(4):
-        _rate_limit(state, "alice")  # type: ignore[arg-type]
+        rate_limit(state, "alice")  # type: ignore[arg-type]
     with pytest.raises(Problem) as refused:
-        _rate_limit(state, "alice")  # type: ignore[arg-type]
+        rate_limit(state, "alice")  # type: ignore[arg-type]
     assert refused.value.status == 429 and refused.value.headers == {"Retry-After": "1"}
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
+
+import pytest
 from helpers import card_output
-from PIL import Image, ImageChops
+from PIL import Image, ImageChops, UnidentifiedImageError
 
 from varco.gateway.label_font import label_font
-from varco.gateway.overlay import colour_for, contrast_ratio, draw_overlay, text_colour_on
+from varco.gateway.overlay import colour_for, contrast_ratio, draw_overlay, open_kept_image, text_colour_on
 from varco.tasks.schemas import ImageInfo, JobResult, OcrItem, ParsedObject, ParsedOutput
 from varco.tasks.tags import parse, to_pixels
 
@@ -107,3 +110,14 @@ def test_referring_draws_the_asked_region_from_the_result_or_its_prompt() -> Non
         assert out.getpixel(edge) == colour_for(0) and out.getpixel(centre) == GREY
         assert out.getpixel(outside) == text_colour_on(colour_for(0))
     assert ImageChops.difference(new, old).getbbox() is None  # the same region and label either way
+
+
+def test_a_kept_image_opens_only_in_the_served_formats() -> None:
+    def encoded(format: str) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 6), GREY).save(buffer, format=format)
+        return buffer.getvalue()
+
+    assert open_kept_image(encoded("WEBP")).size == (8, 6)
+    with pytest.raises(UnidentifiedImageError):  # overlay_png answers it as OverlayUnavailable
+        open_kept_image(encoded("PPM"))

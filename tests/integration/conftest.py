@@ -214,6 +214,13 @@ GATEWAY_KEYS = ("key-alice-0123456789", "key-bob-9876543210")
 @contextlib.contextmanager
 def running_gateway(env: dict[str, str], log_path: Path, *args: str) -> Iterator[str]:
     """`varco gateway` as a subprocess on a free port; yields its base URL once /livez answers."""
+    with gateway_process(env, log_path, *args) as (base, _):
+        yield base
+
+
+@contextlib.contextmanager
+def gateway_process(env: dict[str, str], log_path: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`running_gateway`, yielding the process too (its pid, for its memory)."""
     import httpx
 
     port = free_port()
@@ -232,7 +239,7 @@ def running_gateway(env: dict[str, str], log_path: Path, *args: str) -> Iterator
                 if httpx.get(base + "/livez", timeout=2).status_code == 200:
                     break
             time.sleep(0.2)
-        yield base
+        yield base, process
     finally:
         process.terminate()
         try:

@@ -33,6 +33,15 @@ IMG = "https://example.com/cat.jpg"
         ({"task": "caption", "max_new_tokens": 0}, "max_new_tokens"),
         ({"task": "caption", "metadata": {"x": object()}}, "JSON-serialisable"),
         ({"task": "caption", "colour": "red"}, "colour"),
+        # Metadata is kept as submitted: NaN and Infinity are not JSON and would come back as null.
+        ({"task": "caption", "metadata": {"score": float("nan")}}, "Out of range float values"),
+        ({"task": "caption", "metadata": {"low": [float("-inf")]}}, "Out of range float values"),
+        # Strict numbers: strings and booleans are mistakes to report, not values to coerce.
+        ({"task": "referring", "region": ["0.1", "0.2", "0.3", "0.4"]}, "region.0: Input should be a valid number"),
+        ({"task": "referring", "region": [False, 0.2, True, 0.4]}, "region.0: Input should be a valid number"),
+        ({"task": "caption", "max_new_tokens": True}, "max_new_tokens: Input should be a valid integer"),
+        ({"task": "caption", "max_new_tokens": "64"}, "max_new_tokens: Input should be a valid integer"),
+        ({"task": "caption", "priority": True}, "priority: Input should be a valid integer"),
     ],
 )
 def test_bad_requests_raise_value_error_that_says_what_is_wrong(fields: dict, message: str) -> None:
@@ -175,3 +184,8 @@ def test_a_data_uri_over_the_limit_is_refused_naming_the_field() -> None:
     # Padding alone is no way under the limit: it is counted as the payload it claims to be, less two.
     with pytest.raises(InvalidRequest, match="data URI holds 748 bytes"):
         check_data_uri_size("data:image/png;base64," + "=" * 1000, max_bytes=700)
+
+
+def test_whole_numbers_are_numbers() -> None:
+    request = validate_request(image_uri=IMG, task="referring", region=[0, 0, 1, 1], max_new_tokens=64, priority=9)
+    assert request.region == (0.0, 0.0, 1.0, 1.0) and request.max_new_tokens == 64

@@ -57,3 +57,32 @@ def test_bad_store_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VARCO_RESULT_STORE", "ftp://x/")
     with pytest.raises(ValueError, match="VARCO_RESULT_STORE"):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"VARCO_RESULT_STORE": "file:///srv/varco/results/", "VARCO_FILE_ROOT": "/srv/varco"}, "VARCO_FILE_ROOT"),
+        ({"VARCO_RESULT_STORE": "file:///srv/images/", "VARCO_FILE_ROOT": "/srv/images"}, "VARCO_FILE_ROOT"),
+        ({"VARCO_RESULT_STORE": "file:///srv/x/../varco/", "VARCO_FILE_ROOT": "/srv/varco/"}, "VARCO_FILE_ROOT"),
+        ({"VARCO_RESULT_STORE": "s3://results/jobs/", "VARCO_S3_BUCKETS": "images,results"}, "VARCO_S3_BUCKETS"),
+        ({"VARCO_RESULT_STORE": "s3://results/jobs/", "VARCO_S3_BUCKETS": "*"}, "VARCO_S3_BUCKETS"),
+    ],
+)
+def test_image_sources_may_not_cover_the_result_store(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    # A key that knows another job's id would read that job's kept image (`{id}.image`) into its own job.
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=f"{message} .* covers|{message} .* holds the result store"):
+        Settings()
+
+
+def test_image_sources_beside_the_result_store_are_fine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VARCO_RESULT_STORE", "s3://results/jobs/")
+    monkeypatch.setenv("VARCO_S3_BUCKETS", "images,results-archive")
+    monkeypatch.setenv("VARCO_FILE_ROOT", "/srv/images")
+    assert Settings().s3_buckets == ["images", "results-archive"]
+    monkeypatch.setenv("VARCO_RESULT_STORE", "file:///srv/images-results/")
+    assert Settings().file_root == Path("/srv/images")

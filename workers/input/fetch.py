@@ -12,12 +12,13 @@ import binascii
 import hashlib
 import io
 from dataclasses import dataclass, field
-from urllib.parse import unquote, unquote_to_bytes, urljoin, urlsplit
+from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from varco.tasks.errors import ImageDecodeError, ImageFetchError, ImageTooLargeError
+from varco.tasks.requests import IMAGE_FORMATS
 from varco.tasks.settings import Settings
 from varco.workers.input.file_source import read_regular_file
 from varco.workers.input.s3_buckets import check_s3_bucket
@@ -48,13 +49,32 @@ class FetchedImage:
         return self.image.height
 
 
+def _refuse_unfollowable_redirect(response: httpx.Response) -> None:
+    """A response hook: a redirect to file:, ftp:, a URL without a host, or a Location that does not parse
+    can never succeed, so it fails the job at once (httpx would raise a transport error, retried)."""
+    if not response.has_redirect_location:
+        return
+    location, source = response.headers["location"], response.request.url
+    try:
+        target = source.join(location)
+    except httpx.InvalidURL as exc:
+        raise ImageFetchError(f"redirect from {source} to a malformed Location {location[:200]!r}: {exc}") from None
+    if target.scheme not in ("http", "https") or not target.host:
+        raise ImageFetchError(
+            f"redirect from {source} to {location[:200]!r}: only http(s) URLs with a host are followed"
+        )
+
+
 class ImageFetcher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         timeout = httpx.Timeout(settings.fetch_timeout_s, connect=min(5.0, settings.fetch_timeout_s))
         # Connections go only to the address that was checked (DNS rebinding); redirects are followed by
         # hand so every hop is checked too.
-        self.http = pinned_client(settings.allow_private_urls, timeout, headers={"user-agent": "varco-queue"})
+        self.http = pinned_client(
+            settings.allow_private_urls, timeout, headers={"user-agent": "varco-queue"},
+            event_hooks={"response": [_refuse_unfollowable_redirect]},
+        )  # fmt: skip
         self._s3 = None
 
     def close(self) -> None:
@@ -81,7 +101,7 @@ class ImageFetcher:
     def decode(self, data: bytes) -> Image.Image:
         limit = self.settings.max_image_pixels
         try:
-            with Image.open(io.BytesIO(data)) as opened:
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as opened:
                 width, height = opened.size  # read from the header, before any pixel is decoded
                 if width * height > limit:
                     raise ImageTooLargeError(
@@ -105,7 +125,7 @@ class ImageFetcher:
                 with total_deadline(self.settings.fetch_timeout_s), self.http.stream("GET", url) as response:
                     # httpx's is_redirect is any 3xx: one without a Location (300, 304) is an answer, not a hop.
                     if response.has_redirect_location:
-                        url = urljoin(url, response.headers["location"])
+                        url = str(response.next_request.url)  # httpx's reading of the Location (checked)
                         continue
                     self._raise_for_status(url, response.status_code)
                     declared = int(response.headers.get("content-length") or 0)

@@ -345,6 +345,45 @@ def test_which_http_errors_are_worth_a_retry(served: ServedFiles, status: int, t
     assert info.value.transient is transient
 
 
+@pytest.mark.parametrize(
+    ("location", "message"),
+    [
+        ("file:///etc/passwd", r"to 'file:///etc/passwd': only http\(s\) URLs with a host are followed"),
+        ("ftp://files.example/cat.png", r"to 'ftp://files\.example/cat\.png': only http\(s\)"),
+        ("https:cat.png", r"to 'https:cat\.png': only http\(s\) URLs with a host"),
+        ("http://[::1/cat.png", r"to a malformed Location 'http://\[::1/cat\.png': Invalid port"),
+        ("http://images.example:port/cat.png", r"to a malformed Location .*: Invalid port"),
+    ],
+)  # fmt: skip
+def test_a_redirect_that_can_never_be_followed_fails_at_once(served: ServedFiles, location: str, message: str) -> None:
+    # Retrying cannot change where the redirect leads: the job fails now instead of at its attempt cap.
+    url = served.add(f"/to/{len(served.routes)}", status=302, headers={"location": location})
+    with pytest.raises(ImageFetchError, match=f"^redirect from {re.escape(url)} {message}") as info:
+        fetcher().fetch(url)
+    assert info.value.transient is False and type(info.value) is ImageFetchError
+
+
+def _encoded(image: Image.Image, format: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("format", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_the_served_image_formats_decode(format: str) -> None:
+    data = _encoded(Image.new("RGB", (20, 10), (10, 200, 30)), format)
+    assert fetcher().decode(data).size == (20, 10)
+
+
+@pytest.mark.parametrize("format", ["PPM", "ICO", "PCX", "TGA", "SGI", "EPS"])
+def test_other_formats_pillow_knows_are_not_opened(format: str) -> None:
+    # Each format is one more decoder an untrusted image could reach (EPS runs Ghostscript where installed).
+    image = Image.new("RGB", (16, 16), (10, 200, 30))
+    data = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n" if format == "EPS" else _encoded(image, format)
+    with pytest.raises(ImageDecodeError, match=r"^not a decodable image"):
+        fetcher().decode(data)
+
+
 def test_a_3xx_without_a_location_is_an_error_not_a_redirect_loop(served: ServedFiles) -> None:
     url = served.add("/nowhere", status=302)
     with pytest.raises(ImageFetchError, match=f"^HTTP 302 fetching {re.escape(url)}$") as info:
