@@ -353,6 +353,9 @@ def test_which_http_errors_are_worth_a_retry(served: ServedFiles, status: int, t
         ("https:cat.png", r"to 'https:cat\.png': only http\(s\) URLs with a host"),
         ("http://[::1/cat.png", r"to a malformed Location 'http://\[::1/cat\.png': Invalid port"),
         ("http://images.example:port/cat.png", r"to a malformed Location .*: Invalid port"),
+        # A long Location is quoted up to its first 200 characters.
+        ("ftp://files.example/" + "a" * 300, "to " + re.escape(repr("ftp://files.example/" + "a" * 180)) + ": only"),
+        ("http://[::1/" + "a" * 300, "to a malformed Location " + re.escape(repr("http://[::1/" + "a" * 188)) + ": "),
     ],
 )  # fmt: skip
 def test_a_redirect_that_can_never_be_followed_fails_at_once(served: ServedFiles, location: str, message: str) -> None:
@@ -361,6 +364,15 @@ def test_a_redirect_that_can_never_be_followed_fails_at_once(served: ServedFiles
     with pytest.raises(ImageFetchError, match=f"^redirect from {re.escape(url)} {message}") as info:
         fetcher().fetch(url)
     assert info.value.transient is False and type(info.value) is ImageFetchError
+
+
+@pytest.mark.parametrize("scheme", ["https", "HTTPS", "http"])
+def test_a_redirect_to_http_or_https_is_followed(served: ServedFiles, scheme: str) -> None:
+    # Followed, so the next hop's own outcome decides: here a port nobody listens on, a transient error.
+    url = served.add(f"/to-{scheme}", status=302, headers={"location": f"{scheme}://127.0.0.1:1/cat.png"})
+    with pytest.raises(ImageFetchError, match=f"^cannot fetch {scheme.lower()}://127.0.0.1:1/cat.png: ") as info:
+        fetcher().fetch(url)
+    assert info.value.transient is True
 
 
 def _encoded(image: Image.Image, format: str) -> bytes:
