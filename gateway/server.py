@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import sys
 
 import uvicorn
@@ -11,9 +10,8 @@ import uvicorn
 from varco.gateway.app import create_app
 from varco.gateway.auth import load_keys
 from varco.gateway.http_protocol import MAX_REQUEST_HEAD_BYTES, CappedH11Protocol
+from varco.tasks.redaction import redact_text
 from varco.tasks.settings import Settings, get_settings
-
-_SECRET_QUERY = re.compile(r"([?&](?:key|token)=)[^&\s]*", re.IGNORECASE)
 
 
 class RedactSecrets(logging.Filter):
@@ -21,7 +19,7 @@ class RedactSecrets(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
-            record.args = tuple(_SECRET_QUERY.sub(r"\1[redacted]", a) if isinstance(a, str) else a for a in record.args)
+            record.args = tuple(redact_text(a) if isinstance(a, str) else a for a in record.args)
         return True
 
 

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from enum import StrEnum
 
+from varco.tasks.tag_patterns import CONTROL_TOKEN_RE, CONTROL_TOKENS, VARCO_TAG_RE, VARCO_TAGS
 from varco.tasks.tags import render_box
 
-# The model's tag vocabulary (special tokens of VARCO's tokenizer).
-VARCO_TAGS = ("<gro>", "<ocr>", "<char>", "</char>", "<obj>", "</obj>", "<bbox>", "</bbox>", "<delim>")
-# Chat-structure tokens: a user must never be able to write these into the conversation.
-CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<image>", "<video>")
-# Any `<|…|>` token is a control token in Qwen's vocabulary, plus the media placeholders; matched
-# case-insensitively and with inner spaces, since tokenizers differ in how they normalise.
-_CONTROL_RE = re.compile(r"<\s*\|[^<>]*\|\s*>|<\s*/?\s*(?:image|video)\s*>", re.IGNORECASE)
-_TAG_RE = re.compile(r"<\s*/?\s*(?:obj|char|bbox|delim|gro|ocr)\s*>", re.IGNORECASE)
+# The tag vocabulary lives in tag_patterns; its names stay importable from here.
+__all__ = [
+    "CONTROL_TOKENS",
+    "DEFAULT_CAPTION_PROMPT",
+    "DEFAULT_GROUNDING_PROMPT",
+    "DEFAULT_REFERRING_LABEL",
+    "VARCO_TAGS",
+    "TaskType",
+    "build_prompt",
+    "find_control_token",
+    "find_varco_tag",
+]
 
 
 class TaskType(StrEnum):
@@ -32,12 +36,12 @@ DEFAULT_REFERRING_LABEL = "this object"
 
 
 def find_control_token(text: str) -> str | None:
-    match = _CONTROL_RE.search(text)
+    match = CONTROL_TOKEN_RE.search(text)
     return match.group(0) if match else None
 
 
 def find_varco_tag(text: str) -> str | None:
-    match = _TAG_RE.search(text)
+    match = VARCO_TAG_RE.search(text)
     return match.group(0) if match else None
 
 

@@ -17,24 +17,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from varco.tasks.schemas import Box, OcrItem, ParsedObject, ParsedOutput, PixelBox
+from varco.tasks.tag_patterns import TAG_BODIES, TAG_RE
 
 __all__ = ["TAG_RE", "parse", "render_box", "render_object", "to_pixels"]
 
-_TAG_NAMES = ("obj", "char", "bbox", "delim", "gro", "ocr")
-# Tolerant of case and inner spacing (`< /obj >`) so no spelling of a tag survives into text.
-_VARCO_TAG = r"<\s*(?P<close>/?)\s*(?P<name>obj|char|bbox|delim|gro|ocr)\s*>"
-_CONTROL_TAG = r"(?P<control><\|[A-Za-z0-9_]+\|>|<image>|<video>)"
-TAG_RE = re.compile(f"{_VARCO_TAG}|{_CONTROL_TAG}", re.IGNORECASE)
 # What a tag cut off by max_new_tokens can look like at the very end of the output.
 _PARTIAL_TAG_AT_END = re.compile(r"<\s*/?\s*[A-Za-z_|]*\s*$")
-_PARTIAL_TAG_BODIES = [
-    *(t for n in _TAG_NAMES for t in (n, "/" + n)),
-    "|im_end|",
-    "|endoftext|",
-    "|im_start|",
-    "image",
-    "video",
-]
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
 _BOX_SEPARATORS = re.compile(r"[\s,;()\[\]]+")
 
@@ -220,7 +208,7 @@ def _strip_partial_tag(text: str) -> tuple[str, bool]:
     if match is None:
         return text, False
     body = re.sub(r"[\s<]", "", match.group(0)).lower()
-    if any(t.startswith(body) for t in _PARTIAL_TAG_BODIES):
+    if any(t.startswith(body) for t in TAG_BODIES):
         return text[: match.start()], True
     return text, False
 

@@ -1,16 +1,15 @@
 """Worker logging: text or one JSON object per line (`VARCO_LOG_FORMAT`), job fields, no URL secrets.
 
 A filter adds `job_id`, `task` and `worker` where a job is being handled (a context variable set
-around each delivery), and the formatter strips query strings from every URL in the finished line,
-so a presigned URL's signature never reaches a log (httpx logs every request's URL at INFO, Celery
-attaches task arguments to its records).
+around each delivery), and the formatter strips query strings from every URL in the finished line
+(`tasks/redaction.py`, shared with the gateway's access log), so a presigned URL's signature never
+reaches a log (httpx logs every request's URL at INFO, Celery attaches task arguments to its records).
 JSON lines come from python-json-logger, which keeps every extra field of a record.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -18,14 +17,11 @@ from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
-_URL_QUERY = re.compile(r"((?:https?|s3)://[^\s?#\"'<>]+)\?[^\s#\"'<>]*", re.IGNORECASE)
+from varco.tasks.redaction import redact_text
+
 _job: ContextVar[dict[str, str]] = ContextVar("varco_job", default={})  # noqa: B039 - never mutated
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(worker_label)s] %(name)s: %(message)s"
-
-
-def redact_urls(text: str) -> str:
-    return _URL_QUERY.sub(r"\1?[redacted]", text)
 
 
 class RedactingFormatter(logging.Formatter):
@@ -37,7 +33,7 @@ class RedactingFormatter(logging.Formatter):
         self.inner = inner
 
     def format(self, record: logging.LogRecord) -> str:
-        return redact_urls(self.inner.format(record))
+        return redact_text(self.inner.format(record))
 
 
 class JobFields(logging.Filter):

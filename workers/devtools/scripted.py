@@ -25,11 +25,12 @@ from prometheus_client import Counter
 from transformers import AutoTokenizer, LogitsProcessor, PreTrainedTokenizerBase
 
 from varco.tasks.prompts import DEFAULT_CAPTION_PROMPT, TaskType
+from varco.tasks.tag_patterns import END_OF_TURN
 from varco.workers.engines.base import EngineBackend, GenerationRequest
 
 SCRIPTS_FILE = "varco_scripts.json"
 SCRIPTED_PLUGIN = "varco.workers.devtools.scripted:install"  # the value for VARCO_ENGINE_PLUGINS
-EOS_TOKEN = "<|im_end|>"
+EOS_TOKEN = END_OF_TURN
 # SamplingParams.extra_args key carrying a request's forced token ids to the vLLM processor.
 FORCED_TOKENS_ARG = "varco_forced_tokens"
 FORCED_EOS_ARG = "varco_forced_eos"

@@ -27,10 +27,10 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from varco.tasks.prompts import CONTROL_TOKENS, VARCO_TAGS
+from varco.tasks.tag_patterns import CONTROL_TOKENS, END_OF_TEXT, END_OF_TURN, VARCO_TAGS
 
-EOS_TOKEN = "<|im_end|>"
-PAD_TOKEN = "<|endoftext|>"
+EOS_TOKEN = END_OF_TURN
+PAD_TOKEN = END_OF_TEXT
 TILE = 32  # the real model's tile is 384
 PATCH = 8  # the real model's patch is 14
 # Same shape as the real anyres_max_9 pinpoints (1..6 tiles per side), scaled to the tiny tile.

@@ -40,6 +40,25 @@ class GenerationOutput:
     finish_reason: FinishReason
 
 
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device (False where torch is not installed)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def weights_dtype(dtype: str, device: str | None = None) -> str:
+    """The dtype both backends load weights in: `auto` is bfloat16 on CUDA and float32 on CPU (vLLM's
+    own `auto` would halve a float32 checkpoint); any other name as given. `device` defaults to CUDA
+    when there is one."""
+    if dtype != "auto":
+        return dtype
+    on_cuda = cuda_available() if device is None else device.startswith("cuda")
+    return "bfloat16" if on_cuda else "float32"
+
+
 def user_turn(prompt: str) -> list[dict[str, Any]]:
     """The conversation both backends template: one user turn, the image before the text (VARCO's order)."""
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]

@@ -32,7 +32,16 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from varco.workers.engines.base import EngineHooks, GenerationOutput, GenerationRequest, user_turn
+from varco.tasks.tag_patterns import END_OF_TURN
+from varco.workers.engines.base import (
+    EngineHooks,
+    GenerationOutput,
+    GenerationRequest,
+    cuda_available,
+    user_turn,
+    weights_dtype,
+)
+from varco.workers.engines.decode import stop_token_ids, to_output
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +84,6 @@ class RowBudget(LogitsProcessor):
         return torch.where((self.budgets <= step)[:, None], forced, scores)
 
 
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, name)
-
-
 def attention_implementation(device: str) -> str:
     """flash-attn on CUDA when it is installed (the `gpu` extra), else PyTorch's sdpa."""
     if device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
@@ -93,8 +96,8 @@ class HFModel:
         self, model: str, *, dtype: str = "auto", device: str | None = None, hooks: EngineHooks | None = None
     ) -> None:
         self.model_name = model
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.device = device or ("cuda" if cuda_available() else "cpu")
+        self.dtype: torch.dtype = getattr(torch, weights_dtype(dtype, self.device))
         self.model: LlavaOnevisionForConditionalGeneration | None = None
         self.processor = None
         self.load_seconds = 0.0
@@ -122,15 +125,14 @@ class HFModel:
         self.model, self.processor = model, processor
         self.processor.tokenizer.padding_side = "left"  # decoder-only batching pads on the left
         tokenizer = self.processor.tokenizer
-        self.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self.stop_ids = {self.eos_token_id, tokenizer.pad_token_id}
-        self.stop_ids |= set(_as_list(self.model.generation_config.eos_token_id))
+        self.eos_token_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)  # what RowBudget forces
+        self.stop_ids = stop_token_ids(tokenizer, self.model.generation_config.eos_token_id)
         # Built once: without it every generate() call re-derives one from the model config, which
         # constructs a default config object (~10 ms of Python per call, on the device's thread).
         self.generation_config = GenerationConfig(
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=sorted(self.stop_ids),
+            eos_token_id=self.stop_ids,
         )
         return self
 
@@ -199,20 +201,17 @@ class HFModel:
             logits_processor=processors,
             stopping_criteria=stopping_criteria,
         )
+        tokenizer = self.processor.tokenizer
         return [
-            self._decode(row[prompt_length:].tolist(), budget, p.prompt_tokens)
+            to_output(
+                row[prompt_length:].tolist(),
+                tokenizer=tokenizer,
+                stop_ids=self.stop_ids,
+                prompt_tokens=p.prompt_tokens,
+                budget=budget,
+            )
             for row, budget, p in zip(output, budgets, prepared, strict=True)
         ]
-
-    def _decode(self, ids: list[int], budget: int, prompt_tokens: int) -> GenerationOutput:
-        end = next((i for i, t in enumerate(ids) if t in self.stop_ids), len(ids))
-        text = self.processor.tokenizer.decode(ids[:end], skip_special_tokens=False)
-        return GenerationOutput(
-            text=text.strip(),
-            prompt_tokens=prompt_tokens,
-            output_tokens=end,
-            finish_reason="length" if end >= budget else "stop",
-        )
 
 
 _thread_state = threading.local()
@@ -228,9 +227,3 @@ def one_cpu_thread_for_torch() -> None:
     if not getattr(_thread_state, "single", False):
         torch.set_num_threads(1)
         _thread_state.single = True
-
-
-def _as_list(value: int | list[int] | None) -> list[int]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, int) else list(value)

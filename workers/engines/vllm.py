@@ -21,18 +21,17 @@ from typing import Any
 from varco.workers import metrics
 from varco.workers.engines.base import (
     Cancelled,
-    FinishReason,
-    GenerationOutput,
     GenerationRequest,
     ThreadedEngine,
     WorkItem,
+    cuda_available,
     never_cancelled,
     user_turn,
+    weights_dtype,
 )
+from varco.workers.engines.decode import stop_token_ids, to_output
 
 log = logging.getLogger(__name__)
-
-STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
 @dataclass
@@ -73,8 +72,7 @@ class VLLMEngine(ThreadedEngine):
 
         args: dict[str, Any] = {
             "model": self.model_name,
-            # As the hf backend: bfloat16 on CUDA, float32 on CPU (vLLM's own "auto" halves a float32 checkpoint).
-            "dtype": ("bfloat16" if _cuda_available() else "float32") if self.dtype == "auto" else self.dtype,
+            "dtype": weights_dtype(self.dtype),  # as the hf backend's
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "max_num_seqs": self.max_num_seqs,
             "enable_prefix_caching": True,
@@ -84,7 +82,7 @@ class VLLMEngine(ThreadedEngine):
         }
         if self.max_model_len:
             args["max_model_len"] = self.max_model_len
-        if not _cuda_available() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        if not cuda_available() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             args["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(self.gpu_memory_utilization)
         args.update(self.extra_engine_args)
         return EngineArgs(**args)
@@ -114,15 +112,18 @@ class VLLMEngine(ThreadedEngine):
         try:
             self.engine = LLMEngine.from_engine_args(self.engine_args())
             self.tokenizer = self.engine.get_tokenizer()
-            ids = {self.tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS}
-            ids.add(self.tokenizer.eos_token_id)
-            self.stop_ids = sorted(i for i in ids if isinstance(i, int) and i >= 0)
-            self.device = "cuda" if _cuda_available() else "cpu"
+            self.stop_ids = stop_token_ids(self.tokenizer, self._generation_eos())
+            self.device = "cuda" if cuda_available() else "cpu"
         except BaseException as exc:
             self._load_error = exc
             raise
         finally:
             self._ready.set()
+
+    def _generation_eos(self) -> Any:
+        """The EOS ids of the model's generation config, which vLLM stops on too."""
+        config = getattr(self.engine, "model_config", None)
+        return config.try_get_generation_config().get("eos_token_id") if config is not None else None
 
     def chat_text(self, prompt: str) -> str:
         return self.tokenizer.apply_chat_template(user_turn(prompt), add_generation_prompt=True, tokenize=False)
@@ -234,27 +235,15 @@ class VLLMEngine(ThreadedEngine):
         if completion.finish_reason == "abort":
             item.future.set_exception(Cancelled())
             return
-        ids = list(completion.token_ids)
-        end = next((i for i, t in enumerate(ids) if t in self.stop_ids), len(ids))
-        text = self.tokenizer.decode(ids[:end], skip_special_tokens=False)
-        reason: FinishReason = "length" if completion.finish_reason == "length" else "stop"
         item.future.set_result(
-            GenerationOutput(
-                text=text.strip(),
+            to_output(
+                completion.token_ids,
+                tokenizer=self.tokenizer,
+                stop_ids=self.stop_ids,
                 prompt_tokens=len(output.prompt_token_ids or []),
-                output_tokens=end,
-                finish_reason=reason,
+                budget=item.prepared.request.max_new_tokens,
             )
         )
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
 
 
 def cpu_kv_cache_bytes(share: float, total_ram: int | None = None) -> int:
@@ -275,6 +264,6 @@ def configure_cpu_defaults() -> None:
     In-process start takes ~8 s instead of ~30 s and leaves no engine processes behind; vLLM's CPU
     build otherwise reserves one of the cores. Explicit environment settings win.
     """
-    if not _cuda_available():
+    if not cuda_available():
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")

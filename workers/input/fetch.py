@@ -23,9 +23,14 @@ from varco.tasks.settings import Settings
 from varco.workers.input.file_source import read_regular_file
 from varco.workers.input.s3_buckets import check_s3_bucket
 from varco.workers.net.pinned_http import pinned_client, total_deadline
-from varco.workers.net.retry import is_retryable_status
+from varco.workers.net.retry import is_retryable_status, retry_within
 
 MAX_REDIRECTS = 5
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a fetch failure may pass if tried again (a timeout, a 5xx, S3 unreachable)."""
+    return isinstance(exc, ImageFetchError) and exc.transient
 
 
 @dataclass(frozen=True)
@@ -148,14 +153,7 @@ class ImageFetcher:
     def _s3_get(self, uri: str) -> bytes:
         """An s3:// read, retried in place through transient errors for VARCO_S3_READ_RETRY_S: a short S3
         outage costs this job a wait, not a failed attempt. Permanent errors (NoSuchKey, 403) end it at once."""
-        from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
-
-        retrying = Retrying(
-            stop=stop_after_delay(self.settings.s3_read_retry_s),
-            wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.5),
-            retry=retry_if_exception(lambda exc: isinstance(exc, ImageFetchError) and exc.transient),
-            reraise=True,
-        )
+        retrying = retry_within(self.settings.s3_read_retry_s, jitter_s=0.5, retry_if=is_transient)
         return retrying(self._s3_get_once, uri)
 
     def _s3_get_once(self, uri: str) -> bytes:

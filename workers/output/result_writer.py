@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from tenacity import RetryCallState, Retrying, retry_if_not_exception_type, stop_after_delay, wait_exponential_jitter
+from tenacity import RetryCallState
 
 from varco.tasks.errors import ResultStoreError
 from varco.tasks.schemas import JobState
 from varco.tasks.status import StatusStore
+from varco.workers.net.retry import retry_within
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,12 @@ def write_result(
         error = ResultStoreError(f"cannot write the result yet, retrying: {exc!r}")
         statuses.transition(job_id, JobState.RETRYING, error=error.info())
 
-    retrying = Retrying(
-        stop=stop_after_delay(deadline_s),
-        wait=wait_exponential_jitter(multiplier=FIRST_WAIT_S, max=MAX_WAIT_S, jitter=1.0),
-        retry=retry_if_not_exception_type(_JobEnded),
+    retrying = retry_within(
+        deadline_s,
+        first_s=FIRST_WAIT_S,
+        cap_s=MAX_WAIT_S,
+        retry_if=lambda exc: not isinstance(exc, _JobEnded),
         before_sleep=waiting,
-        reraise=True,
     )
     try:
         return retrying(attempt)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from typing import Any
 
 import httpx
@@ -24,7 +23,7 @@ from varco.tasks.signing import sign_headers
 from varco.workers.metrics import CALLBACKS
 from varco.workers.net.netguard import UnresolvableHostError
 from varco.workers.net.pinned_http import pinned_client, total_deadline
-from varco.workers.net.retry import backoff_s, is_retryable_status
+from varco.workers.net.retry import backoff_s, is_retryable_status, spread_s
 from varco.workers.output.host_slots import HostSlots, host_of
 
 log = logging.getLogger(__name__)
@@ -89,7 +88,7 @@ def register_callback_task(app: Celery, settings: Settings, delivered: Delivered
             # The host is at its cap: put the delivery back for later, keeping its retry count.
             log.debug("callback %s: %s is busy; put back", msg_id, host)
             CALLBACKS.labels(outcome="deferred").inc()
-            self.signature_from_request(countdown=random.uniform(1.0, 3.0), retries=self.request.retries).apply_async()
+            self.signature_from_request(countdown=spread_s(), retries=self.request.retries).apply_async()
             return 0
         try:
             with total_deadline(timeout_s):

@@ -10,11 +10,11 @@ import logging
 from typing import Any
 
 from celery import Celery
-from tenacity import Retrying, stop_after_delay, wait_exponential_jitter
 
 from varco.tasks.celery_app import CALLBACK_QUEUE, CALLBACK_TASK
 from varco.tasks.requests import JobRequest
 from varco.tasks.schemas import ErrorInfo, JobState, WebhookEvent
+from varco.workers.net.retry import retry_within
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,8 @@ def send_event(app: Celery, url: str, payload: dict[str, Any], *, retry_s: float
     used within seconds.
     """
     args = [url, payload, f"{payload['job_id']}.{payload['type']}"]
-    retrying = Retrying(
-        stop=stop_after_delay(retry_s), wait=wait_exponential_jitter(multiplier=0.2, max=5), reraise=True
-    )
     try:
-        for attempt in retrying:
+        for attempt in retry_within(retry_s):
             with attempt:
                 app.send_task(CALLBACK_TASK, args=args, queue=CALLBACK_QUEUE)
     except Exception:  # still unreachable: the job's outcome stands, its webhook is lost (logged)

@@ -61,7 +61,7 @@ def test_on_cpu_the_kv_cache_is_a_fixed_share_of_ram_not_of_what_the_process_lef
     from varco.workers.engines import vllm as vllm_module
     from varco.workers.engines.vllm import cpu_kv_cache_bytes
 
-    monkeypatch.setattr(vllm_module, "_cuda_available", lambda: False)
+    monkeypatch.setattr(vllm_module, "cuda_available", lambda: False)
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     assert cpu_kv_cache_bytes(0.25, total_ram=8 * 2**30) == 2 * 2**30
     engine = VLLMEngine("/models/x", gpu_memory_utilization=0.1)
@@ -70,6 +70,6 @@ def test_on_cpu_the_kv_cache_is_a_fixed_share_of_ram_not_of_what_the_process_lef
     assert explicit.engine_args().kv_cache_memory_bytes == 123 * 2**20  # an explicit engine arg wins
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")  # vLLM's own setting: left to vLLM
     assert VLLMEngine("/models/x").engine_args().kv_cache_memory_bytes is None
-    monkeypatch.setattr(vllm_module, "_cuda_available", lambda: True)
+    monkeypatch.setattr(vllm_module, "cuda_available", lambda: True)
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
     assert VLLMEngine("/models/x").engine_args().kv_cache_memory_bytes is None  # on a GPU: vLLM's share

@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import quote_from_bytes
 
 import pytest
+import tenacity
 from helpers import ServedFiles
 from images import jpeg_rotated, png
 from PIL import Image, PngImagePlugin
@@ -352,6 +353,9 @@ def test_which_http_errors_are_worth_a_retry(served: ServedFiles, status: int, t
         ("https:cat.png", r"to 'https:cat\.png': only http\(s\) URLs with a host"),
         ("http://[::1/cat.png", r"to a malformed Location 'http://\[::1/cat\.png': Invalid port"),
         ("http://images.example:port/cat.png", r"to a malformed Location .*: Invalid port"),
+        # A long Location is quoted up to its first 200 characters.
+        ("ftp://files.example/" + "a" * 300, "to " + re.escape(repr("ftp://files.example/" + "a" * 180)) + ": only"),
+        ("http://[::1/" + "a" * 300, "to a malformed Location " + re.escape(repr("http://[::1/" + "a" * 188)) + ": "),
     ],
 )  # fmt: skip
 def test_a_redirect_that_can_never_be_followed_fails_at_once(served: ServedFiles, location: str, message: str) -> None:
@@ -360,6 +364,15 @@ def test_a_redirect_that_can_never_be_followed_fails_at_once(served: ServedFiles
     with pytest.raises(ImageFetchError, match=f"^redirect from {re.escape(url)} {message}") as info:
         fetcher().fetch(url)
     assert info.value.transient is False and type(info.value) is ImageFetchError
+
+
+@pytest.mark.parametrize("scheme", ["https", "HTTPS", "http"])
+def test_a_redirect_to_http_or_https_is_followed(served: ServedFiles, scheme: str) -> None:
+    # Followed, so the next hop's own outcome decides: here a port nobody listens on, a transient error.
+    url = served.add(f"/to-{scheme}", status=302, headers={"location": f"{scheme}://127.0.0.1:1/cat.png"})
+    with pytest.raises(ImageFetchError, match=f"^cannot fetch {scheme.lower()}://127.0.0.1:1/cat.png: ") as info:
+        fetcher().fetch(url)
+    assert info.value.transient is True
 
 
 def _encoded(image: Image.Image, format: str) -> bytes:
@@ -541,6 +554,25 @@ def test_s3_reads_are_retried_in_place_after_a_pause(served: ServedFiles) -> Non
     assert len(times) == 4
     # The backoff starts at 0.2 s: an outage is not hammered (a lower bound, so no timing race).
     assert times[3] - times[2] >= 0.2
+
+
+def test_s3_read_pauses_double_from_a_fifth_of_a_second_with_half_a_second_of_jitter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pauses: list[float] = []
+    monkeypatch.setattr(tenacity.nap.time, "sleep", pauses.append)  # recorded, not taken
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)  # the most jitter
+    answers: list[bytes | ImageFetchError] = [ImageFetchError("S3 down", transient=True)] * 7 + [IMAGE]
+    s3 = s3_fetcher("http://127.0.0.1:9", s3_read_retry_s=30)
+    monkeypatch.setattr(s3, "_s3_get_once", lambda uri: _raise_or_return(answers.pop(0)))
+    assert s3.fetch_bytes("s3://bucket/blip.png") == IMAGE
+    assert pauses == pytest.approx([0.7, 0.9, 1.3, 2.1, 3.7, 5.0, 5.0])  # never more than 5 s apart
+
+
+def _raise_or_return(answer: bytes | ImageFetchError) -> bytes:
+    if isinstance(answer, ImageFetchError):
+        raise answer
+    return answer
 
 
 @pytest.mark.usefixtures("s3_credentials")
