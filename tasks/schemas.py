@@ -73,6 +73,7 @@ class JobStatus(BaseModel):
     attempts: int = 0
     result_uri: str | None = None
     worker: str | None = None
+    tenant: str | None = None
     created_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -115,6 +116,7 @@ class JobResult(BaseModel):
     usage: Usage = Field(default_factory=Usage)
     timings: Timings = Field(default_factory=Timings)
     worker: str | None = None
+    tenant: str | None = None
     created_at: datetime | None = None
     finished_at: datetime | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
@@ -136,4 +138,5 @@ class WebhookEvent(BaseModel):
     result_uri: str | None = None
     error: ErrorInfo | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)  # as submitted
+    tenant: str | None = None
     timestamp: str

@@ -39,6 +39,7 @@ from varco.workers.output.result_cache import ResultCache
 from varco.workers.output.result_writer import write_result
 from varco.workers.output.webhooks import event_payload, send_event
 from varco.workers.runtime.cancels import CancelWatcher
+from varco.workers.runtime.fair_pick import FairPicker, ticket_of  # fair share (issue 19)
 from varco.workers.runtime.leases import LeaseKeeper
 from varco.workers.runtime.undecodable import on_undecodable
 
@@ -62,6 +63,7 @@ class Runtime:
     app: Celery
     leases: LeaseKeeper
     cache: ResultCache  # the result cache index (VARCO_RESULT_CACHE_TTL), one per process
+    fair: FairPicker  # fair share (issue 19): tickets -> jobs
 
 
 def _parse_time(value: str | None) -> float | None:
@@ -162,6 +164,7 @@ class _Job:
                 total_s=round(max(0.0, time.time() - queued_at), 4) if queued_at else 0.0,
             ),
             "worker": self.rt.hostname,
+            "tenant": self.request.tenant,  # fair share (issue 19)
             "created_at": self.enqueued_at,
             "finished_at": now_iso(),
             "metadata": self.request.metadata,
@@ -222,6 +225,17 @@ def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> 
     @app.task(name=INFER_TASK, bind=True, acks_late=True, max_retries=None)
     def infer(self: Task, *args: Any, **kwargs: Any) -> None:
         rt: Runtime = get_runtime()
+        if (ticket := ticket_of(self.request.id, args, kwargs)) is not None:  # fair share (issue 19)
+            if (taken := rt.fair.take(ticket)) is not None:  # fair share (issue 19)
+                late = rt.fair.deadline_error(taken) if taken.late else None  # fair share (issue 19)
+                _run_message(self, rt, taken.args, taken.kwargs, late)  # fair share (issue 19)
+            rt.fair.release(ticket)  # fair share (issue 19): the run ended; a Retry raised above keeps its job
+            return  # fair share (issue 19)
+        _run_message(self, rt, args, kwargs)  # fair share (issue 19): the body below, moved into a function
+
+    def _run_message(  # fair share (issue 19): infer's body as it was, plus `late`
+        self: Task, rt: Runtime, args: tuple[Any, ...], kwargs: dict[str, Any], late: JobError | None = None
+    ) -> None:
         message = InferMessage.from_task_args(args, kwargs)  # never raises: the message is not trusted yet
         if message.job_id is None:
             log.error("dropped a %s message (task id %.80r): %s", INFER_TASK, self.request.id, message.problem)
@@ -232,7 +246,7 @@ def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> 
         rt.cancels.watch(job_id)
         try:
             with job_context(job_id=job_id, task=request.get("task") if isinstance(request, dict) else None):
-                _deliver(self, rt, job_id, message)
+                _deliver(self, rt, job_id, message, late)  # fair share (issue 19): late
         finally:
             rt.cancels.forget(job_id)
             rt.leases.release(job_id)
@@ -259,9 +273,11 @@ def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> 
     return infer
 
 
-def _deliver(task: Task, rt: Runtime, job_id: str, message: InferMessage) -> None:
+def _deliver(task: Task, rt: Runtime, job_id: str, message: InferMessage, late: JobError | None = None) -> None:
     """One delivery of a job: claim it (unless a live run holds it), run it, and record how it ended."""
     request = message.request
+    if late is not None and _fail_unstarted(rt, job_id, message, late):  # fair share (issue 19)
+        return  # fair share (issue 19): its deadline passed in the queue; it never reaches the engine
     token = f"{rt.hostname}/{uuid.uuid4().hex[:12]}"
     claim = rt.statuses.claim(job_id, rt.hostname, rt.settings.max_attempts, token, rt.leases.lease_s)
     if claim.state is None:
@@ -307,6 +323,17 @@ def _deliver(task: Task, rt: Runtime, job_id: str, message: InferMessage) -> Non
     except Exception as exc:
         log.exception("job %s failed unexpectedly", job_id)
         job.fail(error_info(exc))
+
+
+def _fail_unstarted(rt: Runtime, job_id: str, message: InferMessage, error: JobError) -> bool:  # fair share (issue 19)
+    """Fail a job that never started, with its terminal webhook; False if its message is invalid (the
+    normal path then fails it as InvalidRequest)."""
+    try:
+        job_request, enqueued_at = message.validate(rt.settings.max_data_uri_bytes)
+    except InvalidRequest:
+        return False
+    _Job(rt, job_id, job_request, enqueued_at).fail(error.info())
+    return True
 
 
 def _send_missing_terminal_webhook(rt: Runtime, job_id: str, request: Any) -> None:

@@ -47,6 +47,7 @@ def run_inference_worker(hostname: str, queues: list[str], concurrency: int | No
         from varco.workers.input.fetch import ImageFetcher
         from varco.workers.output.result_cache import ResultCache
         from varco.workers.runtime.cancels import CancelWatcher
+        from varco.workers.runtime.fair_pick import FairPicker  # fair share (issue 19)
         from varco.workers.runtime.inference import Runtime, register_inference_task
         from varco.workers.runtime.leases import LeaseKeeper
     except ImportError as exc:
@@ -87,6 +88,7 @@ def run_inference_worker(hostname: str, queues: list[str], concurrency: int | No
         app=app,
         leases=LeaseKeeper(client, statuses, app, settings.visibility_timeout).start(),
         cache=ResultCache(client, store, settings),
+        fair=FairPicker(client, statuses, settings.tenant_weights),  # fair share (issue 19)
     )
     register_inference_task(app, lambda: runtime)
     # Enough task threads to keep the engine full while others fetch: a batch and the next one for hf,

@@ -1,0 +1,91 @@
+"""The worker's side of the fair queue (issue 19): a ticket message in, the job it runs out.
+
+A ticket names no job (tasks/fair_queue.py). When a task thread starts one, `take` picks the job by fair
+share, or gets the job this ticket picked before it was delivered again; the thread then runs that job as
+it ran a job message before. `release` forgets the job once its run has ended; a run handed to a Celery retry
+keeps it, since the retry re-publishes the same ticket id. A job whose deadline passed while it was queued
+is `late`: it is failed with DeadlineExceeded and never reaches the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from varco.tasks.errors import DeadlineExceeded
+from varco.tasks.fair_queue import FairQueue, ticket_queue
+from varco.tasks.job_ids import is_valid_job_id
+from varco.tasks.schemas import JobState
+from varco.tasks.status import StatusStore
+from varco.tasks.tenants import metric_label
+from varco.workers import metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A ticket message: the queue whose jobs it may pick, and its own id (the Celery task id)."""
+
+    queue: str
+    ticket_id: str
+
+
+@dataclass(frozen=True)
+class Taken:
+    """What a ticket runs: the job's message arguments, its tenant, and whether it is late (never run)."""
+
+    job_id: str
+    tenant: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    late: bool
+
+
+def ticket_of(task_id: object, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Ticket | None:
+    """The ticket a message is, or None for a job message (the format before issue 19) or a broken ticket."""
+    queue = ticket_queue(args, kwargs)
+    if queue is None or not is_valid_job_id(task_id):
+        return None
+    return Ticket(queue, task_id)  # type: ignore[arg-type]
+
+
+class FairPicker:
+    def __init__(self, client: redis.Redis, statuses: StatusStore, weights: Mapping[str, float]) -> None:
+        self.queue = FairQueue(client, weights)
+        self.statuses = statuses
+        self.weights = dict(weights)
+
+    def take(self, ticket: Ticket) -> Taken | None:
+        """The job this ticket runs, or None: nothing is queued (its job was cancelled, or ran already)."""
+        picked = self.queue.pick(ticket.queue, ticket.ticket_id)
+        if picked is None:
+            log.info("ticket %s found no job queued on %s", ticket.ticket_id, ticket.queue)
+            return None
+        args, kwargs = picked.task_args
+        # Late only if it never started: a run that started in time and whose worker died runs again.
+        late = picked.expired and self._still_queued(picked.job_id)
+        metrics.PICKS.labels(tenant=metric_label(picked.tenant, self.weights)).inc()
+        return Taken(picked.job_id, picked.tenant, args, kwargs, late)
+
+    def _still_queued(self, job_id: str) -> bool:
+        status = self.statuses.get(job_id) if is_valid_job_id(job_id) else None
+        return status is not None and status.state is JobState.QUEUED
+
+    def deadline_error(self, taken: Taken) -> DeadlineExceeded:
+        """The error a late job ends with; counted in varco_jobs_expired_total."""
+        metrics.EXPIRED.labels(tenant=metric_label(taken.tenant, self.weights)).inc()
+        log.info("job %s of tenant %s: its deadline passed before it started; not run", taken.job_id, taken.tenant)
+        return DeadlineExceeded("the job did not start before its deadline (deadline_s after submission)")
+
+    def release(self, ticket: Ticket) -> None:
+        """The ticket's run has ended: its job leaves the fair queue. Never raises (a lost release leaves a
+        small binding behind; the job itself has ended)."""
+        try:
+            self.queue.release(ticket.queue, ticket.ticket_id)
+        except redis.RedisError as exc:
+            log.warning("could not release ticket %s (%r)", ticket.ticket_id, exc)
