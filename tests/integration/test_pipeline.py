@@ -151,7 +151,7 @@ def test_callbacks_arrive_signed(client: Client, http_files, receiver) -> None:
         events[payload["type"]] = payload
     assert set(events) == {"job.started", "job.succeeded"}
     done = events["job.succeeded"]
-    assert set(done) == {"type", "job_id", "task", "state", "result_uri", "error", "metadata", "timestamp"}
+    assert set(done) == {"type", "job_id", "task", "state", "result_uri", "error", "metadata", "tenant", "timestamp"}
     assert (done["job_id"], done["state"], done["error"]) == (job_id, "succeeded", None)
     assert (done["task"], done["metadata"]) == ("grounding", {"photo": 81})  # no lookup needed
     assert (events["job.started"]["task"], events["job.started"]["metadata"]) == ("grounding", {"photo": 81})

@@ -186,7 +186,10 @@ def test_tickets_are_told_apart_from_job_messages() -> None:
     assert ticket_queue(("job", {}), {"enqueued_at": "x"}) is None
     assert ticket_queue((), {"fair_ticket": "a:b"}) is None and ticket_queue((), {"fair_ticket": 3}) is None
     assert ticket_queue((), {"fair_ticket": "varco", "x": 1}) is None
-    assert json.loads(job_body("j", {"task": "ocr"}, "t")) == {"args": ["j", {"task": "ocr"}], "kwargs": {"enqueued_at": "t"}}
+    assert json.loads(job_body("j", {"task": "ocr"}, "t")) == {
+        "args": ["j", {"task": "ocr"}],
+        "kwargs": {"enqueued_at": "t"},
+    }
 
 
 def test_tenant_names_and_weights() -> None:
