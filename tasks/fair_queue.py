@@ -41,6 +41,7 @@ JOB = "{prefix}:job:{job_id}"  # global HASH: body (the task's args as JSON), qu
 DEPTH = "{prefix}:depth"  # global HASH tenant -> queued jobs, every queue together
 TOTAL = "{prefix}:total"  # global counter: queued jobs, every tenant and queue
 SEQUENCE = "{prefix}:seq"  # global counter: submission order
+SHED = "{prefix}:shed"  # global HASH tenant -> jobs refused by the limits, ever (a counter for /metrics)
 
 # The keyword a ticket message carries (its value: the queue whose jobs it may pick), and nothing else.
 TICKET_ARG = "fair_ticket"
@@ -53,7 +54,8 @@ end
 """
 
 # ARGV: prefix, max per tenant (0: off), max in all (0: off), then per job: id, queue, tenant, lane, deadline
-# seconds ('' for none), body. Returns {'ok'} or {'tenant'|'total', tenant, limit, depth} with nothing inserted.
+# seconds ('' for none), body. Returns {'ok'} or {'tenant'|'total', tenant, limit, depth} with nothing inserted
+# (the refused jobs are then counted per tenant in `shed`).
 _INSERT = (
     _CLOCK
     + """
@@ -66,14 +68,17 @@ for i = 4, #ARGV, 6 do
   adds[t] = adds[t] + 1
   n = n + 1
 end
+local function shed()
+  for _, t in ipairs(order) do redis.call('HINCRBY', p .. ':shed', t, adds[t]) end
+end
 if per_tenant > 0 then
   for _, t in ipairs(order) do
     local d = tonumber(redis.call('HGET', p .. ':depth', t) or '0')
-    if d + adds[t] > per_tenant then return {'tenant', t, per_tenant, d} end
+    if d + adds[t] > per_tenant then shed(); return {'tenant', t, per_tenant, d} end
   end
 end
 local total = tonumber(redis.call('GET', p .. ':total') or '0')
-if in_all > 0 and total + n > in_all then return {'total', '', in_all, total} end
+if in_all > 0 and total + n > in_all then shed(); return {'total', '', in_all, total} end
 local now = clock()
 for i = 4, #ARGV, 6 do
   local job, q, t, lane, deadline, body = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
@@ -283,6 +288,10 @@ class FairQueue:
     def depths(self) -> dict[str, int]:
         """Jobs queued per tenant (tenants with none are absent)."""
         return {t: int(n) for t, n in self.redis.hgetall(f"{self.prefix}:depth").items() if int(n) > 0}
+
+    def shed(self) -> dict[str, int]:
+        """Jobs refused by the limits per tenant, since Redis was new (every producer and gateway together)."""
+        return {t: int(n) for t, n in self.redis.hgetall(f"{self.prefix}:shed").items()}
 
 
 def ticket_kwargs(queue: str) -> dict[str, str]:

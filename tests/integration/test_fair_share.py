@@ -91,7 +91,14 @@ def first_finished(client: Client, job_ids: list[str], n: int) -> list[JobStatus
 
 
 def node_metric(env: dict[str, str], name: str, **labels: str) -> float:
-    text = httpx.get(f"http://127.0.0.1:{env['VARCO_METRICS_PORT']}/metrics", timeout=10).text
+    deadline = time.monotonic() + 120
+    while True:  # the node's endpoint comes up with the worker
+        try:
+            text = httpx.get(f"http://127.0.0.1:{env['VARCO_METRICS_PORT']}/metrics", timeout=10).text
+            break
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "the worker node's /metrics never answered"
+            time.sleep(0.2)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
@@ -172,7 +179,9 @@ def test_a_deadline_that_passes_in_the_queue_fails_the_job_without_inference(
     assert b'"job.failed"' in hook.body and b"DeadlineExceeded" in hook.body
 
 
-def test_sixteen_racing_submitters_never_pass_the_tenant_limit(fair: Client, cat: str) -> None:
+def test_sixteen_racing_submitters_never_pass_the_tenant_limit(
+    fair: Client, fair_env: dict[str, str], cat: str
+) -> None:
     queue, barrier = "varco.parked-admission", threading.Barrier(16)
     outcomes: list[str | QueueFull] = []
     with parked(fair, queue, max_queued_per_tenant=20) as client:
@@ -197,6 +206,11 @@ def test_sixteen_racing_submitters_never_pass_the_tenant_limit(fair: Client, cat
         with pytest.raises(QueueFull):  # a batch is refused whole
             client.submit_many([{"image_uri": cat, "task": "caption", "tenant": "racer"}])
         assert client.submit(cat, "caption", tenant="someone-else")  # other tenants are not held back
+        # The node's /metrics: queued and shed per tenant (unweighted tenants fold into `other`).
+        assert node_metric(fair_env, "varco_tenant_queued", tenant="other") == 21
+        assert node_metric(fair_env, "varco_jobs_shed_total", tenant="other") == 29
+        # The share of GPU slots: rate() of the picks per tenant over the picks of all.
+        assert node_metric(fair_env, "varco_fair_picks_total", tenant="A") > 0
         cancel_rest(client, admitted)
         assert client.fair.depth("racer") == 0
         drop_tickets(client, queue)

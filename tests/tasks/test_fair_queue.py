@@ -146,6 +146,7 @@ def test_limits_refuse_whole_batches_with_the_limit_and_depth(client: redis.Redi
     picks(fq, 1)
     fq.insert([job("c1", "C")], max_per_tenant=4, max_queued=5)  # a pick makes room
     assert fq.depths() == {"A": 2, "B": 2, "C": 1} and fq.depth() == 5
+    assert fq.shed() == {"A": 2, "C": 1}  # refused jobs, counted per tenant for /metrics
 
 
 def test_sixteen_racing_submitters_never_overshoot_the_limit(client: redis.Redis) -> None:

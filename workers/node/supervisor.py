@@ -208,7 +208,7 @@ def _serve_endpoint(
     watched = [*queues, CALLBACK_QUEUE] if callbacks else queues
     try:
         client = redis_client(settings, timeout_s=PROBE_TIMEOUT_S, retries=0)
-        return node_http.serve(settings.metrics_port, state_dir, health, client, watched)
+        return node_http.serve(settings.metrics_port, state_dir, health, client, watched, settings.tenant_weights)
     except OSError as exc:  # serving jobs matters more than being scraped
         log.error("cannot serve /metrics, /livez, /readyz on port %d (%s); running without them",
                   settings.metrics_port, exc)  # fmt: skip
