@@ -1,0 +1,90 @@
+"""The worker's side of the fair queue on a real redis-server: tickets told from job messages, the job a
+ticket runs, late jobs (deadline passed, never started) and released tickets."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from varco.tasks.fair_queue import FairQueue, QueuedJob, job_body, ticket_kwargs
+from varco.tasks.schemas import JobState
+from varco.tasks.status import StatusStore
+from varco.workers import metrics
+from varco.workers.devtools.local_redis import LocalRedis, start_redis
+from varco.workers.runtime.fair_pick import FairPicker, Ticket, ticket_of
+
+REQUEST = {"image_uri": "file:///x.png", "task": "caption", "tenant": "teamA"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
+    with start_redis(tmp_path_factory.mktemp("redis-fair-pick")) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server: LocalRedis) -> redis.Redis:
+    c = redis.Redis.from_url(server.url, decode_responses=True)
+    c.flushdb()
+    return c
+
+
+@pytest.fixture
+def statuses(client: redis.Redis) -> StatusStore:
+    return StatusStore(client, ttl=120)
+
+
+def enqueue(client: redis.Redis, statuses: StatusStore, job_id: str, deadline_s: float | None = None) -> None:
+    statuses.create(job_id, "caption", tenant="teamA")
+    body = job_body(job_id, REQUEST, "2026-01-01T00:00:00+00:00")
+    FairQueue(client).insert([QueuedJob(job_id, "varco", "teamA", 4, body, deadline_s)])
+
+
+def sample(name: str, **labels: str) -> float:
+    counter = metrics.EXPIRED if name == "expired" else metrics.PICKS
+    return counter.labels(**labels)._value.get()
+
+
+def test_a_ticket_is_told_from_a_job_message() -> None:
+    assert ticket_of("t1", (), ticket_kwargs("varco")) == Ticket("varco", "t1")
+    assert ticket_of("job-1", ("job-1", REQUEST), {"enqueued_at": "x"}) is None  # the format before issue 19
+    assert ticket_of("../x", (), ticket_kwargs("varco")) is None  # a task id that is no id
+    assert ticket_of("t1", (), {"fair_ticket": ["varco"]}) is None
+
+
+def test_take_gives_the_jobs_message_arguments_and_counts_the_pick(client, statuses: StatusStore) -> None:
+    picker = FairPicker(client, statuses, {"teamA": 3})
+    enqueue(client, statuses, "j1")
+    before = sample("picks", tenant="teamA")
+    taken = picker.take(Ticket("varco", "t1"))
+    assert taken is not None and (taken.job_id, taken.tenant, taken.late) == ("j1", "teamA", False)
+    assert taken.args == ("j1", REQUEST) and taken.kwargs == {"enqueued_at": "2026-01-01T00:00:00+00:00"}
+    assert sample("picks", tenant="teamA") == before + 1
+    assert picker.take(Ticket("varco", "t1")) == taken  # delivered again: the same job
+    picker.release(Ticket("varco", "t1"))
+    assert picker.take(Ticket("varco", "t1")) is None  # its job has ended; nothing else is queued
+
+
+def test_a_job_past_its_deadline_is_late_only_while_it_never_started(client, statuses: StatusStore) -> None:
+    picker = FairPicker(client, statuses, {})
+    enqueue(client, statuses, "late", deadline_s=0.001)
+    enqueue(client, statuses, "crashed", deadline_s=0.001)
+    time.sleep(0.01)
+    late = picker.take(Ticket("varco", "t1"))
+    assert late is not None and late.job_id == "late" and late.late
+    before = sample("expired", tenant="other")
+    error = picker.deadline_error(late)
+    assert type(error).__name__ == "DeadlineExceeded" and sample("expired", tenant="other") == before + 1
+    # A run that started in time and whose worker died is delivered again past the deadline: it runs.
+    statuses.claim("crashed", "gpu0@a", 3, token="tok", lease_s=0.0)
+    assert statuses.get("crashed").state is JobState.STARTED  # type: ignore[union-attr]
+    again = picker.take(Ticket("varco", "t2"))
+    assert again is not None and again.job_id == "crashed" and not again.late
+
+
+def test_a_release_that_cannot_reach_redis_does_not_raise(statuses: StatusStore) -> None:
+    dead = redis.Redis(port=1, socket_connect_timeout=0.2)
+    FairPicker(dead, statuses, {}).release(Ticket("varco", "t1"))
