@@ -17,9 +17,9 @@ from typing import Any
 import redis
 from redis.client import PubSub
 
-from varco.tasks.celery_app import DEFAULT_PRIORITY, INFER_TASK, broker_priority, create_app, infer_queue
+from varco.tasks.celery_app import DEFAULT_PRIORITY, create_app, infer_queue
 from varco.tasks.connections import BrokerUnavailable, broker_errors, redis_client
-from varco.tasks.fair_queue import FairQueue, QueuedJob, job_body, ticket_kwargs
+from varco.tasks.fair_queue import FairQueue, QueuedJob, job_body, send_ticket
 from varco.tasks.job_ids import is_valid_job_id
 from varco.tasks.requests import InvalidRequest, JobRequest, check_data_uri_size, validate_request
 from varco.tasks.results_store import ResultStore, result_store
@@ -163,9 +163,7 @@ class Client:
             queue = infer_queue(request.task, self.settings.task_routes)
             try:
                 with broker_errors(self.settings):
-                    # A ticket is anyone's: priority orders jobs within their tenant, in the fair queue.
-                    self.app.send_task(INFER_TASK, args=[], kwargs=ticket_kwargs(queue), task_id=uuid.uuid4().hex,
-                                       queue=queue, priority=broker_priority(None))  # fmt: skip
+                    send_ticket(self.app, queue)  # priority orders jobs within their tenant, in the fair queue
             except Exception as exc:
                 # Not enqueued: leave no job behind that would wait forever (if Redis still answers).
                 unsent = new[sent:]

@@ -22,12 +22,15 @@ the ticket's Celery message (what each job's own message cost before).
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+from celery import Celery
 
+from varco.tasks.celery_app import INFER_TASK, broker_priority
 from varco.tasks.tenants import check_tenant
 
 # Key prefixes (all under FAIR_PREFIX), per Celery queue {q} unless marked global:
@@ -289,9 +292,23 @@ class FairQueue:
         """Jobs queued per tenant (tenants with none are absent)."""
         return {t: int(n) for t, n in self.redis.hgetall(f"{self.prefix}:depth").items() if int(n) > 0}
 
+    def queued_in(self, queue: str) -> int:
+        """Jobs of one Celery queue waiting to be picked, every tenant together."""
+        tenants = self.redis.zrange(f"{self.prefix}:{queue}:active", 0, -1)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for tenant in tenants:
+                pipe.zcard(f"{self.prefix}:{queue}:t:{tenant}")
+            return sum(pipe.execute())
+
     def shed(self) -> dict[str, int]:
         """Jobs refused by the limits per tenant, since Redis was new (every producer and gateway together)."""
         return {t: int(n) for t, n in self.redis.hgetall(f"{self.prefix}:shed").items()}
+
+
+def send_ticket(app: Celery, queue: str) -> None:
+    """Publish one ticket for `queue` (a fresh task id; the default priority: a ticket is nobody's)."""
+    app.send_task(INFER_TASK, args=[], kwargs=ticket_kwargs(queue), task_id=uuid.uuid4().hex, queue=queue,
+                  priority=broker_priority(None))  # fmt: skip
 
 
 def ticket_kwargs(queue: str) -> dict[str, str]:

@@ -4,20 +4,24 @@ A ticket names no job (tasks/fair_queue.py). When a task thread starts one, `tak
 share, or gets the job this ticket picked before it was delivered again; the thread then runs that job as
 it ran a job message before. `release` forgets the job once its run has ended; a run handed to a Celery retry
 keeps it, since the retry re-publishes the same ticket id. A job whose deadline passed while it was queued
-is `late`: it is failed with DeadlineExceeded and never reaches the engine.
+is `late`: it is failed with DeadlineExceeded and never reaches the engine. `TicketRefill` gives a job that
+was left without a ticket one.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+from celery import Celery
 
+from varco.tasks.celery_app import queue_depth
 from varco.tasks.errors import DeadlineExceeded
-from varco.tasks.fair_queue import FairQueue, ticket_queue
+from varco.tasks.fair_queue import FairQueue, send_ticket, ticket_queue
 from varco.tasks.job_ids import is_valid_job_id
 from varco.tasks.schemas import JobState
 from varco.tasks.status import StatusStore
@@ -89,3 +93,55 @@ class FairPicker:
             self.queue.release(ticket.queue, ticket.ticket_id)
         except redis.RedisError as exc:
             log.warning("could not release ticket %s (%r)", ticket.ticket_id, exc)
+
+
+class TicketRefill:
+    """Gives a job left without a ticket one, so it cannot wait for ever.
+
+    Tickets and queued jobs are published one after the other, not atomically: a producer killed between
+    inserting its jobs and publishing their tickets, or a ticket the broker transport loses in a crash (kombu
+    pops a message before it records it as unacknowledged), leaves jobs that no ticket will pick. Every
+    `interval_s`, per queue: deficit = jobs queued in the fair queue - tickets waiting on its lists - every
+    message in flight (kombu's `unacked` hash, all queues: an overestimate of the tickets, so the deficit is
+    never overstated). A deficit seen on two checks in a row gets that many tickets (the smaller of the two),
+    so a producer between its insert and its publishes is not answered. A spare ticket finds nothing and
+    costs one pick; a missing one would strand a job."""
+
+    def __init__(self, app: Celery, client: redis.Redis, queues: Iterable[str], interval_s: float) -> None:
+        self.app, self.redis, self.queues, self.interval_s = app, client, list(queues), interval_s
+        self.fair = FairQueue(client)
+        options = app.conf.broker_transport_options or {}
+        self.unacked_key = f"{options.get('global_keyprefix', '')}{options.get('unacked_key', 'unacked')}"
+        self._seen: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ticket-refill", daemon=True)
+
+    def start(self) -> TicketRefill:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def check(self) -> int:
+        """One round over the queues; how many tickets it published."""
+        in_flight = self.redis.hlen(self.unacked_key)
+        published = 0
+        for queue in self.queues:
+            deficit = self.fair.queued_in(queue) - queue_depth(self.redis, queue) - in_flight
+            missing = min(deficit, self._seen.get(queue, 0))
+            self._seen[queue] = max(deficit, 0)
+            if missing > 0:
+                log.warning("%d queued job(s) on %s had no ticket; publishing %d", missing, queue, missing)
+                for _ in range(missing):
+                    send_ticket(self.app, queue)
+                published += missing
+                self._seen[queue] = 0
+        return published
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.check()
+            except Exception as exc:  # the next round tries again; never the worker's death
+                log.warning("ticket refill failed (%r)", exc)

@@ -47,7 +47,7 @@ def run_inference_worker(hostname: str, queues: list[str], concurrency: int | No
         from varco.workers.input.fetch import ImageFetcher
         from varco.workers.output.result_cache import ResultCache
         from varco.workers.runtime.cancels import CancelWatcher
-        from varco.workers.runtime.fair_pick import FairPicker  # fair share (issue 19)
+        from varco.workers.runtime.fair_pick import FairPicker, TicketRefill  # fair share (issue 19)
         from varco.workers.runtime.inference import Runtime, register_inference_task
         from varco.workers.runtime.leases import LeaseKeeper
     except ImportError as exc:
@@ -91,6 +91,9 @@ def run_inference_worker(hostname: str, queues: list[str], concurrency: int | No
         fair=FairPicker(client, statuses, settings.tenant_weights),  # fair share (issue 19)
     )
     register_inference_task(app, lambda: runtime)
+    refill = TicketRefill(
+        app, client, queues, min(60.0, settings.visibility_timeout / 6)
+    ).start()  # fair share (issue 19)
     # Enough task threads to keep the engine full while others fetch: a batch and the next one for hf,
     # every sequence slot and a few spare for vllm.
     threads = concurrency or (
@@ -102,6 +105,7 @@ def run_inference_worker(hostname: str, queues: list[str], concurrency: int | No
         runtime.engine.stop()
         runtime.cancels.stop()
         runtime.leases.stop()
+        refill.stop()  # fair share (issue 19)
         runtime.fetcher.close()
 
 

@@ -9,12 +9,14 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from varco.tasks.fair_queue import FairQueue, QueuedJob, job_body, ticket_kwargs
+from varco.tasks.celery_app import create_app, queue_depth
+from varco.tasks.fair_queue import FairQueue, QueuedJob, job_body, send_ticket, ticket_kwargs
 from varco.tasks.schemas import JobState
+from varco.tasks.settings import Settings
 from varco.tasks.status import StatusStore
 from varco.workers import metrics
 from varco.workers.devtools.local_redis import LocalRedis, start_redis
-from varco.workers.runtime.fair_pick import FairPicker, Ticket, ticket_of
+from varco.workers.runtime.fair_pick import FairPicker, Ticket, TicketRefill, ticket_of
 
 REQUEST = {"image_uri": "file:///x.png", "task": "caption", "tenant": "teamA"}
 
@@ -88,3 +90,20 @@ def test_a_job_past_its_deadline_is_late_only_while_it_never_started(client, sta
 def test_a_release_that_cannot_reach_redis_does_not_raise(statuses: StatusStore) -> None:
     dead = redis.Redis(port=1, socket_connect_timeout=0.2)
     FairPicker(dead, statuses, {}).release(Ticket("varco", "t1"))
+
+
+def test_jobs_left_without_a_ticket_get_one_after_two_checks(client, statuses: StatusStore, server) -> None:
+    app = create_app(Settings(broker_url=server.url))
+    refill = TicketRefill(app, client, ["varco"], interval_s=60)
+    enqueue(client, statuses, "has-ticket")
+    send_ticket(app, "varco")
+    enqueue(client, statuses, "stranded-1")  # as if its producer died before publishing its ticket
+    enqueue(client, statuses, "stranded-2")
+    assert refill.check() == 0  # once: it may be a producer between its insert and its publishes
+    assert refill.check() == 2 and queue_depth(client, "varco") == 3
+    assert refill.check() == 0 and refill.check() == 0  # every job has its ticket now
+    client.hset("unacked", "tag-1", "{}")  # a message in flight may be a ticket: never too many
+    enqueue(client, statuses, "stranded-3")
+    assert refill.check() == 0 and refill.check() == 0
+    client.hdel("unacked", "tag-1")
+    assert refill.check() == 0 and refill.check() == 1 and queue_depth(client, "varco") == 4
