@@ -9,6 +9,8 @@ queue alone, never by timing.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
 import time
 import uuid
@@ -18,9 +20,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import forced_tokens, running_gateway, running_worker
+from conftest import forced_tokens, node_metric, running_gateway, running_worker
+from helpers import VARCO_CLI
 from images import png
-from prometheus_client.parser import text_string_to_metric_families
 
 from varco.producer import Client, QueueFull
 from varco.tasks.celery_app import INFER_QUEUE, INFER_TASK, queue_lanes
@@ -88,22 +90,6 @@ def first_finished(client: Client, job_ids: list[str], n: int) -> list[JobStatus
         if len(finished) == n:
             break
     return finished
-
-
-def node_metric(env: dict[str, str], name: str, **labels: str) -> float:
-    deadline = time.monotonic() + 120
-    while True:  # the node's endpoint comes up with the worker
-        try:
-            text = httpx.get(f"http://127.0.0.1:{env['VARCO_METRICS_PORT']}/metrics", timeout=10).text
-            break
-        except httpx.TransportError:
-            assert time.monotonic() < deadline, "the worker node's /metrics never answered"
-            time.sleep(0.2)
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
 
 
 def test_a_backlog_of_500_does_not_hold_back_another_tenants_jobs(fair: Client, cat: str) -> None:
@@ -243,3 +229,17 @@ def test_the_gateway_refuses_over_the_limit_with_429_queue_full(
         assert client.fair.depth("gw-racers") == 10
         cancel_rest(client, [a.json()["job_id"] for a in answers if a.status_code == 202])
         drop_tickets(client, "varco.parked-gateway")
+
+
+def test_the_cli_submits_for_a_tenant_and_says_when_the_queue_is_full(fair_env: dict[str, str], fair: Client) -> None:
+    env = {**os.environ, **fair_env, "VARCO_TASK_ROUTES": '{"caption": "varco.parked-cli"}',
+           "VARCO_MAX_QUEUED_PER_TENANT": "1"}  # fmt: skip
+    args = [*VARCO_CLI, "submit", "https://x.example/a.png", "--tenant", "cli-team", "--deadline-s", "600"]
+    first = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert fair.status(first.stdout.strip()).tenant == "cli-team"
+    second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and "queue full: tenant 'cli-team' has 1 jobs queued" in second.stderr
+    assert "Traceback" not in second.stderr
+    fair.cancel(first.stdout.strip())
+    drop_tickets(fair, "varco.parked-cli")
