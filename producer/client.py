@@ -276,8 +276,6 @@ class Client:
         """Cancel a queued, retrying or running job. False when it had already finished."""
         with broker_errors(self.settings):
             state = self.statuses.request_cancel(job_id) if is_valid_job_id(job_id) else None
-            if state is JobState.CANCELLED:
-                self.fair.revoke(job_id)  # off its tenant's queue: no longer counted against the limits
         if state is None:
             raise JobNotFound(job_id)
         return state is JobState.CANCELLED or not state.finished
