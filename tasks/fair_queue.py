@@ -104,8 +104,8 @@ return {'ok'}
 """
 )
 
-# ARGV: prefix, queue, ticket id, then tenant/weight pairs. Returns {job id, body, tenant, expired (0|1)}, or
-# {} when the queue is empty. A ticket that already holds a job gets that job again.
+# ARGV: prefix, queue, ticket id, then tenant/weight pairs. Returns {job id, body, tenant, expired (0|1), tenants
+# still waiting (-1: not a new pick)}, or {} when the queue is empty. A ticket that already holds a job gets it again.
 _PICK = (
     _CLOCK
     + """
@@ -121,7 +121,7 @@ local bound = redis.call('HGET', picked, ticket)
 if bound then
   local jk = p .. ':job:' .. bound
   local body = redis.call('HGET', jk, 'body')
-  if body then return {bound, body, redis.call('HGET', jk, 'tenant'), expired(jk)} end
+  if body then return {bound, body, redis.call('HGET', jk, 'tenant'), expired(jk), -1} end
   redis.call('HDEL', picked, ticket)
 end
 local weights = {}
@@ -156,7 +156,7 @@ while true do
   if body then
     redis.call('HSET', picked, ticket, job)
     redis.call('HSET', jk, 'ticket', ticket)
-    return {job, body, t, late}
+    return {job, body, t, late, redis.call('ZCARD', active)}
   end
 end
 """
@@ -224,12 +224,14 @@ class QueuedJob:
 
 @dataclass(frozen=True)
 class Picked:
-    """The job a ticket picked: its id, tenant, message body, and whether its deadline had passed."""
+    """The job a ticket picked: its id, tenant, message body, whether its deadline had passed, and how many
+    tenants had queued jobs after the pick (-1: the ticket held this job already)."""
 
     job_id: str
     tenant: str
     body: dict[str, Any]
     expired: bool
+    waiting: int = -1
 
     @property
     def task_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -270,8 +272,8 @@ class FairQueue:
         found = self._pick(args=[self.prefix, queue, ticket_id, *self._weights])
         if not found:
             return None
-        job_id, body, tenant, expired = found
-        return Picked(job_id, tenant, json.loads(body), bool(int(expired)))
+        job_id, body, tenant, expired, waiting = found
+        return Picked(job_id, tenant, json.loads(body), bool(int(expired)), int(waiting))
 
     def release(self, queue: str, ticket_id: str) -> bool:
         """The ticket's run has ended (not handed to a retry): forget its job."""

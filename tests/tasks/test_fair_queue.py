@@ -101,13 +101,15 @@ def test_a_ticket_delivered_again_gets_the_same_job_until_released(client: redis
     fq = FairQueue(client)
     fill(fq, "A", 3)
     first = fq.pick(Q, "t1")
-    assert first is not None and fq.pick(Q, "t1") == first  # a redelivery or a Celery retry: the same job
+    again = fq.pick(Q, "t1")  # a redelivery or a Celery retry: the same job
+    assert first is not None and again is not None and (again.job_id, again.body) == (first.job_id, first.body)
+    assert (first.waiting, again.waiting) == (1, -1)  # a new pick says how many tenants still wait
     assert first.task_args == (("A-0", {"image_uri": "file:///x.png", "task": "caption"}),
                                {"enqueued_at": "2026-01-01T00:00:00+00:00"})  # fmt: skip
     assert fq.depth("A") == 2
     assert fq.release(Q, "t1") and not fq.release(Q, "t1")
-    again = fq.pick(Q, "t1")  # a ticket whose job ended (acked late) takes the next job: nothing runs twice
-    assert again is not None and again.job_id == "A-1"
+    after = fq.pick(Q, "t1")  # a ticket whose job ended (acked late) takes the next job: nothing runs twice
+    assert after is not None and after.job_id == "A-1"
     assert not client.exists("varco:fair:job:A-0")
 
 

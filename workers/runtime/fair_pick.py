@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +31,7 @@ from varco.tasks.tenants import metric_label
 from varco.workers import metrics
 
 log = logging.getLogger(__name__)
+SHARE_LOG_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,10 @@ class FairPicker:
         self.queue = FairQueue(client, weights)
         self.statuses = statuses
         self.weights = dict(weights)
+        self._lock = threading.Lock()
+        self._picks: Counter[str] = Counter()
+        self._competing = False  # whether several tenants had queued jobs at a pick since the last line
+        self._since = time.monotonic()
 
     def take(self, ticket: Ticket) -> Taken | None:
         """The job this ticket runs, or None: nothing is queued (its job was cancelled, or ran already)."""
@@ -73,8 +80,27 @@ class FairPicker:
         args, kwargs = picked.task_args
         # Late only if it never started: a run that started in time and whose worker died runs again.
         late = picked.expired and self._still_queued(picked.job_id)
-        metrics.PICKS.labels(tenant=metric_label(picked.tenant, self.weights)).inc()
+        if picked.waiting >= 0:  # a new pick, not a ticket delivered again
+            metrics.PICKS.labels(tenant=metric_label(picked.tenant, self.weights)).inc()
+            self._note(picked.tenant, picked.waiting)
         return Taken(picked.job_id, picked.tenant, args, kwargs, late)
+
+    def _note(self, tenant: str, waiting: int) -> None:
+        """Say in the log, at most once per SHARE_LOG_S, how the picks were shared while tenants competed (a
+        tenant below its backlog's pace is throttled to its share there)."""
+        with self._lock:
+            self._picks[tenant] += 1
+            self._competing = self._competing or waiting > 1
+            now = time.monotonic()
+            if now - self._since < SHARE_LOG_S:
+                return
+            picks, competing, since = self._picks, self._competing, self._since
+            self._picks, self._competing, self._since = Counter(), False, now
+        if competing:
+            total = sum(picks.values())
+            shares = ", ".join(f"{t} {n / total:.0%}" for t, n in picks.most_common(10))
+            log.info("fair share over the last %.0fs, tenants throttled to their weights: %s of %d picks", now - since,
+                     shares, total)  # fmt: skip
 
     def _still_queued(self, job_id: str) -> bool:
         status = self.statuses.get(job_id) if is_valid_job_id(job_id) else None

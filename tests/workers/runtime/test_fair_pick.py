@@ -3,6 +3,7 @@ ticket runs, late jobs (deadline passed, never started) and released tickets."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 
@@ -16,6 +17,7 @@ from varco.tasks.settings import Settings
 from varco.tasks.status import StatusStore
 from varco.workers import metrics
 from varco.workers.devtools.local_redis import LocalRedis, start_redis
+from varco.workers.runtime import fair_pick
 from varco.workers.runtime.fair_pick import FairPicker, Ticket, TicketRefill, ticket_of
 
 REQUEST = {"image_uri": "file:///x.png", "task": "caption", "tenant": "teamA"}
@@ -65,7 +67,8 @@ def test_take_gives_the_jobs_message_arguments_and_counts_the_pick(client, statu
     assert taken is not None and (taken.job_id, taken.tenant, taken.late) == ("j1", "teamA", False)
     assert taken.args == ("j1", REQUEST) and taken.kwargs == {"enqueued_at": "2026-01-01T00:00:00+00:00"}
     assert sample("picks", tenant="teamA") == before + 1
-    assert picker.take(Ticket("varco", "t1")) == taken  # delivered again: the same job
+    assert picker.take(Ticket("varco", "t1")) == taken  # delivered again: the same job (counted once)
+    assert sample("picks", tenant="teamA") == before + 1
     picker.release(Ticket("varco", "t1"))
     assert picker.take(Ticket("varco", "t1")) is None  # its job has ended; nothing else is queued
 
@@ -107,3 +110,23 @@ def test_jobs_left_without_a_ticket_get_one_after_two_checks(client, statuses: S
     assert refill.check() == 0 and refill.check() == 0
     client.hdel("unacked", "tag-1")
     assert refill.check() == 0 and refill.check() == 1 and queue_depth(client, "varco") == 4
+
+
+def test_the_log_says_how_competing_tenants_were_shared(client, statuses, monkeypatch, caplog) -> None:
+    picker = FairPicker(client, statuses, {"teamA": 3})
+    body = job_body("x", REQUEST, "2026-01-01T00:00:00+00:00")
+    jobs = [QueuedJob(f"{t}-{i}", "varco", t, 4, body) for t in ("teamA", "teamB") for i in range(8)]
+    FairQueue(client).insert(jobs)
+    caplog.set_level(logging.INFO, logger="varco.workers.runtime.fair_pick")
+    for i in range(7):
+        picker.take(Ticket("varco", f"t{i}"))
+    assert not [r for r in caplog.records if "fair share" in r.message]  # at most once per SHARE_LOG_S
+    monkeypatch.setattr(fair_pick, "SHARE_LOG_S", 0.0)
+    picker.take(Ticket("varco", "t7"))
+    [line] = [r.getMessage() for r in caplog.records if "fair share" in r.getMessage()]
+    assert "throttled to their weights: teamA 75%, teamB 25% of 8 picks" in line
+    caplog.clear()
+    FairQueue(client).insert([QueuedJob(f"solo-{i}", "varco.solo", "solo", 4, body) for i in range(2)])
+    picker.take(Ticket("varco.solo", "s1"))
+    picker.take(Ticket("varco.solo", "s2"))
+    assert not [r for r in caplog.records if "fair share" in r.getMessage()]  # one tenant alone: nobody throttled
