@@ -7,29 +7,19 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 import redis
 
 from varco.tasks.fair_queue import FairQueue, QueuedJob, QueueFull, job_body, ticket_kwargs, ticket_queue
 from varco.tasks.tenants import InvalidTenant, check_tenant, metric_label, parse_weights
-from varco.workers.devtools.local_redis import LocalRedis, start_redis
 
 Q = "varco"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    with start_redis(tmp_path_factory.mktemp("redis-fair")) as s:
-        yield s
-
-
 @pytest.fixture
-def client(server: LocalRedis) -> redis.Redis:
-    c = redis.Redis.from_url(server.url, decode_responses=True)
-    c.flushdb()
-    return c
+def client(flushed_redis: redis.Redis) -> redis.Redis:
+    return flushed_redis
 
 
 def job(job_id: str, tenant: str, priority: int = 4, deadline_s: float | None = None, queue: str = Q) -> QueuedJob:

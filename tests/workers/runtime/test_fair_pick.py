@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -16,24 +15,15 @@ from varco.tasks.schemas import JobState
 from varco.tasks.settings import Settings
 from varco.tasks.status import StatusStore
 from varco.workers import metrics
-from varco.workers.devtools.local_redis import LocalRedis, start_redis
 from varco.workers.runtime import fair_pick
 from varco.workers.runtime.fair_pick import FairPicker, Ticket, TicketRefill, ticket_of
 
 REQUEST = {"image_uri": "file:///x.png", "task": "caption", "tenant": "teamA"}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    with start_redis(tmp_path_factory.mktemp("redis-fair-pick")) as s:
-        yield s
-
-
 @pytest.fixture
-def client(server: LocalRedis) -> redis.Redis:
-    c = redis.Redis.from_url(server.url, decode_responses=True)
-    c.flushdb()
-    return c
+def client(flushed_redis: redis.Redis) -> redis.Redis:
+    return flushed_redis
 
 
 @pytest.fixture
@@ -95,8 +85,8 @@ def test_a_release_that_cannot_reach_redis_does_not_raise(statuses: StatusStore)
     FairPicker(dead, statuses, {}).release(Ticket("varco", "t1"))
 
 
-def test_jobs_left_without_a_ticket_get_one_after_two_checks(client, statuses: StatusStore, server) -> None:
-    app = create_app(Settings(broker_url=server.url))
+def test_jobs_left_without_a_ticket_get_one_after_two_checks(client, statuses: StatusStore, module_redis) -> None:
+    app = create_app(Settings(broker_url=module_redis.url))
     refill = TicketRefill(app, client, ["varco"], interval_s=60)
     enqueue(client, statuses, "has-ticket")
     send_ticket(app, "varco")
