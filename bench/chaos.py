@@ -8,7 +8,9 @@ tiny offline model. The faults are triggered by progress, so they land while job
 - at 10% finished: kill -9 one node's inference child (its jobs come back after the visibility timeout);
 - at 30%: Redis is restarted (SIGTERM, then the same port and AOF file);
 - at 50%: S3 is cut for `--s3-outage-s` seconds (connections reset, new ones refused).
-Then every job must end `succeeded` with exactly one result object and one terminal webhook. Prints the
+Half the jobs belong to tenant teamA, half to teamB (weights 3:1: the fair queue's tickets, picks and releases
+go through every fault too). Then every job must end `succeeded` with exactly one result object and one
+terminal webhook. Prints the
 figures: submitted, succeeded, failed, lost (no terminal state), duplicated (more than one terminal webhook
 or result), the webhooks, and the wall time.
 """
@@ -91,6 +93,9 @@ def count_states(client: Client, ids: list[str]) -> collections.Counter[str]:
     return collections.Counter(s.state.value if s else "missing" for s in statuses.values())
 
 
+TENANTS = ("teamA", "teamB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=2000)
@@ -135,6 +140,7 @@ def main() -> None:
             "VARCO_MAX_ATTEMPTS": "5",
             "VARCO_KEEP_IMAGES": "false",
             "VARCO_METRICS_PORT": "0",
+            "VARCO_TENANT_WEIGHTS": "teamA=3,teamB=1",
         }
         client = Client(settings_from_env(env))
         uri = (images / "a.png").as_uri()
@@ -156,6 +162,7 @@ def main() -> None:
                         "callback_url": receiver.url,
                         "callback_events": ["job.succeeded", "job.failed"],
                         "metadata": {"n": n},
+                        "tenant": TENANTS[n % 2],  # two tenants share the nodes (issue 19)
                     }
                     for n in range(args.jobs)
                 ]
@@ -233,6 +240,7 @@ def main() -> None:
     dup_hooks = [j for j in ids if terminal_hooks[j] > 1]
     no_result = [j for j in succeeded if j not in keys]
     attempts = collections.Counter(final[j].attempts for j in ids if final.get(j))
+    per_tenant = collections.Counter(final[j].tenant for j in succeeded)
     print()
     print(f"chaos: {args.jobs} caption jobs (max_new_tokens={args.max_new_tokens}), two CPU nodes, "
           f"visibility timeout {args.visibility_timeout}s, S3 outage {args.s3_outage_s:.0f}s")  # fmt: skip
@@ -244,6 +252,7 @@ def main() -> None:
     print(f"  webhook-ids delivered more than once (same id: receivers deduplicate): {redelivered}")
     print(f"  result objects: {len(keys)} ({len(no_result)} succeeded jobs without one)")
     print(f"  attempts per job: {dict(sorted(attempts.items()))}")
+    print(f"  succeeded per tenant (weights teamA=3, teamB=1, half the jobs each): {dict(sorted(per_tenant.items()))}")
     print(f"  wall time from submit to all terminal: {wall:.1f}s ({len(ids) / wall:.1f} jobs/s)")
     ok = len(succeeded) == len(ids) and not no_hook and not dup_hooks and not no_result
     print("  PASS: every job succeeded once, one result, one terminal webhook" if ok else "  FAIL")

@@ -17,6 +17,7 @@ from varco.gateway.ratelimit import retry_after
 from varco.gateway.state import GatewayState, gateway
 from varco.tasks.job_ids import JOB_ID_PATTERN
 from varco.tasks.schemas import JobStatus
+from varco.tasks.tenants import DEFAULT_TENANT
 
 ANONYMOUS = "anonymous"  # the caller under --no-auth (one rate-limit bucket)
 JobId = Annotated[str, Path(pattern=f"^{JOB_ID_PATTERN}$", description="the job id `POST /v1/jobs` returned")]
@@ -88,6 +89,11 @@ async def job_caller(
             who = key_from_bearer(state, credentials)
     rate_limit(state, who)
     return who
+
+
+def tenant_of(state: GatewayState, who: str) -> str:
+    """The tenant a caller's jobs belong to: its key's name, or its key id (`default` under --no-auth)."""
+    return state.keys.tenant(who) if state.keys is not None else DEFAULT_TENANT
 
 
 def not_found(job_id: str) -> Problem:

@@ -113,6 +113,7 @@ def create_app(settings: Settings, keys: list[str] | None, *, client: Client | N
                 found = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(found.pop("$defs", {}))
                 components[model.__name__] = found
+            components["JobRequest"]["properties"].pop("tenant", None)  # the API key names it, not the body
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from varco.tasks.settings import Settings
+from varco.tasks.tenants import TENANT_PATTERN
 
 PAGE_TOKEN_TTL_S = 15 * 60
 # `{key id}.{expiry}.{signature}` exactly as page_token writes it: ASCII hex, digits without a leading zero,
@@ -40,14 +41,31 @@ def load_keys(settings: Settings) -> list[str]:
     return [k for k in keys if k]
 
 
+def split_named_key(entry: str) -> tuple[str | None, str]:
+    """`name:key` -> (name, key): the name is the key's tenant. An entry whose part before the first ':' is no
+    tenant name (tasks/tenants.py) is a key without a name: (None, entry)."""
+    name, sep, key = entry.partition(":")
+    if sep and key and re.fullmatch(TENANT_PATTERN, name):
+        return name, key
+    return None, entry
+
+
 class KeyRing:
     def __init__(self, keys: Iterable[str]) -> None:
+        """`keys`: VARCO_API_KEYS entries, each a key or `name:key`."""
+        named = [split_named_key(entry) for entry in keys]
+        # A named key's tenant is its name; a nameless key is a tenant of its own, named by its key id.
+        self._tenants = {key_id(k): name or key_id(k) for name, k in named}
         # Digests have one length, so comparing them leaks nothing about a key's length either.
-        self._by_id = {key_id(k): k for k in keys}
+        self._by_id = {key_id(k): k for _, k in named}
         self._digests = [(kid, hashlib.sha256(k.encode()).digest()) for kid, k in self._by_id.items()]
 
     def __len__(self) -> int:
         return len(self._by_id)
+
+    def tenant(self, kid: str) -> str:
+        """The tenant of the key with id `kid` (docs/tenants.md)."""
+        return self._tenants[kid]
 
     def match(self, presented: str) -> str | None:
         """The key id of `presented`, or None. Every key is compared, in constant time."""

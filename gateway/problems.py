@@ -10,7 +10,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from varco.tasks.fair_queue import QueueFull
+
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+QUEUE_FULL_RETRY_AFTER_S = 5  # a guess that spares the broker a hot retry loop; the queue's drain rate varies
 _TYPE_PREFIX = "urn:varco:problem:"
 
 _TITLES = {
@@ -98,7 +101,15 @@ async def _on_validation_error(_: Request, exc: Exception) -> JSONResponse:
     return problem_response(422, "invalid-request", "invalid request: " + "; ".join(parts), field=field)
 
 
+async def _on_queue_full(_: Request, exc: Exception) -> JSONResponse:
+    """VARCO_MAX_QUEUED(_PER_TENANT) reached: nothing was enqueued; come back once the queue has drained a bit."""
+    assert isinstance(exc, QueueFull)
+    headers = {"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)}
+    return problem_response(429, "queue-full", str(exc), headers, limit=exc.limit, depth=exc.depth)
+
+
 def install(app: Any) -> None:
+    app.add_exception_handler(QueueFull, _on_queue_full)
     app.add_exception_handler(Problem, _on_problem)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from varco.gateway import overlay
-from varco.gateway.access import JobId, caller, job_caller, not_found, owned_status
+from varco.gateway.access import JobId, caller, job_caller, not_found, owned_status, tenant_of
 from varco.gateway.problems import Problem, responses
 from varco.gateway.public_view import public_result, public_status
 from varco.gateway.sse import event_stream, watch
@@ -70,7 +70,7 @@ def _job_fields(item: Any, who: str, idempotency_key: str | None, index: int | N
     where = f"request #{index}: " if index is not None else ""
     if not isinstance(item, dict):
         raise Problem(422, "invalid-request", f"{where}invalid job request: expected a JSON object", index=index)
-    if unknown := sorted(set(item) - set(JobRequest.model_fields)):
+    if unknown := sorted(set(item) - set(JobRequest.model_fields) | ({"tenant"} & set(item))):  # the key's tenant
         raise Problem(
             422, "invalid-request", f"{where}invalid job request: {unknown[0]}: Extra inputs are not permitted",
             field=unknown[0], index=index,
@@ -114,7 +114,7 @@ async def submit_job(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
 ) -> Submitted:  # fmt: skip
     """Body: submit's fields. The same Idempotency-Key (per API key) returns the first job's id."""
-    fields = _job_fields(await _json(request), who, idempotency_key)
+    fields = _job_fields(await _json(request), who, idempotency_key) | {"tenant": tenant_of(state, who)}
     try:
         [job_id] = await run_in_threadpool(state.client.submit_many, [fields], owner=who)
     except IdempotencyKeyReused as exc:
@@ -131,7 +131,11 @@ async def submit_job(
     responses=responses(408, 413), summary="Submit several jobs, all validated before any is enqueued",
 )  # fmt: skip
 async def submit_batch(request: Request, state: State, who: Caller) -> BatchSubmitted:
-    fields = _batch_fields(await _json(request), who, state.client.settings.gateway_max_batch)
+    tenant = tenant_of(state, who)
+    fields = [
+        job | {"tenant": tenant}
+        for job in _batch_fields(await _json(request), who, state.client.settings.gateway_max_batch)
+    ]
     try:
         job_ids = await run_in_threadpool(state.client.submit_many, fields, owner=who)
     except IdempotencyKeyReused as exc:

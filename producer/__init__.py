@@ -2,6 +2,7 @@
 
 from varco.producer.client import Client, JobCancelled, JobFailed, JobNotFound
 from varco.tasks.connections import BrokerUnavailable
+from varco.tasks.fair_queue import QueueFull
 from varco.tasks.requests import IdempotencyKeyReused, InvalidRequest
 
 __all__ = [
@@ -12,4 +13,5 @@ __all__ = [
     "JobCancelled",
     "JobFailed",
     "JobNotFound",
+    "QueueFull",
 ]

@@ -157,7 +157,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     defaults = {k: v for k, v in {
         "task": args.task, "prompt": args.prompt, "region": _region(args.region), "label": args.label,
         "callback_url": args.callback_url, "priority": args.priority, "max_new_tokens": args.max_new_tokens,
-        "metadata": _metadata(args.metadata),
+        "metadata": _metadata(args.metadata), "tenant": args.tenant, "deadline_s": args.deadline_s,
     }.items() if v is not None}  # fmt: skip
     if args.from_file and args.image_uri:
         raise UsageError("give an IMAGE_URI or --from FILE, not both")
@@ -396,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --from: each line's key is PREFIX:LINE, so running the same file again submits nothing twice",
     )  # fmt: skip
     p.add_argument("--metadata", help="JSON object stored with the result")
+    p.add_argument("--tenant", help="whom the jobs belong to (fair share, limits; default: default)")
+    p.add_argument("--deadline-s", type=float, help="fail a job not started this many seconds after submission")
     p.add_argument("--from", dest="from_file", help="file with one URI or JSON object per line ('-' = stdin)")
     p.add_argument("--wait", action="store_true", help="wait for the jobs, with a progress bar")
     p.add_argument("--timeout", type=float)
@@ -458,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from varco.tasks.connections import BrokerUnavailable
+    from varco.tasks.fair_queue import QueueFull
 
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse reports its own errors with exit code 2
@@ -465,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except UsageError as exc:
         parser.exit(2, f"varco {args.command}: error: {exc}\n")
-    except BrokerUnavailable as exc:  # one line, no traceback: the operator's next step is to check Redis
+    except (BrokerUnavailable, QueueFull) as exc:  # one line, no traceback: check Redis, or come back later
         parser.exit(2, f"varco {args.command}: error: {' '.join(str(exc).split())}\n")
 
 

@@ -16,8 +16,9 @@ from typing import Any
 
 import redis
 
-from varco.tasks.celery_app import INFER_TASK, broker_priority, create_app, infer_queue
+from varco.tasks.celery_app import DEFAULT_PRIORITY, create_app, infer_queue
 from varco.tasks.connections import BrokerUnavailable, broker_errors, redis_client
+from varco.tasks.fair_queue import FairQueue, QueuedJob, job_body, send_ticket
 from varco.tasks.job_ids import is_valid_job_id
 from varco.tasks.requests import (
     IdempotencyKeyReused,
@@ -30,6 +31,7 @@ from varco.tasks.results_store import ResultStore, result_store
 from varco.tasks.schemas import ErrorInfo, JobResult, JobState, JobStatus
 from varco.tasks.settings import Settings, get_settings
 from varco.tasks.status import EventFeed, StatusStore, now_iso
+from varco.tasks.tenants import DEFAULT_TENANT, check_tenant
 from varco.tasks.waiting import FinishLine, Listen, Read, TimedOut, WaitPlan
 
 
@@ -51,10 +53,13 @@ class JobCancelled(RuntimeError):
 
 
 class Client:
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, *, tenant: str | None = None) -> None:
+        """`tenant`: whom this client's jobs belong to unless a submit names another (default `default`)."""
         self.settings = settings or get_settings()
+        self.tenant = check_tenant(tenant or DEFAULT_TENANT)
         self.redis = redis_client(self.settings)
         self.statuses = StatusStore(self.redis, self.settings.status_ttl)
+        self.fair = FairQueue(self.redis)
         self.app = create_app(self.settings)
         self._store: ResultStore | None = None
 
@@ -86,38 +91,87 @@ class Client:
         metadata: Mapping[str, Any] | None = None,
         max_new_tokens: int | None = None,
         owner: str | None = None,
+        tenant: str | None = None,
+        deadline_s: float | None = None,
     ) -> str:
         """Validate and enqueue one job; returns its id. Same idempotency key -> same id, one run.
-        InvalidRequest for a bad request, BrokerUnavailable when Redis cannot be reached.
+        InvalidRequest for a bad request, QueueFull over a queued-jobs limit, BrokerUnavailable when Redis
+        cannot be reached.
 
         `owner` is an opaque id of who submitted it (the HTTP gateway passes its API key's id), kept in
-        the job's status record as `owner`; it is not part of the job request the worker sees."""
+        the job's status record as `owner`; it is not part of the job request the worker sees. `tenant`
+        (default: the client's) shares the GPUs fairly with other tenants; `deadline_s` (default
+        VARCO_DEFAULT_DEADLINE_S) fails the job with DeadlineExceeded if it has not started that long after."""
         request = self.validate(
             image_uri, task, prompt=prompt, region=region, label=label, callback_url=callback_url,
             callback_events=callback_events, idempotency_key=idempotency_key, priority=priority,
-            metadata=metadata, max_new_tokens=max_new_tokens,
+            metadata=metadata, max_new_tokens=max_new_tokens, tenant=tenant or self.tenant, deadline_s=deadline_s,
         )  # fmt: skip
         with broker_errors(self.settings):
-            return self._enqueue(request, owner)
+            return self._enqueue([request], owner)[0]
 
     def submit_many(self, requests: Iterable[Mapping[str, Any]], *, owner: str | None = None) -> list[str]:
         """Validate every request first (nothing is enqueued if one is bad), then enqueue them in order."""
         validated = []
         for index, fields in enumerate(requests):
             fields = dict(fields)
+            fields["tenant"] = fields.get("tenant") or self.tenant
             try:
                 validated.append(self.validate(fields.pop("image_uri", None), fields.pop("task", None), **fields))
             except InvalidRequest as exc:
                 message = f"request #{index}: {exc}"
                 raise InvalidRequest(message, index=index, reason=exc.reason, field=exc.field) from None
-        job_ids: list[str] = []
         try:
             with broker_errors(self.settings):
-                self._check_idempotency_keys(validated)  # issue 21: a reused key refuses the batch up front
-                for request in validated:
-                    job_ids.append(self._enqueue(request, owner))
+                self._check_idempotency_keys(validated)  # a reused key refuses the batch up front
+                return self._enqueue(validated, owner)
         except BrokerUnavailable as exc:
-            raise BrokerUnavailable(f"{exc} ({len(job_ids)} of {len(validated)} enqueued)", job_ids) from exc
+            message = f"{exc} ({len(exc.enqueued)} of {len(validated)} enqueued)"
+            raise BrokerUnavailable(message, exc.enqueued) from exc
+
+    def _enqueue(self, requests: Sequence[JobRequest], owner: str | None = None) -> list[str]:
+        """Enqueue jobs in order, all admitted or none (QueueFull): a status record each, the jobs into the
+        fair queue in one step, then one anonymous ticket each on their Celery queue (docs/tenants.md)."""
+        job_ids: list[str] = []
+        new: list[tuple[str, JobRequest]] = []
+        for request in requests:
+            job_id = uuid.uuid4().hex
+            if request.idempotency_key:
+                first = self.statuses.claim_idempotency_key(request.idempotency_key, job_id, request.fingerprint())
+                if first != job_id:
+                    job_ids.append(first)
+                    continue
+            job_ids.append(job_id)
+            new.append((job_id, request))
+        done = [j for j in job_ids if j not in {job_id for job_id, _ in new}]  # idempotent repeats
+        try:
+            with broker_errors(self.settings):
+                for job_id, request in new:
+                    self.statuses.create(job_id, request.task.value, owner=owner, tenant=request.tenant)
+                self.fair.insert(
+                    [self._queued(job_id, request) for job_id, request in new],
+                    max_per_tenant=self.settings.max_queued_per_tenant,
+                    max_queued=self.settings.max_queued,
+                )
+        except BrokerUnavailable as exc:
+            self._forget(new, revoke=True)
+            raise BrokerUnavailable(str(exc), done) from exc
+        except Exception:
+            self._forget(new, revoke=False)
+            raise
+        for sent, (_, request) in enumerate(new):
+            queue = infer_queue(request.task, self.settings.task_routes)
+            try:
+                with broker_errors(self.settings):
+                    send_ticket(self.app, queue)  # priority orders jobs within their tenant, in the fair queue
+            except Exception as exc:
+                # Not enqueued: leave no job behind that would wait forever (if Redis still answers).
+                unsent = new[sent:]
+                self._forget(unsent, revoke=True)
+                if isinstance(exc, BrokerUnavailable):
+                    lost = {j for j, _ in unsent}
+                    raise BrokerUnavailable(str(exc), [j for j in job_ids if j not in lost]) from exc
+                raise
         return job_ids
 
     def _check_idempotency_keys(self, requests: list[JobRequest]) -> None:
@@ -128,30 +182,21 @@ class Client:
             if first is not None:
                 raise IdempotencyKeyReused(first, index=index)
 
-    def _enqueue(self, request: JobRequest, owner: str | None = None) -> str:
-        job_id = uuid.uuid4().hex
-        if request.idempotency_key:
-            first = self.statuses.claim_idempotency_key(request.idempotency_key, job_id, request.fingerprint())
-            if first != job_id:
-                return first
-        self.statuses.create(job_id, request.task.value, owner=owner)
-        try:
-            self.app.send_task(
-                INFER_TASK,
-                args=[job_id, request.model_dump(mode="json", exclude_none=True)],
-                kwargs={"enqueued_at": now_iso()},
-                task_id=job_id,
-                queue=infer_queue(request.task, self.settings.task_routes),
-                priority=broker_priority(request.priority),
-            )
-        except Exception:
-            # Not enqueued: leave no record behind that would wait forever (if Redis still answers).
-            with contextlib.suppress(redis.RedisError):
+    def _queued(self, job_id: str, request: JobRequest) -> QueuedJob:
+        body = job_body(job_id, request.model_dump(mode="json", exclude_none=True), now_iso())
+        deadline_s = request.deadline_s or self.settings.default_deadline_s
+        queue = infer_queue(request.task, self.settings.task_routes)
+        priority = DEFAULT_PRIORITY if request.priority is None else request.priority
+        return QueuedJob(job_id, queue, request.tenant, priority, body, deadline_s)
+
+    def _forget(self, jobs: Sequence[tuple[str, JobRequest]], *, revoke: bool) -> None:
+        with contextlib.suppress(redis.RedisError):
+            for job_id, request in jobs:
+                if revoke and not self.fair.revoke(job_id):
+                    continue  # a worker has it already: it runs
                 self.statuses.delete(job_id)
                 if request.idempotency_key:
                     self.statuses.release_idempotency_key(request.idempotency_key, job_id)
-            raise
-        return job_id
 
     # --- reading --------------------------------------------------------------------------
     def status(self, job_id: str) -> JobStatus:

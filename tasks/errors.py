@@ -43,6 +43,10 @@ class PoisonMessageError(JobError):
     """The job was delivered more than VARCO_MAX_ATTEMPTS times (a worker crashed or ran out of memory on it)."""
 
 
+class DeadlineExceeded(JobError):
+    """The job was not started within its `deadline_s` (or VARCO_DEFAULT_DEADLINE_S) of submission; it never ran."""
+
+
 class ResultStoreError(JobError):
     """The result could not be written to VARCO_RESULT_STORE."""
 

@@ -21,6 +21,9 @@ RESULT_CACHE_PREFIX = "varco:cache:"
 """The result cache index: sha256 of a job's inputs -> the source job and result URI (`output/result_cache.py`)."""
 WEBHOOK_DELIVERED_PREFIX = "varco:webhook-delivered:"
 """A webhook id that was delivered, kept VARCO_STATUS_TTL (`output/webhook_delivery.py`)."""
+FAIR_PREFIX = "varco:fair"
+"""The fair queue's keys, all under this prefix: per-tenant job sets, passes, ticket bindings, queued counts
+(`tasks/fair_queue.py`, which derives them; docs/tenants.md lists each)."""
 
 INFER_QUEUE = "varco"
 """Celery's inference queue: a kombu list per priority step, `varco`, `varco:1` … `varco:9`."""

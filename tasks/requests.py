@@ -11,6 +11,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from varco.tasks.prompts import TaskType, build_prompt, find_control_token, find_varco_tag
+from varco.tasks.tenants import DEFAULT_TENANT, check_tenant
 
 SUPPORTED_SCHEMES = ("http", "https", "s3", "file", "data")
 # The image formats a job's image may be in (Pillow's names): Pillow knows dozens more (EPS through
@@ -20,6 +21,7 @@ CALLBACK_EVENTS = ("job.started", "job.succeeded", "job.failed", "job.cancelled"
 MAX_PROMPT_CHARS = 8000
 MAX_LABEL_CHARS = 200
 MAX_METADATA_BYTES = 16 * 1024
+MAX_DEADLINE_S = 30 * 24 * 3600
 MAX_METADATA_DEPTH = 16  # nesting of dicts and lists; checked without recursion, before anything walks it
 
 
@@ -75,6 +77,14 @@ class JobRequest(BaseModel):
     priority: Integer | None = Field(default=None, ge=0, le=9, description="0..9, higher runs sooner")
     metadata: dict[str, Any] = Field(default_factory=dict)
     max_new_tokens: Integer | None = Field(default=None, ge=1, le=8192)
+    # Who the job belongs to (fair share, limits) and the seconds after submission it must start within.
+    tenant: str = DEFAULT_TENANT
+    deadline_s: float | None = Field(default=None, gt=0, le=MAX_DEADLINE_S)
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant_name(cls, value: str) -> str:
+        return check_tenant(value)
 
     @field_validator("task", mode="before")
     @classmethod

@@ -101,6 +101,7 @@ class JobStatus(BaseModel):
     attempts: int = 0
     result_uri: str | None = None
     worker: str | None = None
+    tenant: str | None = None
     created_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -146,6 +147,7 @@ class JobResult(BaseModel):
     finish_reason: Literal["stop", "length"] | None = None
     timings: Timings = Field(default_factory=Timings)
     worker: str | None = None
+    tenant: str | None = None
     created_at: datetime | None = None
     finished_at: datetime | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
@@ -167,4 +169,5 @@ class WebhookEvent(BaseModel):
     result_uri: str | None = None
     error: ErrorInfo | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)  # as submitted
+    tenant: str | None = None
     timestamp: str

@@ -13,6 +13,8 @@ from urllib.parse import unquote, urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from varco.tasks.tenants import parse_weights
+
 
 def _default_result_store() -> str:
     base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
@@ -94,6 +96,18 @@ class Settings(BaseSettings):
     gateway_max_batch: int = Field(default=100, ge=1, le=10_000)
     gateway_max_connections: int = Field(default=1000, ge=1)
     gateway_body_timeout_s: float = Field(default=30.0, gt=0)  # a request body must be in within this (408)
+
+    # Tenants (docs/tenants.md): GPU share weights as `teamA=3,teamB=1` (unlisted tenants weigh 1), queued-job
+    # limits per tenant and in all (0: none), and the seconds a job may wait to start (None: forever).
+    tenant_weights: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict)
+    max_queued_per_tenant: int = Field(default=0, ge=0)
+    max_queued: int = Field(default=0, ge=0)
+    default_deadline_s: float | None = Field(default=None, gt=0)
+
+    @field_validator("tenant_weights", mode="before")
+    @classmethod
+    def _weights(cls, value: object) -> object:
+        return parse_weights(value) if isinstance(value, str) else value
 
     @field_validator("engine_plugins", "s3_buckets", "api_keys", mode="before")
     @classmethod

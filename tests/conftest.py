@@ -138,3 +138,22 @@ def scripted_dns(monkeypatch: pytest.MonkeyPatch) -> ScriptedResolver:
         ipaddress.IPv4Address, "is_global", property(lambda ip: str(ip) == PUBLIC or real_is_global.fget(ip))
     )
     return scripted
+
+
+@pytest.fixture(scope="module")
+def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """A private redis-server for one test module."""
+    from varco.workers.devtools.local_redis import start_redis
+
+    with start_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def flushed_redis(module_redis):
+    """A client of the module's redis-server, emptied before each test."""
+    import redis
+
+    client = redis.Redis.from_url(module_redis.url, decode_responses=True)
+    client.flushdb()
+    return client

@@ -34,6 +34,9 @@ TOKENS = Counter("varco_tokens", "Tokens of finished jobs", ["kind"])  # kind: p
 ENGINE_BUSY = Counter("varco_engine_busy_seconds", "Seconds the engine thread spent generating")
 RESULT_CACHE = Counter("varco_result_cache_lookups", "Result cache lookups by outcome", ["outcome"])  # hit | miss
 CALLBACKS = Counter("varco_callback_deliveries", "Webhook delivery attempts by outcome", ["outcome"])
+# Tenant labels are bounded (tasks/tenants.metric_label): weighted tenants and `default` by name, the rest `other`.
+EXPIRED = Counter("varco_jobs_expired", "Jobs whose deadline passed before they started (never run)", ["tenant"])
+PICKS = Counter("varco_fair_picks", "Jobs this node took from the fair queue, by tenant", ["tenant"])
 GPU_MEMORY = Gauge(
     "varco_gpu_memory_bytes", "GPU memory allocated by the engine process", ["gpu"], multiprocess_mode="liveall"
 )

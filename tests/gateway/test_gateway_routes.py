@@ -9,7 +9,6 @@ pipeline with the gateway as its own process.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import threading
@@ -108,12 +107,18 @@ def problem(response: httpx.Response, status: int, kind: str) -> dict[str, Any]:
 
 
 def enqueued(client: Client) -> list[dict[str, Any]]:
-    """The job requests waiting on the broker queue, oldest first (no worker reads it here).
-
-    kombu keeps one Redis list per priority level (`varco`, `varco:5`, ...); these tests use one level."""
+    """The job requests waiting in the fair queue, oldest first (no worker reads it here), after checking that
+    each has its ticket on the broker queue (kombu keeps one Redis list per priority level, `varco:5`, ...)."""
     lists = [k for k in client.redis.scan_iter(f"{INFER_QUEUE}*") if client.redis.type(k) == "list"]
-    messages = [json.loads(m) for key in lists for m in client.redis.lrange(key, 0, -1)]
-    return [json.loads(base64.b64decode(m["body"]))[0][1] for m in reversed(messages)]
+    tickets = sum(client.redis.llen(key) for key in lists)
+    waiting = [
+        m
+        for key in client.redis.scan_iter(f"varco:fair:{INFER_QUEUE}:t:*")
+        for m in client.redis.zrange(key, 0, -1, withscores=True)
+    ]
+    order = [job_id for job_id, score in sorted(waiting, key=lambda m: m[1] % 2**40)]  # submission order
+    assert tickets == len(order)
+    return [json.loads(client.redis.hget(f"varco:fair:job:{j}", "body"))["args"][1] for j in order]
 
 
 def records(client: Client) -> int:
@@ -133,6 +138,32 @@ def test_submit_enqueues_the_request_under_the_callers_key(base: str, client: Cl
     [request] = enqueued(client)
     assert request["image_uri"] == IMAGE and request["prompt"] == "What is this?"
     assert request["metadata"] == {"order": 7}
+
+
+def test_a_named_key_submits_as_its_tenant_a_nameless_key_as_its_own(settings: Settings, client: Client) -> None:
+    with serve(settings, [f"teamA:{ALICE}", BOB], client) as url, api(url) as alice, api(url, BOB) as bob:
+        a = alice.post("/v1/jobs", json=JOB).json()["job_id"]
+        b = bob.post("/v1/jobs/batch", json={"jobs": [JOB]}).json()["job_ids"][0]
+        refused = alice.post("/v1/jobs", json={**JOB, "tenant": "teamB"})  # a key cannot borrow a share
+        assert alice.get(f"/v1/jobs/{a}").json()["tenant"] == "teamA"
+    assert client.statuses.record(a)["owner"] == key_id(ALICE)  # the key id, as before: the name is no secret
+    assert [r["tenant"] for r in enqueued(client)] == ["teamA", key_id(BOB)]
+    assert client.statuses.record(b)["tenant"] == key_id(BOB)
+    assert problem(refused, 422, "invalid-request")["field"] == "tenant"
+
+
+def test_a_tenant_over_its_queued_limit_gets_a_429_queue_full(settings: Settings, client: Client) -> None:
+    limited = settings.model_copy(update={"max_queued_per_tenant": 2})
+    with Client(limited) as own, serve(limited, [f"teamA:{ALICE}", BOB], own) as url, api(url) as http:
+        assert http.post("/v1/jobs", json=JOB).status_code == 202
+        full = http.post("/v1/jobs/batch", json={"jobs": [JOB, JOB]})  # all or nothing
+        body = problem(full, 429, "queue-full")
+        assert (body["limit"], body["depth"]) == (2, 1) and full.headers["retry-after"] == "5"
+        assert "teamA" in body["detail"] and "VARCO_MAX_QUEUED_PER_TENANT" in body["detail"]
+        assert http.post("/v1/jobs", json=JOB).status_code == 202
+        with api(url, BOB) as bob:  # another tenant has its own limit
+            assert bob.post("/v1/jobs", json=JOB).status_code == 202
+    assert len(enqueued(client)) == 3
 
 
 @pytest.mark.parametrize(

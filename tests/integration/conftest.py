@@ -190,8 +190,8 @@ def wait_for_state(client: Client, job_id: str, states: set[str], timeout: float
     raise AssertionError(f"job {job_id} never reached {states}; it is {client.status(job_id).state.value}")
 
 
-def forced_tokens(env: dict[str, str], image: bytes) -> int:
-    """Tokens the scripted plugin has forced for this image in the worker node (its /metrics)."""
+def node_metric(env: dict[str, str], name: str, **labels: str) -> float:
+    """A sample of the worker node's /metrics whose labels include `labels` (0 when absent)."""
     deadline = time.monotonic() + 120
     while True:  # the node's endpoint comes up with the worker
         try:
@@ -202,9 +202,14 @@ def forced_tokens(env: dict[str, str], image: bytes) -> int:
             time.sleep(0.2)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "varco_scripted_tokens_total" and sample.labels.get("image_id") == sha(image):
-                return int(sample.value)
-    return 0
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def forced_tokens(env: dict[str, str], image: bytes) -> int:
+    """Tokens the scripted plugin has forced for this image in the worker node (its /metrics)."""
+    return int(node_metric(env, "varco_scripted_tokens_total", image_id=sha(image)))
 
 
 # --- the HTTP gateway ---------------------------------------------------------------------------

@@ -21,11 +21,11 @@ def events(receiver: WebhookReceiver, path: str) -> list[str]:
 def test_cancel_a_queued_job(settings: Settings, worker, http_files) -> None:
     # Route captions to a queue no worker consumes, so the job stays queued.
     parked = Client(settings.model_copy(update={"task_routes": {"caption": "varco.parked"}}))
-    depth = queue_depth(parked.redis, "varco.parked")
+    depth, waiting = queue_depth(parked.redis, "varco.parked"), parked.fair.depth("default")
     job_id = parked.submit(http_files.base + "/cat.png", "caption", priority=9)
     assert parked.status(job_id).state.value == "queued"
-    assert queue_depth(parked.redis, "varco.parked") == depth + 1
-    assert parked.redis.llen("varco.parked") >= 1  # priority 9 is served first: lane 0
+    assert queue_depth(parked.redis, "varco.parked") == depth + 1  # its ticket
+    assert parked.fair.depth("default") == waiting + 1  # the job, in its tenant's fair queue
     assert parked.cancel(job_id) is True
     status = parked.status(job_id)
     assert status.state.value == "cancelled" and status.finished_at is not None

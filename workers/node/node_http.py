@@ -6,16 +6,19 @@ import json
 import logging
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import redis
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from varco.tasks.celery_app import queue_depth
+from varco.tasks.fair_queue import FairQueue
+from varco.tasks.tenants import metric_label
 from varco.workers.node.health import NodeHealth, Verdict
 
 log = logging.getLogger("varco.supervisor")
@@ -57,8 +60,33 @@ class NodeProcessCollector:
         yield from families.values()
 
 
+class TenantCollector:
+    """varco_tenant_queued{tenant} and varco_jobs_shed_total{tenant}, read from the fair queue at scrape time
+    (every producer's refusals and every tenant's queued jobs, not only this node's); tenants bounded as
+    tasks/tenants.metric_label says."""
+
+    def __init__(self, client: redis.Redis, weights: Mapping[str, float]) -> None:
+        self.fair, self.weights = FairQueue(client), dict(weights)
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        queued = GaugeMetricFamily("varco_tenant_queued", "Jobs queued per tenant, not yet picked", labels=["tenant"])
+        shed = CounterMetricFamily("varco_jobs_shed", "Jobs refused by the queued-job limits", labels=["tenant"])
+        try:
+            for family, counts in ((queued, self.fair.depths()), (shed, self.fair.shed())):
+                folded: Counter[str] = Counter()
+                for tenant, n in counts.items():
+                    folded[metric_label(tenant, self.weights)] += n
+                for label, n in sorted(folded.items()):
+                    family.add_metric([label], n)
+        except redis.RedisError as exc:
+            log.warning("tenant figures not readable: %r", exc)
+        yield queued
+        yield shed
+
+
 def serve(
     port: int, state_dir: Path, health: NodeHealth, client: redis.Redis, queues: Iterable[str],
+    weights: Mapping[str, float] | None = None,
     *, host: str = "0.0.0.0", pids: Callable[[], Mapping[str, int]] | None = None,
 ) -> ThreadingHTTPServer:  # fmt: skip
     """Start the endpoint on a daemon thread at `host:port` (VARCO_METRICS_HOST, VARCO_METRICS_PORT); raises
@@ -67,6 +95,7 @@ def serve(
     MultiProcessCollector(registry, path=str(state_dir))
     registry.register(QueueLengthCollector(client, queues))
     registry.register(NodeProcessCollector(pids or (lambda: {"supervisor": os.getpid()})))
+    registry.register(TenantCollector(client, weights or {}))
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:

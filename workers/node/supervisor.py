@@ -217,7 +217,7 @@ def _serve_endpoint(
     watched = [*queues, CALLBACK_QUEUE] if callbacks else queues
     try:
         client = redis_client(settings, timeout_s=PROBE_TIMEOUT_S, retries=0)
-        return node_http.serve(settings.metrics_port, state_dir, health, client, watched,
+        return node_http.serve(settings.metrics_port, state_dir, health, client, watched, settings.tenant_weights,
                                host=settings.metrics_host, pids=lambda: node_pids(children))  # fmt: skip
     except OSError as exc:  # serving jobs matters more than being scraped
         log.error("cannot serve /metrics, /livez, /readyz on %s:%d (%s); running without them",

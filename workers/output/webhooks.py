@@ -46,7 +46,7 @@ def event_payload(
     """The webhook body for one event (tasks.schemas.WebhookEvent), as JSON-ready data."""
     return WebhookEvent(
         type=event, job_id=job_id, task=request.task.value, state=state, result_uri=result_uri, error=error,
-        metadata=request.metadata, timestamp=ts,
+        metadata=request.metadata, tenant=request.tenant, timestamp=ts,
     ).model_dump(mode="json")  # fmt: skip
 
 

@@ -38,6 +38,7 @@ from varco.workers.net.retry import backoff_s
 from varco.workers.output.result_cache import ResultCache
 from varco.workers.output.result_writer import write_result
 from varco.workers.output.webhooks import TERMINAL_EVENTS, event_payload, terminal_event
+from varco.workers.runtime.fair_pick import FairPicker
 
 log = logging.getLogger(__name__)
 _TERMINAL_EVENTS = tuple(TERMINAL_EVENTS.values())
@@ -85,9 +86,13 @@ class Runtime:
     leases: Leases
     cache: ResultCache  # the result cache index (VARCO_RESULT_CACHE_TTL), one per process
     send_webhook: SendWebhook  # output/webhooks.send_event bound to the Celery app
+    fair: FairPicker | None = None  # tickets -> jobs (fair share, docs/tenants.md); None: no tickets here
 
 
-def deliver(rt: Runtime, job_id: str, message: InferMessage, retry: RetryFn, *, delivery_tag: str | None) -> None:
+def deliver(
+    rt: Runtime, job_id: str, message: InferMessage, retry: RetryFn, *, delivery_tag: str | None,
+    late: JobError | None = None,
+) -> None:  # fmt: skip
     """One delivery of a job: claim it (unless a live run holds it), run it, and record how it ended.
 
     The job is watched for cancels before its record says started: a cancel from then on reaches this
@@ -97,6 +102,8 @@ def deliver(rt: Runtime, job_id: str, message: InferMessage, retry: RetryFn, *, 
     rt.cancels.watch(job_id)
     try:
         with job_context(job_id=job_id, task=request.get("task") if isinstance(request, dict) else None):
+            if late is not None and _fail_unstarted(rt, job_id, message, late):
+                return  # its deadline passed in the queue: it never reaches the engine
             _deliver(rt, job_id, message, retry, delivery_tag)
     finally:
         rt.cancels.forget(job_id)
@@ -280,6 +287,7 @@ class _Job:
                 total_s=round(max(0.0, time.time() - self.queued_at), 4),
             ),
             "worker": self.rt.hostname,
+            "tenant": self.request.tenant,  # fair share (issue 19)
             "created_at": self.enqueued_at,
             "finished_at": now_iso(),
             "metadata": self.request.metadata,
@@ -326,3 +334,14 @@ class _Job:
             self.rt.store.delete(self.job_id)
         except Exception:
             log.exception("job %s: could not remove its result", self.job_id)
+
+
+def _fail_unstarted(rt: Runtime, job_id: str, message: InferMessage, error: JobError) -> bool:
+    """Fail a job that never started (its deadline passed in the queue), with its terminal webhook; False if
+    its message is invalid (the normal path then fails it as InvalidRequest)."""
+    try:
+        job_request, enqueued_at = message.validate(rt.settings.max_data_uri_bytes)
+    except InvalidRequest:
+        return False
+    _Job(rt, job_id, job_request, enqueued_at).fail(error.info())
+    return True

@@ -50,6 +50,7 @@ def run_inference_worker(hostname: str, queues: list[str], concurrency: int | No
         from varco.workers.output.webhooks import send_event
         from varco.workers.runtime.cancels import CancelWatcher
         from varco.workers.runtime.celery_task import register_inference_task
+        from varco.workers.runtime.fair_pick import FairPicker, TicketRefill
         from varco.workers.runtime.leases import LeaseKeeper
         from varco.workers.runtime.lifecycle import Runtime
     except ImportError as exc:
@@ -90,8 +91,12 @@ def run_inference_worker(hostname: str, queues: list[str], concurrency: int | No
         leases=LeaseKeeper(client, statuses, app, settings.visibility_timeout).start(),
         cache=ResultCache(client, store, settings),
         send_webhook=functools.partial(send_event, app),
+        fair=FairPicker(client, statuses, settings.tenant_weights),
     )
     register_inference_task(app, lambda: runtime)
+    refill = TicketRefill(
+        app, client, queues, min(60.0, settings.visibility_timeout / 6)
+    ).start()
     # Enough task threads to keep the engine full while others fetch: a batch and the next one for hf,
     # every sequence slot and a few spare for vllm.
     threads = concurrency or (
@@ -103,6 +108,7 @@ def run_inference_worker(hostname: str, queues: list[str], concurrency: int | No
         runtime.engine.stop()
         runtime.cancels.stop()
         runtime.leases.stop()
+        refill.stop()
         runtime.fetcher.close()
 
 

@@ -236,6 +236,7 @@ def test_event_payload_is_the_webhook_body() -> None:
         "result_uri": "s3://b/j1.json",
         "error": None,
         "metadata": {"order": 7},
+        "tenant": "default",
         "timestamp": ts,
     }
     assert type(succeeded["state"]) is str  # JSON-ready: the plain value, not the JobState member

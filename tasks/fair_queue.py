@@ -1,0 +1,326 @@
+"""The fair queue: jobs wait per tenant in Redis; Celery carries anonymous tickets, one per job.
+
+Why tickets: a Celery message that names its job binds the job to the order messages were published in,
+and a worker's prefetch then fixes that order further. Here a message says only "run the next job of this
+queue". The worker that executes it picks the job at that moment (`pick`), by stride scheduling: each
+tenant has a pass value, advanced by 1/weight per job picked; the tenant with queued work and the lowest pass
+wins. A tenant that appears (or comes back after idling) starts at the lowest pass of those waiting, so it
+gets its share at once and never a burst for the time it was away. Only tenants with queued work take part,
+so the scheduling is work-conserving. Within a tenant, priority (0-9, higher first) then submission order.
+
+Exactly once: `pick` binds the ticket's id to the job in the same Lua step that takes it off its tenant's
+queue. A ticket delivered again (the worker died; kombu's visibility timeout brought its message back, or a
+Celery retry re-published it with the same id) gets the same job, and the status record's lease and attempt
+count do the rest as before. `release` drops the binding and the job once its run has ended. Admission
+(`VARCO_MAX_QUEUED_PER_TENANT`, `VARCO_MAX_QUEUED`) is checked and the jobs inserted in one Lua step, so
+concurrent submitters never overshoot; a batch goes in whole or not at all.
+
+Redis cost per job: one script call to insert (a batch shares one), one to pick, one to release, on top of
+the ticket's Celery message (what each job's own message cost before).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Celery
+
+from varco.tasks.celery_app import INFER_TASK, broker_priority
+from varco.tasks.keys import FAIR_PREFIX
+from varco.tasks.tenants import check_tenant
+
+# Key prefixes (all under keys.FAIR_PREFIX), per Celery queue {q} unless marked global:
+TENANT_QUEUE = "{prefix}:{q}:t:{tenant}"  # ZSET job id -> lane * 2^40 + sequence (priority, then FIFO)
+ACTIVE_TENANTS = "{prefix}:{q}:active"  # ZSET tenant -> pass, tenants with queued jobs only
+IDLE_PASSES = "{prefix}:{q}:pass"  # HASH tenant -> pass it had when its queue ran empty
+VIRTUAL_TIME = "{prefix}:{q}:vt"  # the pass of the last job picked: where a tenant joins an empty queue
+PICKED = "{prefix}:{q}:picked"  # HASH ticket id -> job id, from pick to release
+JOB = "{prefix}:job:{job_id}"  # global HASH: body (the task's args as JSON), queue, tenant, deadline_at, ticket
+DEPTH = "{prefix}:depth"  # global HASH tenant -> queued jobs, every queue together
+TOTAL = "{prefix}:total"  # global counter: queued jobs, every tenant and queue
+SEQUENCE = "{prefix}:seq"  # global counter: submission order
+SHED = "{prefix}:shed"  # global HASH tenant -> jobs refused by the limits, ever (a counter for /metrics)
+
+# The keyword a ticket message carries (its value: the queue whose jobs it may pick), and nothing else.
+TICKET_ARG = "fair_ticket"
+
+_CLOCK = """
+local function clock()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1e6
+end
+"""
+
+# ARGV: prefix, max per tenant (0: off), max in all (0: off), then per job: id, queue, tenant, lane, deadline
+# seconds ('' for none), body. Returns {'ok'} or {'tenant'|'total', tenant, limit, depth} with nothing inserted
+# (the refused jobs are then counted per tenant in `shed`).
+_INSERT = (
+    _CLOCK
+    + """
+local p = ARGV[1]
+local per_tenant, in_all = tonumber(ARGV[2]), tonumber(ARGV[3])
+local adds, order, n = {}, {}, 0
+for i = 4, #ARGV, 6 do
+  local t = ARGV[i + 2]
+  if not adds[t] then adds[t] = 0; table.insert(order, t) end
+  adds[t] = adds[t] + 1
+  n = n + 1
+end
+local function shed()
+  for _, t in ipairs(order) do redis.call('HINCRBY', p .. ':shed', t, adds[t]) end
+end
+if per_tenant > 0 then
+  for _, t in ipairs(order) do
+    local d = tonumber(redis.call('HGET', p .. ':depth', t) or '0')
+    if d + adds[t] > per_tenant then shed(); return {'tenant', t, per_tenant, d} end
+  end
+end
+local total = tonumber(redis.call('GET', p .. ':total') or '0')
+if in_all > 0 and total + n > in_all then shed(); return {'total', '', in_all, total} end
+local now = clock()
+for i = 4, #ARGV, 6 do
+  local job, q, t, lane, deadline, body = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+  local seq = redis.call('INCR', p .. ':seq')
+  local active = p .. ':' .. q .. ':active'
+  redis.call('ZADD', p .. ':' .. q .. ':t:' .. t, tonumber(lane) * 1099511627776 + seq, job)
+  if not redis.call('ZSCORE', active, t) then
+    local lowest = redis.call('ZRANGE', active, 0, 0, 'WITHSCORES')[2]
+    local base = tonumber(lowest or redis.call('GET', p .. ':' .. q .. ':vt') or '0')
+    local own = tonumber(redis.call('HGET', p .. ':' .. q .. ':pass', t) or base)
+    redis.call('ZADD', active, tostring(math.max(base, own)), t)
+  end
+  local jk = p .. ':job:' .. job
+  redis.call('HSET', jk, 'body', body, 'queue', q, 'tenant', t)
+  if deadline ~= '' then redis.call('HSET', jk, 'deadline_at', tostring(now + tonumber(deadline))) end
+end
+for _, t in ipairs(order) do redis.call('HINCRBY', p .. ':depth', t, adds[t]) end
+redis.call('INCRBY', p .. ':total', n)
+return {'ok'}
+"""
+)
+
+# ARGV: prefix, queue, ticket id, then tenant/weight pairs. Returns {job id, body, tenant, expired (0|1), tenants
+# still waiting (-1: not a new pick)}, or {} when the queue is empty. A ticket that already holds a job gets it again.
+_PICK = (
+    _CLOCK
+    + """
+local p, q, ticket = ARGV[1], ARGV[2], ARGV[3]
+local picked = p .. ':' .. q .. ':picked'
+local now = clock()
+local function expired(jk)
+  local deadline = redis.call('HGET', jk, 'deadline_at')
+  if deadline and now > tonumber(deadline) then return 1 end
+  return 0
+end
+local bound = redis.call('HGET', picked, ticket)
+if bound then
+  local jk = p .. ':job:' .. bound
+  local body = redis.call('HGET', jk, 'body')
+  if body then return {bound, body, redis.call('HGET', jk, 'tenant'), expired(jk), -1} end
+  redis.call('HDEL', picked, ticket)
+end
+local weights = {}
+for i = 4, #ARGV, 2 do weights[ARGV[i]] = tonumber(ARGV[i + 1]) end
+local active = p .. ':' .. q .. ':active'
+while true do
+  local top = redis.call('ZRANGE', active, 0, 0, 'WITHSCORES')
+  if #top == 0 then return {} end
+  local t, pass = top[1], tonumber(top[2])
+  local tq = p .. ':' .. q .. ':t:' .. t
+  local job = redis.call('ZPOPMIN', tq)[1]
+  local jk = job and (p .. ':job:' .. job)
+  local body = jk and redis.call('HGET', jk, 'body')
+  local late = 0
+  local next_pass = pass
+  if body then
+    late = expired(jk)
+    if redis.call('HINCRBY', p .. ':depth', t, -1) <= 0 then redis.call('HDEL', p .. ':depth', t) end
+    redis.call('DECR', p .. ':total')
+    -- An expired job uses no GPU slot: it does not count against its tenant's share.
+    if late == 0 then
+      next_pass = pass + 1 / (weights[t] or 1)
+      redis.call('SET', p .. ':' .. q .. ':vt', tostring(pass))
+    end
+  end
+  if redis.call('ZCARD', tq) == 0 then
+    redis.call('ZREM', active, t)
+    redis.call('HSET', p .. ':' .. q .. ':pass', t, tostring(next_pass))
+  else
+    redis.call('ZADD', active, tostring(next_pass), t)
+  end
+  if body then
+    redis.call('HSET', picked, ticket, job)
+    redis.call('HSET', jk, 'ticket', ticket)
+    return {job, body, t, late, redis.call('ZCARD', active)}
+  end
+end
+"""
+)
+
+# ARGV: prefix, queue, ticket id. The ticket's run has ended: forget the binding and the job. 1 if it held one.
+_RELEASE = """
+local picked = ARGV[1] .. ':' .. ARGV[2] .. ':picked'
+local job = redis.call('HGET', picked, ARGV[3])
+if not job then return 0 end
+redis.call('HDEL', picked, ARGV[3])
+redis.call('DEL', ARGV[1] .. ':job:' .. job)
+return 1
+"""
+
+# ARGV: prefix, job id. Takes a job that no ticket has picked yet off its tenant's queue (a cancel). Returns
+# 1 if it did, 0 if the job is not there, -1 if a ticket has picked it (its worker decides).
+_REVOKE = """
+local p, job = ARGV[1], ARGV[2]
+local jk = p .. ':job:' .. job
+local fields = redis.call('HMGET', jk, 'queue', 'tenant', 'ticket')
+local q, t, ticket = fields[1], fields[2], fields[3]
+if not q or not t then return 0 end
+if ticket then return -1 end
+local tq = p .. ':' .. q .. ':t:' .. t
+if redis.call('ZREM', tq, job) == 1 then
+  if redis.call('HINCRBY', p .. ':depth', t, -1) <= 0 then redis.call('HDEL', p .. ':depth', t) end
+  redis.call('DECR', p .. ':total')
+end
+if redis.call('ZCARD', tq) == 0 then
+  local active = p .. ':' .. q .. ':active'
+  local pass = redis.call('ZSCORE', active, t)
+  if pass then
+    redis.call('ZREM', active, t)
+    redis.call('HSET', p .. ':' .. q .. ':pass', t, pass)
+  end
+end
+redis.call('DEL', jk)
+return 1
+"""
+
+
+class QueueFull(RuntimeError):
+    """A submit over VARCO_MAX_QUEUED_PER_TENANT (`tenant` set) or VARCO_MAX_QUEUED (`tenant` None): nothing
+    was enqueued. `limit` is the limit, `depth` the jobs already queued against it."""
+
+    def __init__(self, limit: int, depth: int, tenant: str | None = None) -> None:
+        self.limit, self.depth, self.tenant = limit, depth, tenant
+        scope = f"tenant {tenant!r} has" if tenant else "the queue has"
+        setting = "VARCO_MAX_QUEUED_PER_TENANT" if tenant else "VARCO_MAX_QUEUED"
+        super().__init__(f"queue full: {scope} {depth} jobs queued; the limit is {limit} ({setting})")
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    """One job to insert: `body` is what its worker receives (the task's args and kwargs), as JSON."""
+
+    job_id: str
+    queue: str
+    tenant: str
+    priority: int  # 0..9, higher sooner
+    body: str
+    deadline_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Picked:
+    """The job a ticket picked: its id, tenant, message body, whether its deadline had passed, and how many
+    tenants had queued jobs after the pick (-1: the ticket held this job already)."""
+
+    job_id: str
+    tenant: str
+    body: dict[str, Any]
+    expired: bool
+    waiting: int = -1
+
+    @property
+    def task_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The job's arguments, shaped as a job message's `args` and `kwargs`."""
+        return tuple(self.body.get("args") or ()), dict(self.body.get("kwargs") or {})
+
+
+def job_body(job_id: str, request: Mapping[str, Any], enqueued_at: str) -> str:
+    """The body a worker receives for a job: what its own Celery message carried before tickets."""
+    return json.dumps({"args": [job_id, dict(request)], "kwargs": {"enqueued_at": enqueued_at}})
+
+
+class FairQueue:
+    def __init__(self, client: redis.Redis, weights: Mapping[str, float] | None = None, prefix: str = FAIR_PREFIX):
+        self.redis, self.prefix = client, prefix
+        self._weights = [str(x) for pair in (weights or {}).items() for x in pair]
+        self._insert = client.register_script(_INSERT)
+        self._pick = client.register_script(_PICK)
+        self._release = client.register_script(_RELEASE)
+        self._revoke = client.register_script(_REVOKE)
+
+    def insert(self, jobs: Sequence[QueuedJob], *, max_per_tenant: int = 0, max_queued: int = 0) -> None:
+        """Queue every job, or none: QueueFull when one limit (0: off) would be passed."""
+        if not jobs:
+            return
+        args: list[Any] = [self.prefix, max_per_tenant, max_queued]
+        for job in jobs:
+            lane = 9 - job.priority
+            deadline = "" if job.deadline_s is None else repr(float(job.deadline_s))
+            args += [job.job_id, job.queue, check_tenant(job.tenant), lane, deadline, job.body]
+        outcome = self._insert(args=args)
+        if outcome[0] != "ok":
+            _, tenant, limit, depth = outcome
+            raise QueueFull(int(limit), int(depth), tenant or None)
+
+    def pick(self, queue: str, ticket_id: str) -> Picked | None:
+        """The job this ticket runs: the one it holds already, else the next by fair share; None: nothing queued."""
+        found = self._pick(args=[self.prefix, queue, ticket_id, *self._weights])
+        if not found:
+            return None
+        job_id, body, tenant, expired, waiting = found
+        return Picked(job_id, tenant, json.loads(body), bool(int(expired)), int(waiting))
+
+    def release(self, queue: str, ticket_id: str) -> bool:
+        """The ticket's run has ended (not handed to a retry): forget its job."""
+        return bool(self._release(args=[self.prefix, queue, ticket_id]))
+
+    def revoke(self, job_id: str) -> bool:
+        """Take a job that no worker has picked off its queue (a cancel, or a ticket that was never sent).
+        True when it is no longer queued (taken off now, or never there); False when a worker has picked it."""
+        return int(self._revoke(args=[self.prefix, job_id])) >= 0
+
+    def depth(self, tenant: str | None = None) -> int:
+        """Jobs queued and not yet picked: one tenant's, or everyone's."""
+        if tenant is None:
+            return int(self.redis.get(f"{self.prefix}:total") or 0)
+        return int(self.redis.hget(f"{self.prefix}:depth", tenant) or 0)
+
+    def depths(self) -> dict[str, int]:
+        """Jobs queued per tenant (tenants with none are absent)."""
+        return {t: int(n) for t, n in self.redis.hgetall(f"{self.prefix}:depth").items() if int(n) > 0}
+
+    def queued_in(self, queue: str) -> int:
+        """Jobs of one Celery queue waiting to be picked, every tenant together."""
+        tenants = self.redis.zrange(f"{self.prefix}:{queue}:active", 0, -1)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for tenant in tenants:
+                pipe.zcard(f"{self.prefix}:{queue}:t:{tenant}")
+            return sum(pipe.execute())
+
+    def shed(self) -> dict[str, int]:
+        """Jobs refused by the limits per tenant, since Redis was new (every producer and gateway together)."""
+        return {t: int(n) for t, n in self.redis.hgetall(f"{self.prefix}:shed").items()}
+
+
+def send_ticket(app: Celery, queue: str) -> None:
+    """Publish one ticket for `queue` (a fresh task id; the default priority: a ticket is nobody's)."""
+    app.send_task(INFER_TASK, args=[], kwargs=ticket_kwargs(queue), task_id=uuid.uuid4().hex, queue=queue,
+                  priority=broker_priority(None))  # fmt: skip
+
+
+def ticket_kwargs(queue: str) -> dict[str, str]:
+    """The kwargs of a ticket message for `queue` (its args are empty)."""
+    return {TICKET_ARG: queue}
+
+
+def ticket_queue(args: Iterable[Any], kwargs: Mapping[str, Any]) -> str | None:
+    """The queue a message is a ticket for; None for a message that is not a ticket (a job message)."""
+    if tuple(args) or set(kwargs) != {TICKET_ARG}:
+        return None
+    queue = kwargs[TICKET_ARG]
+    return queue if isinstance(queue, str) and 0 < len(queue) <= 200 and ":" not in queue else None
