@@ -14,6 +14,8 @@ from celery.exceptions import Reject, Retry
 from celery.signals import task_revoked
 
 from varco.tasks.celery_app import INFER_TASK, create_app
+from varco.tasks.errors import DeadlineExceeded
+from varco.tasks.fair_queue import ticket_kwargs
 from varco.tasks.messages import InferMessage
 from varco.tasks.schemas import JobState
 from varco.tasks.settings import Settings
@@ -21,6 +23,7 @@ from varco.tasks.status import StatusStore
 from varco.workers.devtools.local_redis import LocalRedis, start_redis
 from varco.workers.runtime import celery_task, undecodable
 from varco.workers.runtime.celery_task import celery_retry, register_inference_task
+from varco.workers.runtime.fair_pick import Taken
 from varco.workers.runtime.lifecycle import RetryNotQueued
 
 JOB = "job-1"
@@ -38,7 +41,7 @@ def bound(server: LocalRedis) -> tuple[Any, Task, StatusStore]:
     """One app with the task registered (the revoke hook is a process-wide signal: registered once)."""
     app = create_app(Settings(broker_url=server.url))
     statuses = StatusStore(redis.Redis.from_url(server.url, decode_responses=True), ttl=600)
-    runtime = SimpleNamespace(statuses=statuses)
+    runtime = SimpleNamespace(statuses=statuses, fair=None)
     return app, register_inference_task(app, lambda: runtime), statuses  # type: ignore[arg-type, return-value]
 
 
@@ -48,8 +51,10 @@ def delivered(bound: tuple[Any, Task, StatusStore], monkeypatch: pytest.MonkeyPa
     bound[2].redis.flushdb()
     calls: list[dict[str, Any]] = []
 
-    def deliver(rt: Any, job_id: str, message: InferMessage, retry: Any, *, delivery_tag: str | None) -> None:
-        calls.append({"rt": rt, "job_id": job_id, "message": message, "delivery_tag": delivery_tag})
+    def deliver(
+        rt: Any, job_id: str, message: InferMessage, retry: Any, *, delivery_tag: str | None, late: Any = None
+    ) -> None:
+        calls.append({"rt": rt, "job_id": job_id, "message": message, "delivery_tag": delivery_tag, "late": late})
         if countdown := getattr(message.request, "get", lambda _: None)("countdown"):
             retry(countdown)
 
@@ -137,3 +142,49 @@ def test_an_undecodable_message_fails_its_job(bound, delivered) -> None:
     status = statuses.get(JOB)
     assert status.state is JobState.FAILED and status.error.type == "InvalidRequest"
     assert status.error.message == "the job message cannot be decoded: nested too deep"
+
+
+class FakeFair:
+    """The fair queue's worker side, faked: one ticket runs the job it is given; every ticket is released."""
+
+    def __init__(self, taken: Any) -> None:
+        self.taken, self.released, self.late = taken, [], DeadlineExceeded("not started within 5s")
+
+    def take(self, ticket: Any) -> Any:
+        return self.taken
+
+    def release(self, ticket: Any) -> None:
+        self.released.append(ticket.ticket_id)
+
+    def deadline_error(self, taken: Any) -> DeadlineExceeded:
+        return self.late
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_a_ticket_runs_the_job_the_fair_queue_picks_then_is_released(bound, delivered, late: bool) -> None:
+    statuses = bound[2]
+    runtime = SimpleNamespace(statuses=statuses, fair=None)
+    ticketed = register_inference_task(create_app(Settings(broker_url="redis://127.0.0.1:1/0")), lambda: runtime)  # type: ignore[arg-type]
+    runtime.fair = FakeFair(Taken(JOB, "teamA", (JOB, REQUEST), {"enqueued_at": "2026-12-01T00:00:00+00:00"}, late))
+    ticket_id = "f" * 32
+    ticketed.push_request(id=ticket_id)
+    try:
+        ticketed.run(**ticket_kwargs("varco"))
+    finally:
+        ticketed.pop_request()
+    [call] = delivered
+    assert call["job_id"] == JOB and call["message"] == InferMessage(JOB, REQUEST, "2026-12-01T00:00:00+00:00")
+    assert call["late"] is (runtime.fair.late if late else None)
+    assert runtime.fair.released == [ticket_id]
+
+
+def test_a_ticket_whose_job_is_gone_runs_nothing_and_is_released(bound, delivered) -> None:
+    statuses = bound[2]
+    runtime = SimpleNamespace(statuses=statuses, fair=FakeFair(None))
+    ticketed = register_inference_task(create_app(Settings(broker_url="redis://127.0.0.1:1/0")), lambda: runtime)  # type: ignore[arg-type]
+    ticketed.push_request(id="e" * 32)
+    try:
+        ticketed.run(**ticket_kwargs("varco"))
+    finally:
+        ticketed.pop_request()
+    assert delivered == [] and runtime.fair.released == ["e" * 32]
