@@ -159,11 +159,11 @@ class Client:
         except Exception:
             self._forget(new, revoke=False)
             raise
-        for sent, (_, request) in enumerate(new):
+        for sent, (job_id, request) in enumerate(new):
             queue = infer_queue(request.task, self.settings.task_routes)
             try:
                 with broker_errors(self.settings):
-                    send_ticket(self.app, queue)  # priority orders jobs within their tenant, in the fair queue
+                    send_ticket(self.app, queue, job_id)  # priority orders jobs within their tenant, in the fair queue
             except Exception as exc:
                 # Not enqueued: leave no job behind that would wait forever (if Redis still answers).
                 unsent = new[sent:]

@@ -307,10 +307,12 @@ class FairQueue:
         return {t: int(n) for t, n in self.redis.hgetall(f"{self.prefix}:shed").items()}
 
 
-def send_ticket(app: Celery, queue: str) -> None:
-    """Publish one ticket for `queue` (a fresh task id; the default priority: a ticket is nobody's)."""
-    app.send_task(INFER_TASK, args=[], kwargs=ticket_kwargs(queue), task_id=uuid.uuid4().hex, queue=queue,
-                  priority=broker_priority(None))  # fmt: skip
+def send_ticket(app: Celery, queue: str, ticket_id: str | None = None) -> None:
+    """Publish one ticket for `queue` (the default priority: a ticket is nobody's). A job's own ticket takes
+    the job's id as its task id, so Celery's tools (`celery control revoke JOB`, Flower) name jobs as before;
+    it may still run another job of the queue: which one is the fair queue's choice."""
+    app.send_task(INFER_TASK, args=[], kwargs=ticket_kwargs(queue), task_id=ticket_id or uuid.uuid4().hex,
+                  queue=queue, priority=broker_priority(None))  # fmt: skip
 
 
 def ticket_kwargs(queue: str) -> dict[str, str]:

@@ -239,7 +239,8 @@ def test_the_gateway_refuses_over_the_limit_with_429_queue_full(
 def test_the_cli_submits_for_a_tenant_and_says_when_the_queue_is_full(fair_env: dict[str, str], fair: Client) -> None:
     env = {**os.environ, **fair_env, "VARCO_TASK_ROUTES": '{"caption": "varco.parked-cli"}',
            "VARCO_MAX_QUEUED_PER_TENANT": "1"}  # fmt: skip
-    args = [*VARCO_CLI, "submit", "https://x.example/a.png", "--tenant", "cli-team", "--deadline-s", "600"]
+    args = [*VARCO_CLI, "submit", "https://x.example/a.png", "--task", "caption",
+            "--tenant", "cli-team", "--deadline-s", "600"]  # fmt: skip
     first = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr
     assert fair.status(first.stdout.strip()).tenant == "cli-team"

@@ -17,6 +17,7 @@ from celery.signals import task_revoked
 
 from varco.tasks.celery_app import INFER_TASK
 from varco.tasks.errors import JobError
+from varco.tasks.fair_queue import send_ticket
 from varco.tasks.job_ids import is_valid_job_id
 from varco.tasks.messages import InferMessage
 from varco.tasks.schemas import ErrorInfo, JobState
@@ -57,11 +58,16 @@ def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> 
         # record must end too, or pollers would wait on a job that never runs.
         if getattr(sender, "name", None) != INFER_TASK or request is None or not is_valid_job_id(request.id):
             return
+        args = getattr(request, "args", None) or ()
+        ticket = ticket_of(request.id, args, getattr(request, "kwargs", None) or {})
         if get_runtime().statuses.transition(request.id, JobState.CANCELLED):
             log.info("job %s cancelled by a Celery revoke", request.id)
-            args = getattr(request, "args", None)  # the dropped message's request carries the callback
-            if isinstance(args, list | tuple) and len(args) > 1:
+            if ticket is None and isinstance(args, list | tuple) and len(args) > 1:  # a job message: its request
                 send_missing_terminal_webhook(get_runtime(), request.id, args[1])
+        if ticket is not None:
+            # The revoked message was the job's ticket; the job still waits in the fair queue. A new ticket
+            # keeps one per queued job, and its delivery finds the job cancelled and sends its job.cancelled.
+            send_ticket(app, ticket.queue)
 
     task_revoked.connect(on_revoked, weak=False)
 

@@ -13,7 +13,8 @@ from celery import Task
 from celery.exceptions import Reject, Retry
 from celery.signals import task_revoked
 
-from varco.tasks.celery_app import INFER_TASK, create_app
+from varco.tasks import keys
+from varco.tasks.celery_app import INFER_TASK, broker_priority, create_app
 from varco.tasks.errors import DeadlineExceeded
 from varco.tasks.fair_queue import ticket_kwargs
 from varco.tasks.messages import InferMessage
@@ -128,6 +129,20 @@ def test_a_revoked_job_ends_cancelled(bound, delivered) -> None:
     assert statuses.get(JOB).state is JobState.QUEUED
     task_revoked.send(sender=infer, request=SimpleNamespace(id=JOB), terminated=False, signum=None, expired=False)
     assert statuses.get(JOB).state is JobState.CANCELLED
+
+
+def test_a_revoked_ticket_cancels_its_job_and_leaves_a_ticket_for_the_queue(bound, delivered) -> None:
+    """A job's ticket carries the job's id, so `celery control revoke JOB` still cancels it; the job stays in
+    the fair queue, and a new ticket keeps one per queued job (its delivery sends the job.cancelled)."""
+    _, infer, statuses = bound
+    statuses.create(JOB, "caption")
+    lane_key = keys.queue_lane("varco", broker_priority(None))  # a ticket goes at the default priority
+    lane = statuses.redis.llen(lane_key)
+    task_revoked.send(sender=infer, request=SimpleNamespace(id=JOB, args=[], kwargs=ticket_kwargs("varco")))
+    assert statuses.get(JOB).state is JobState.CANCELLED
+    assert statuses.redis.llen(lane_key) == lane + 1
+    task_revoked.send(sender=infer, request=SimpleNamespace(id=JOB, args=[], kwargs=ticket_kwargs("varco")))
+    assert statuses.redis.llen(lane_key) == lane + 2  # each dropped ticket is replaced, cancelled job or not
 
 
 def test_an_undecodable_message_fails_its_job(bound, delivered) -> None:
