@@ -71,9 +71,18 @@ def records(client: Client) -> list[str]:
     return [k.removeprefix("varco:job:") for k in client.redis.scan_iter("varco:job:*")]
 
 
+def settled(client: Client) -> bool:
+    """A job is in the fair queue and its ticket on the broker: the submit, which runs in the background
+    here, inserts the job first and publishes its ticket a moment later."""
+    try:
+        return bool(enqueued(client))
+    except AssertionError:  # the ticket is not published yet
+        return False
+
+
 def await_job(client: Client) -> str:
     """The id of the job a chat completion submitted, once it is on the queue (its record is made first)."""
-    until(lambda: bool(enqueued(client)), "no job was enqueued")
+    until(lambda: settled(client), "no job was enqueued")
     [job_id] = records(client)
     return job_id
 
