@@ -22,7 +22,7 @@ from openai.types.chat import ChatCompletion
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from varco.gateway.access import caller
+from varco.gateway.access import caller, tenant_of
 from varco.gateway.openai_errors import OpenAIError, OpenAIRoute, bad_request, error_responses, model_not_found
 from varco.gateway.openai_mapping import (
     ChatJob,
@@ -33,9 +33,11 @@ from varco.gateway.openai_mapping import (
     to_chat_completion,
     to_job,
 )
+from varco.gateway.problems import QUEUE_FULL_RETRY_AFTER_S
 from varco.gateway.sse import watch
 from varco.gateway.state import GatewayState, gateway
 from varco.producer.client import JobNotFound
+from varco.tasks.fair_queue import QueueFull
 from varco.tasks.requests import InvalidRequest
 from varco.tasks.schemas import JobState, JobStatus
 
@@ -153,11 +155,14 @@ def _failed(status: JobStatus, job: ChatJob) -> OpenAIError:
 )  # fmt: skip
 async def chat_completions(request: Request, state: State, who: Caller) -> JSONResponse:
     job = _job(await _body(request), state)
-    fields = job.request.model_dump(exclude_none=True)
+    fields = job.request.model_dump(exclude_none=True) | {"tenant": tenant_of(state, who)}
     try:
         [job_id] = await run_in_threadpool(state.client.submit_many, [fields], owner=who)
     except InvalidRequest as exc:  # checks Client adds (the data URI's size)
         raise bad_request(exc.reason, job.param_for(exc.field)) from None
+    except QueueFull as exc:  # admission control (docs/tenants.md): nothing was enqueued
+        raise OpenAIError(429, str(exc), code="rate_limit_exceeded",
+                          headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)}) from None  # fmt: skip
     state.metrics.submitted.inc()
 
     status = await _finished_unless_hung_up(request, state, job_id)

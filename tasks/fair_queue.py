@@ -32,6 +32,7 @@ from celery import Celery
 
 from varco.tasks.celery_app import INFER_TASK, broker_priority
 from varco.tasks.keys import FAIR_PREFIX
+from varco.tasks.status import LUA_CLOCK as _CLOCK  # deadlines on the Redis server's clock, as leases
 from varco.tasks.tenants import check_tenant
 
 # Key prefixes (all under keys.FAIR_PREFIX), per Celery queue {q} unless marked global:
@@ -49,12 +50,6 @@ SHED = "{prefix}:shed"  # global HASH tenant -> jobs refused by the limits, ever
 # The keyword a ticket message carries (its value: the queue whose jobs it may pick), and nothing else.
 TICKET_ARG = "fair_ticket"
 
-_CLOCK = """
-local function clock()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1e6
-end
-"""
 
 # ARGV: prefix, max per tenant (0: off), max in all (0: off), then per job: id, queue, tenant, lane, deadline
 # seconds ('' for none), body. Returns {'ok'} or {'tenant'|'total', tenant, limit, depth} with nothing inserted

@@ -30,8 +30,8 @@ from varco.tasks.schemas import FINISHED_RANK, ErrorInfo, JobState, JobStatus
 # finished job sends it only when this is missing (the run that ended the job died before queueing it).
 TERMINAL_WEBHOOK_FIELD = "terminal_webhook"
 
-# Leases are timed on the Redis server's clock, so workers' clocks need not agree.
-_CLOCK = """
+# Leases (and the fair queue's deadlines) are timed on the Redis server's clock, so clocks need not agree.
+LUA_CLOCK = """
 local function clock()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -89,7 +89,7 @@ return {1, ARGV[1]}
 # is honoured, or the job is marked started under this token's lease.
 _BEGIN = (
     _COMMON
-    + _CLOCK
+    + LUA_CLOCK
     + """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then
@@ -128,7 +128,7 @@ return {state, n, '0'}
 # KEYS: records; ARGV: lease seconds, ttl, then one token per key. Extends each lease its token still holds on
 # a running job; returns how many it extended. Not published: a heartbeat is no state change.
 _RENEW = (
-    _CLOCK
+    LUA_CLOCK
     + """
 local extended = 0
 local expiry = tostring(clock() + tonumber(ARGV[1]))

@@ -135,6 +135,7 @@ def test_a_completion_waits_for_its_job_and_answers_with_the_tags_usage_and_varc
         [request] = enqueued(client)
         assert request["task"] == "grounding" and request["max_new_tokens"] == 64 and request["image_uri"] == IMAGE
         assert client.statuses.record(job_id)["owner"] == key_id(ALICE)  # a job like any: /v1/jobs sees it
+        assert client.statuses.record(job_id)["tenant"] == key_id(ALICE)  # a nameless key is its own tenant
         assert not pending.done()
         succeed(client, settings, job_id, finish_reason="length")
         raw = pending.result(timeout=30)
@@ -255,6 +256,17 @@ def test_auth_rate_limit_and_bad_json_answer_in_openais_shape(base: str, setting
             api.chat.completions.create(**CHAT)
     assert limited.value.code == "rate_limit_exceeded" and int(limited.value.response.headers["retry-after"]) >= 990
     assert records(client) == []
+
+
+def test_a_tenant_over_its_queued_limit_gets_a_rate_limit_error(settings: Settings, client: Client) -> None:
+    limited = settings.model_copy(update={"max_queued_per_tenant": 1})
+    with Client(limited) as own, serve(limited, [f"teamA:{ALICE}", BOB], own) as base:
+        own.submit(IMAGE, task="caption", tenant="teamA")  # the key's name is the tenant Python names
+        with sdk(base) as api, pytest.raises(openai.RateLimitError) as full:
+            api.chat.completions.create(**CHAT)
+    assert full.value.code == "rate_limit_exceeded" and full.value.response.headers["retry-after"] == "5"
+    assert "teamA" in full.value.message and "VARCO_MAX_QUEUED_PER_TENANT" in full.value.message
+    assert len(records(client)) == 1  # nothing more was enqueued
 
 
 def test_redis_down_is_a_503_in_openais_shape(settings: Settings, client: Client) -> None:
