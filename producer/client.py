@@ -93,6 +93,7 @@ class Client:
         owner: str | None = None,
         tenant: str | None = None,
         deadline_s: float | None = None,
+        stream: bool = False,
     ) -> str:
         """Validate and enqueue one job; returns its id. Same idempotency key -> same id, one run.
         InvalidRequest for a bad request, QueueFull over a queued-jobs limit, BrokerUnavailable when Redis
@@ -101,11 +102,13 @@ class Client:
         `owner` is an opaque id of who submitted it (the HTTP gateway passes its API key's id), kept in
         the job's status record as `owner`; it is not part of the job request the worker sees. `tenant`
         (default: the client's) shares the GPUs fairly with other tenants; `deadline_s` (default
-        VARCO_DEFAULT_DEADLINE_S) fails the job with DeadlineExceeded if it has not started that long after."""
+        VARCO_DEFAULT_DEADLINE_S) fails the job with DeadlineExceeded if it has not started that long after.
+        `stream=True` has the worker publish the answer's text as the model writes it (`Client.stream`)."""
         request = self.validate(
             image_uri, task, prompt=prompt, region=region, label=label, callback_url=callback_url,
             callback_events=callback_events, idempotency_key=idempotency_key, priority=priority,
             metadata=metadata, max_new_tokens=max_new_tokens, tenant=tenant or self.tenant, deadline_s=deadline_s,
+            stream=stream or None,
         )  # fmt: skip
         with broker_errors(self.settings):
             return self._enqueue([request], owner)[0]
@@ -183,7 +186,7 @@ class Client:
                 raise IdempotencyKeyReused(first, index=index)
 
     def _queued(self, job_id: str, request: JobRequest) -> QueuedJob:
-        body = job_body(job_id, request.model_dump(mode="json", exclude_none=True), now_iso())
+        body = job_body(job_id, request.message_fields(), now_iso())
         deadline_s = request.deadline_s or self.settings.default_deadline_s
         queue = infer_queue(request.task, self.settings.task_routes)
         priority = DEFAULT_PRIORITY if request.priority is None else request.priority

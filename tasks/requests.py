@@ -80,6 +80,8 @@ class JobRequest(BaseModel):
     # Who the job belongs to (fair share, limits) and the seconds after submission it must start within.
     tenant: str = DEFAULT_TENANT
     deadline_s: float | None = Field(default=None, gt=0, le=MAX_DEADLINE_S)
+    # Publish the answer's text as the model writes it (tasks/deltas.py); off, the engine publishes nothing.
+    stream: Annotated[bool, Strict()] = False
 
     @field_validator("tenant")
     @classmethod
@@ -189,9 +191,17 @@ class JobRequest(BaseModel):
         """A hash of what the request asks for, stored with its idempotency key: the same request under
         the same key matches it, a different one does not. The key itself is left out (the gateway may
         take it from a header or the body), and defaults count as given."""
-        asked = self.model_dump(mode="json", exclude={"idempotency_key"})
+        asked = self.model_dump(mode="json", exclude={"idempotency_key"} | self.unset_flags())
         canonical = json.dumps(asked, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def unset_flags(self) -> set[str]:
+        """Flags left off, which messages and fingerprints omit: a job that does not stream looks as before."""
+        return set() if self.stream else {"stream"}
+
+    def message_fields(self) -> dict[str, Any]:
+        """The request as a job message carries it: JSON, without unset optional fields and flags."""
+        return self.model_dump(mode="json", exclude_none=True, exclude=self.unset_flags())
 
     @property
     def model_prompt(self) -> str:

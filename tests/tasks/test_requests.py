@@ -189,3 +189,14 @@ def test_a_data_uri_over_the_limit_is_refused_naming_the_field() -> None:
 def test_whole_numbers_are_numbers() -> None:
     request = validate_request(image_uri=IMG, task="referring", region=[0, 0, 1, 1], max_new_tokens=64, priority=9)
     assert request.region == (0.0, 0.0, 1.0, 1.0) and request.max_new_tokens == 64
+
+
+def test_stream_is_a_strict_flag_that_jobs_without_it_never_carry() -> None:
+    plain = validate_request(image_uri=IMG, task="caption")
+    streamed = validate_request(image_uri=IMG, task="caption", stream=True)
+    assert "stream" not in plain.message_fields()  # other jobs' messages are as before
+    assert streamed.message_fields()["stream"] is True
+    assert plain.fingerprint() != streamed.fingerprint()
+    assert plain.fingerprint() == validate_request(image_uri=IMG, task="caption", stream=False).fingerprint()
+    with pytest.raises(InvalidRequest, match="stream"):
+        validate_request(image_uri=IMG, task="caption", stream="yes")
