@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from varco.workers.engines.deltas import DeltaDecoder, OnDelta
+
 FinishReason = Literal["stop", "length", "abort"]
 
 
@@ -107,8 +109,13 @@ class EngineBackend(abc.ABC):
         """Everything that can run before the device is involved; called in the task thread."""
 
     @abc.abstractmethod
-    def submit(self, prepared: Any, is_cancelled: Callable[[], bool] = never_cancelled) -> Future[GenerationOutput]:
-        """Queue a prepared request; the future raises `Cancelled` once `is_cancelled()` turns true."""
+    def submit(
+        self, prepared: Any, is_cancelled: Callable[[], bool] = never_cancelled, on_delta: OnDelta | None = None
+    ) -> Future[GenerationOutput]:
+        """Queue a prepared request; the future raises `Cancelled` once `is_cancelled()` turns true.
+
+        With `on_delta` (streamed jobs only), the engine calls it from its own thread with the answer's
+        new text as it generates (`deltas.DeltaDecoder`); the pieces joined are the output's `text`."""
 
     @abc.abstractmethod
     def stop(self) -> None:
@@ -127,6 +134,7 @@ class WorkItem:
 
     prepared: Any
     is_cancelled: Callable[[], bool]
+    deltas: DeltaDecoder | None = None  # streamed requests only
     arrived: float = field(default_factory=time.monotonic)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: Future = field(default_factory=Future)
@@ -162,6 +170,19 @@ class ThreadedEngine(EngineBackend):
         context = contextvars.copy_context()
         self._thread = threading.Thread(target=context.run, args=(self._run,), name="engine", daemon=True)
         self._thread.start()
+
+    def _deltas(self, prepared: Any, on_delta: OnDelta | None) -> DeltaDecoder | None:
+        """The decoder of a streamed request's deltas; None for every other request (they pay nothing)."""
+        if on_delta is None:
+            return None
+        return DeltaDecoder(on_delta, self._tokenizer(), self._stop_ids(), prepared.request.max_new_tokens)
+
+    def _tokenizer(self) -> Any:
+        """The tokenizer that decodes this engine's ids (for streamed requests' deltas)."""
+        raise NotImplementedError
+
+    def _stop_ids(self) -> list[int]:
+        raise NotImplementedError
 
     def _enqueue(self, item: WorkItem) -> Future[GenerationOutput]:
         with self._cond:

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import Any
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -27,6 +28,7 @@ from varco.workers.engines.base import (
     WorkItem,
     never_cancelled,
 )
+from varco.workers.engines.deltas import DeltaDecoder, OnDelta
 from varco.workers.engines.hf_batching import BatchPolicy
 from varco.workers.engines.hf_model import HFModel, PreparedRequest
 
@@ -58,6 +60,24 @@ class _CancelRows(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
         self.on_step()
         return torch.tensor([check() for check in self.checks], dtype=torch.bool, device=input_ids.device)
+
+
+class _StreamRows(StoppingCriteria):
+    """Hands each streamed row's ids so far to its delta decoder after every decode step; never stops a row.
+
+    Added only to batches with a streamed request. The ids are copied to the host for those rows alone."""
+
+    def __init__(self, decoders: list[DeltaDecoder | None]) -> None:
+        self.rows = [(row, d) for row, d in enumerate(decoders) if d is not None]
+        self.start: int | None = None  # the prompt's (padded) length: one token is new at the first call
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
+        if self.start is None:
+            self.start = input_ids.shape[1] - 1
+        generated = input_ids[[row for row, _ in self.rows], self.start :].tolist()
+        for (_, decoder), ids in zip(self.rows, generated, strict=True):
+            decoder.update(ids)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -95,8 +115,17 @@ class HFEngine(ThreadedEngine):
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         return self.model.prepare(request)
 
-    def submit(self, prepared: PreparedRequest, is_cancelled: Callable[[], bool] = never_cancelled) -> Future:
-        return self._enqueue(_Item(prepared, is_cancelled))
+    def submit(
+        self, prepared: PreparedRequest, is_cancelled: Callable[[], bool] = never_cancelled,
+        on_delta: OnDelta | None = None,
+    ) -> Future:  # fmt: skip
+        return self._enqueue(_Item(prepared, is_cancelled, self._deltas(prepared, on_delta)))
+
+    def _tokenizer(self) -> Any:
+        return self.model.processor.tokenizer
+
+    def _stop_ids(self) -> list[int]:
+        return self.model.stop_ids
 
     def stop(self) -> None:
         self._fail(self._stop_thread(timeout=30), "the engine stopped before running this request")
@@ -169,6 +198,8 @@ class HFEngine(ThreadedEngine):
     def _generate(self, items: list[_Item]) -> list[GenerationOutput]:
         metrics.BATCH_SIZE.observe(len(items))
         criteria = StoppingCriteriaList([_CancelRows([i.is_cancelled for i in items], self.note_progress)])
+        if any(i.deltas is not None for i in items):
+            criteria.append(_StreamRows([i.deltas for i in items]))
         started = time.perf_counter()
         self.in_flight = len(items)
         try:

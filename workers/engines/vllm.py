@@ -30,6 +30,7 @@ from varco.workers.engines.base import (
     weights_dtype,
 )
 from varco.workers.engines.decode import stop_token_ids, to_output
+from varco.workers.engines.deltas import OnDelta
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +140,9 @@ class VLLMEngine(ThreadedEngine):
             prompt["multi_modal_uuids"] = {"image": [request.image_id]}
         return VLLMPrepared(request, prompt)
 
-    def sampling_params(self, request: GenerationRequest) -> Any:
+    def sampling_params(self, request: GenerationRequest, *, streamed: bool = False) -> Any:
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         extra: dict[str, Any] = {}
         for hook in self.hooks.vllm_request_args:
@@ -152,6 +154,8 @@ class VLLMEngine(ThreadedEngine):
             skip_special_tokens=False,
             spaces_between_special_tokens=False,
             detokenize=False,  # decoded once at the end, the same way as the hf backend
+            # Per-step outputs (the ids so far) for streamed requests alone; others report when finished.
+            output_kind=RequestOutputKind.CUMULATIVE if streamed else RequestOutputKind.FINAL_ONLY,
             extra_args=extra or None,
         )
 
@@ -159,8 +163,17 @@ class VLLMEngine(ThreadedEngine):
     def pending(self) -> int:
         return len(self._inbox) + len(self._running)
 
-    def submit(self, prepared: VLLMPrepared, is_cancelled: Callable[[], bool] = never_cancelled) -> Future:
-        return self._enqueue(WorkItem(prepared, is_cancelled))
+    def submit(
+        self, prepared: VLLMPrepared, is_cancelled: Callable[[], bool] = never_cancelled,
+        on_delta: OnDelta | None = None,
+    ) -> Future:  # fmt: skip
+        return self._enqueue(WorkItem(prepared, is_cancelled, self._deltas(prepared, on_delta)))
+
+    def _tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def _stop_ids(self) -> list[int]:
+        return self.stop_ids
 
     def stop(self) -> None:
         left = self._stop_thread(timeout=60)
@@ -198,6 +211,8 @@ class VLLMEngine(ThreadedEngine):
                     for output in outputs:
                         if output.finished:
                             self._finish(output)
+                        elif (item := self._running.get(output.request_id)) is not None and item.deltas:
+                            item.deltas.update(output.outputs[0].token_ids)
         except BaseException as exc:  # the engine is broken: fail what it holds, refuse new work
             log.exception("vLLM engine thread died")
             with self._cond:
@@ -213,7 +228,7 @@ class VLLMEngine(ThreadedEngine):
         if not item.future.set_running_or_notify_cancel():
             return
         try:
-            params = self.sampling_params(item.prepared.request)
+            params = self.sampling_params(item.prepared.request, streamed=item.deltas is not None)
             self.engine.add_request(item.request_id, item.prepared.prompt, params)
         except Exception as exc:  # a bad request (too long, unreadable image) fails alone
             item.future.set_exception(exc)
@@ -235,6 +250,8 @@ class VLLMEngine(ThreadedEngine):
         if completion.finish_reason == "abort":
             item.future.set_exception(Cancelled())
             return
+        if item.deltas is not None:  # the last step's text, before the answer is final
+            item.deltas.update(completion.token_ids)
         item.future.set_result(
             to_output(
                 completion.token_ids,

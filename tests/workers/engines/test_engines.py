@@ -144,3 +144,22 @@ def test_cancel_stops_a_running_generation_and_spares_its_neighbour(
     assert short_future.result(timeout=300).text == GROUNDING  # its neighbour is unaffected
     # It stopped within a step or two of the cancel, not at the end of its 3,000 tokens.
     assert 10 <= dev.forced_tokens(long_id) - before <= 12
+
+
+def test_a_streamed_request_publishes_its_text_as_it_generates_and_others_publish_nothing(
+    engine: EngineBackend, script_book: ScriptBook
+) -> None:
+    deltas: list[tuple[str, int]] = []  # each piece of text with the tokens forced so far
+    from varco.workers.devtools import scripted as dev
+
+    streamed = scripted(script_book, f"stream-{engine.name}", GRO_PROMPT, GROUNDING, (80, 80))
+    plain = scripted(script_book, f"plain-{engine.name}", GRO_PROMPT, OCR, (90, 90), seed=3)
+    image_id = streamed.image_id or ""
+    on_delta = lambda text: deltas.append((text, dev.forced_tokens(image_id)))  # noqa: E731
+    futures = [engine.submit(engine.prepare(streamed), on_delta=on_delta), engine.submit(engine.prepare(plain))]
+    out, other = (f.result(timeout=300) for f in futures)
+    assert out.text == GROUNDING and other.text == OCR
+    assert "".join(text for text, _ in deltas) == GROUNDING  # tags kept, nothing lost or repeated
+    forced = [count for _, count in deltas]
+    assert len(deltas) > 10 and forced[0] < out.output_tokens // 2  # published while generating, not at the end
+    assert forced == sorted(forced)
