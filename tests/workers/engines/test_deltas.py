@@ -42,6 +42,7 @@ def test_ids_past_the_budget_or_a_stop_never_reach_the_text() -> None:
 
 def test_a_rerun_sends_only_what_it_adds_and_a_failing_listener_is_contained() -> None:
     assert stream([[1, 2], [1], [1, 2], [1, 2, 4]]) == ["<obj>cat", "</obj>"]  # a batch rerun one by one
+    assert stream([[1, 2], [2, 2, 2], [1, 2, 4]]) == ["<obj>cat", "</obj>"]  # a rerun that wrote otherwise: not sent
 
     def broken(text: str) -> None:
         raise RuntimeError("redis is away")
