@@ -1,6 +1,6 @@
 """The producer side: `from producer import Client`."""
 
-from varco.producer.client import Client, JobCancelled, JobFailed, JobNotFound
+from varco.producer.client import Client, JobCancelled, JobFailed, JobNotFound, StreamNotRequested
 from varco.tasks.connections import BrokerUnavailable
 from varco.tasks.fair_queue import QueueFull
 from varco.tasks.requests import IdempotencyKeyReused, InvalidRequest
@@ -14,4 +14,5 @@ __all__ = [
     "JobFailed",
     "JobNotFound",
     "QueueFull",
+    "StreamNotRequested",
 ]

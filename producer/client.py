@@ -18,6 +18,7 @@ import redis
 
 from varco.tasks.celery_app import DEFAULT_PRIORITY, create_app, infer_queue
 from varco.tasks.connections import BrokerUnavailable, broker_errors, redis_client
+from varco.tasks.delta_stream import START, Delta, DeltaStream, StreamEnd
 from varco.tasks.fair_queue import FairQueue, QueuedJob, job_body, send_ticket
 from varco.tasks.job_ids import is_valid_job_id
 from varco.tasks.requests import (
@@ -52,6 +53,17 @@ class JobCancelled(RuntimeError):
     """`result()` of a job that was cancelled."""
 
 
+class StreamNotRequested(LookupError):
+    """`stream()` of a job that was not submitted with `stream=True`: it publishes no text as it runs."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"job {job_id} was not submitted with stream=True: read its result instead")
+
+
+STREAM_POLL_MS = 1000  # with no new text for this long, the job's record is read: did it end elsewhere?
+
+
 class Client:
     def __init__(self, settings: Settings | None = None, *, tenant: str | None = None) -> None:
         """`tenant`: whom this client's jobs belong to unless a submit names another (default `default`)."""
@@ -60,6 +72,7 @@ class Client:
         self.redis = redis_client(self.settings)
         self.statuses = StatusStore(self.redis, self.settings.status_ttl)
         self.fair = FairQueue(self.redis)
+        self.deltas = DeltaStream(self.redis, self.settings.status_ttl)
         self.app = create_app(self.settings)
         self._store: ResultStore | None = None
 
@@ -151,6 +164,8 @@ class Client:
             with broker_errors(self.settings):
                 for job_id, request in new:
                     self.statuses.create(job_id, request.task.value, owner=owner, tenant=request.tenant)
+                    if request.stream:  # before any worker can take it: its first text has somewhere to go
+                        self.deltas.open(job_id)
                 self.fair.insert(
                     [self._queued(job_id, request) for job_id, request in new],
                     max_per_tenant=self.settings.max_queued_per_tenant,
@@ -264,6 +279,38 @@ class Client:
             raise JobCancelled(f"job {job_id} was cancelled")
         uri = status.result_uri or self.store.uri_for(job_id)
         return JobResult.model_validate_json(self.store.read(uri))
+
+    def stream(self, job_id: str, timeout: float | None = None) -> Iterator[str]:
+        """Yield the answer's text as the model writes it (tags kept; the pieces joined are the result's
+        `output.raw`), from its start whenever it is called, and end when the job ends: JobFailed or
+        JobCancelled as `result()` raises them, StreamNotRequested for a job submitted without
+        `stream=True`, JobNotFound, TimeoutError past `timeout`."""
+        with broker_errors(self.settings):
+            yield from self._stream(job_id, timeout)
+
+    def _stream(self, job_id: str, timeout: float | None) -> Iterator[str]:
+        status = self.status(job_id)
+        if not self.deltas.is_open(job_id):
+            raise StreamNotRequested(job_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        after, ended = START, None
+        while ended is None:
+            entries = self.deltas.read(job_id, after, block_ms=STREAM_POLL_MS)
+            if not entries:  # quiet: the job may have ended without its run writing the end (cancelled queued)
+                if status.state.finished or (status := self.status(job_id)).state.finished:
+                    entries = self.deltas.read(job_id, after) or [StreamEnd(after, status.state.value)]
+                elif deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {job_id} not finished after {timeout}s")
+            for entry in entries:
+                after = entry.id
+                if isinstance(entry, Delta):
+                    yield entry.text
+                else:
+                    ended = entry
+        if ended.state == JobState.FAILED:
+            raise JobFailed(job_id, self.status(job_id).error)
+        if ended.state == JobState.CANCELLED:
+            raise JobCancelled(f"job {job_id} was cancelled")
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued, retrying or running job. False when it had already finished."""

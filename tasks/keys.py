@@ -21,6 +21,8 @@ RESULT_CACHE_PREFIX = "varco:cache:"
 """The result cache index: sha256 of a job's inputs -> the source job and result URI (`output/result_cache.py`)."""
 WEBHOOK_DELIVERED_PREFIX = "varco:webhook-delivered:"
 """A webhook id that was delivered, kept VARCO_STATUS_TTL (`output/webhook_delivery.py`)."""
+DELTAS_PREFIX = "varco:deltas:"
+"""A streamed job's text as generated, a Redis stream capped and expiring with the record (`tasks/delta_stream.py`)."""
 FAIR_PREFIX = "varco:fair"
 """The fair queue's keys, all under this prefix: per-tenant job sets, passes, ticket bindings, queued counts
 (`tasks/fair_queue.py`, which derives them; docs/tenants.md lists each)."""
@@ -36,6 +38,11 @@ UNACKED_INDEX = "unacked_index"
 def job(job_id: str) -> str:
     """The status record of `job_id`; a malformed id never becomes a key (InvalidJobId)."""
     return JOB_PREFIX + check_job_id(job_id)
+
+
+def deltas(job_id: str) -> str:
+    """The delta stream of a job submitted with `stream=True`."""
+    return DELTAS_PREFIX + check_job_id(job_id)
 
 
 def idempotency(key: str) -> str:

@@ -19,6 +19,11 @@ OnDelta = Callable[[str], None]
 """Called in the engine thread with each piece of new text; must be quick and must not block on I/O."""
 
 
+def extension(sent: str, text: str) -> str:
+    """What `text` adds to `sent`; nothing when it does not extend it (a rerun that wrote otherwise)."""
+    return text[len(sent) :] if len(text) > len(sent) and text.startswith(sent) else ""
+
+
 class DeltaDecoder:
     def __init__(self, on_delta: OnDelta, tokenizer: Any, stop_ids: Collection[int], budget: int) -> None:
         self.on_delta, self.tokenizer, self.stop_ids, self.budget = on_delta, tokenizer, stop_ids, budget
@@ -29,9 +34,9 @@ class DeltaDecoder:
         ids = list(token_ids[: self.budget])
         end = next((i for i, token in enumerate(ids) if token in self.stop_ids), len(ids))
         text = self.tokenizer.decode(ids[:end], skip_special_tokens=False).strip().rstrip("\ufffd").rstrip()
-        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+        if not (delta := extension(self.sent, text)):
             return
-        delta, self.sent = text[len(self.sent) :], text
+        self.sent = text
         try:
             self.on_delta(delta)
         except Exception:  # a publisher's failure never reaches the device's thread

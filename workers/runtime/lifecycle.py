@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from varco.tasks.delta_stream import DeltaStream
 from varco.tasks.errors import InferenceError, JobError, error_info
 from varco.tasks.messages import InferMessage
 from varco.tasks.requests import InvalidRequest, JobRequest
@@ -31,10 +32,11 @@ from varco.tasks.settings import Settings
 from varco.tasks.status import StatusStore, now_iso
 from varco.tasks.tags import parse
 from varco.workers import metrics
-from varco.workers.engines.base import Cancelled, EngineBackend, GenerationRequest
+from varco.workers.engines.base import Cancelled, EngineBackend, GenerationOutput, GenerationRequest
 from varco.workers.input.fetch import FetchedImage, ImageFetcher
 from varco.workers.logs import job_context
 from varco.workers.net.retry import backoff_s
+from varco.workers.output.delta_publisher import DeltaPublisher
 from varco.workers.output.result_cache import ResultCache
 from varco.workers.output.result_writer import write_result
 from varco.workers.output.webhooks import TERMINAL_EVENTS, event_payload, terminal_event
@@ -87,6 +89,7 @@ class Runtime:
     cache: ResultCache  # the result cache index (VARCO_RESULT_CACHE_TTL), one per process
     send_webhook: SendWebhook  # output/webhooks.send_event bound to the Celery app
     fair: FairPicker | None = None  # tickets -> jobs (fair share, docs/tenants.md); None: no tickets here
+    deltas: DeltaStream | None = None  # streamed jobs' text as generated (tasks/delta_stream.py); None: not published
 
 
 def deliver(
@@ -190,6 +193,8 @@ class _Job:
         self.rt, self.job_id, self.request = rt, job_id, request
         self.enqueued_at = enqueued_at or now_iso()  # checked ISO 8601 (`InferMessage.validate`)
         self.queued_at = datetime.fromisoformat(self.enqueued_at).timestamp()
+        self.output: GenerationOutput | None = None  # what the engine answered, once it has
+        self.publisher = DeltaPublisher(rt.deltas, job_id) if request.stream and rt.deltas is not None else None
 
     def notify(
         self, event: str, state: JobState, result_uri: str | None = None, error: ErrorInfo | None = None
@@ -204,8 +209,12 @@ class _Job:
             self.rt.statuses.mark_terminal_webhook(self.job_id)
 
     def end(self, state: JobState, **fields: Any) -> bool:
-        """This run's terminal transition; a record Redis lost meanwhile is made anew, so it still ends."""
-        return self.rt.statuses.transition(self.job_id, state, recreate_task=self.request.task.value, **fields)
+        """This run's terminal transition; a record Redis lost meanwhile is made anew, so it still ends.
+        A streamed job's stream ends with it (readers of a job ended elsewhere stop on its status)."""
+        ended = self.rt.statuses.transition(self.job_id, state, recreate_task=self.request.task.value, **fields)
+        if ended and self.publisher is not None:
+            self.publisher.end(state.value, self.output)
+        return ended
 
     def fail(self, error: ErrorInfo) -> None:
         log.info("job %s failed: %s: %s", self.job_id, error.type, error.message)
@@ -232,6 +241,8 @@ class _Job:
         cache = rt.cache
         if (source := cache.lookup(request, fetched.sha256)) is not None:  # a repeat: no engine
             own = self.own_fields(fetched, started, fetch_s, 0.0) | {"usage": Usage(), "cached_from": source.job_id}
+            if self.publisher is not None:  # the whole answer at once: there is nothing to generate
+                self.publisher.publish(source.output.raw)
             self.finish(JobResult.model_validate(source.model_dump() | own), fetched, fetch_s, None)
             return
         generation = GenerationRequest(
@@ -243,8 +254,11 @@ class _Job:
         t1 = time.perf_counter()
         try:
             prepared = rt.engine.prepare(generation)  # here, in the task thread: the device's thread only generates
-            future = rt.engine.submit(prepared, is_cancelled=lambda: rt.cancels.is_cancelled(self.job_id))
-            output = future.result()
+            streamed = {"on_delta": self.publisher.put} if self.publisher is not None else {}  # others pay nothing
+            future = rt.engine.submit(prepared, is_cancelled=lambda: rt.cancels.is_cancelled(self.job_id), **streamed)
+            if self.publisher is not None:
+                self.publisher.pump(future)
+            output = self.output = future.result()
         except Cancelled:
             raise
         except Exception as exc:

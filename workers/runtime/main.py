@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from varco.tasks.celery_app import INFER_QUEUE, create_app
 from varco.tasks.connections import WORKER_RETRIES, redis_client
+from varco.tasks.delta_stream import DeltaStream
 from varco.tasks.results_store import result_store
 from varco.tasks.settings import Settings
 from varco.tasks.status import StatusStore
@@ -92,11 +93,10 @@ def run_inference_worker(hostname: str, queues: list[str], concurrency: int | No
         cache=ResultCache(client, store, settings),
         send_webhook=functools.partial(send_event, app),
         fair=FairPicker(client, statuses, settings.tenant_weights),
+        deltas=DeltaStream(client, settings.status_ttl),
     )
     register_inference_task(app, lambda: runtime)
-    refill = TicketRefill(
-        app, client, queues, min(60.0, settings.visibility_timeout / 6)
-    ).start()
+    refill = TicketRefill(app, client, queues, min(60.0, settings.visibility_timeout / 6)).start()
     # Enough task threads to keep the engine full while others fetch: a batch and the next one for hf,
     # every sequence slot and a few spare for vllm.
     threads = concurrency or (

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import logging
 import re
+import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import pytest
 import redis
 from PIL import Image
 
+from varco.tasks.delta_stream import Delta, DeltaStream, StreamEnd
 from varco.tasks.errors import ImageFetchError
 from varco.tasks.messages import InferMessage
 from varco.tasks.schemas import ErrorInfo, ImageInfo, JobResult, JobState, ParsedOutput, Usage
@@ -111,13 +113,17 @@ class Engine:
     requests: list[GenerationRequest] = field(default_factory=list)
     submitted: list[Any] = field(default_factory=list)
     cancel_checks: list[bool] = field(default_factory=list)
+    streamed: list[bool] = field(default_factory=list)
 
     def prepare(self, generation: GenerationRequest) -> Any:
         self.requests.append(generation)
         return ("prepared", generation)
 
-    def submit(self, prepared: Any, is_cancelled: Any) -> Future:
+    def submit(self, prepared: Any, is_cancelled: Any, **streamed: Any) -> Future:
         self.submitted.append(prepared)
+        self.streamed.append("on_delta" in streamed)
+        if on_delta := streamed.get("on_delta"):  # the text in three pieces, as an engine thread would
+            threading.Thread(target=lambda: [on_delta(p) for p in (self.text[:5], self.text[5:9], self.text[9:])]).run()
         self.clock.now += 2.34567
         self.cancel_checks.append(is_cancelled())
         future: Future = Future()
@@ -654,3 +660,24 @@ def test_the_lifecycle_imports_no_celery() -> None:
     imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert imported and not [name for name in imported if name.split(".")[0] in ("celery", "kombu")]
+
+
+def test_a_streamed_job_publishes_its_text_and_ends_its_stream_and_other_jobs_publish_nothing(world: World) -> None:
+    world.rt.deltas = DeltaStream(world.statuses.redis, 600)
+    world.deliver()
+    assert world.engine.streamed == [False] and not world.rt.deltas.is_open(JOB)  # no hook, no stream key
+    world.statuses.delete(JOB)
+    world.statuses.create(JOB, "caption")
+    world.deliver(stream=True)
+    assert world.engine.streamed == [False, True] and world.status().state is JobState.SUCCEEDED
+    entries = world.rt.deltas.read(JOB)
+    assert "".join(e.text for e in entries if isinstance(e, Delta)) == TEXT  # pieces that piled up go as one
+    assert entries[-1] == StreamEnd(entries[-1].id, "succeeded", "stop", prompt_tokens=11, output_tokens=7)
+
+
+def test_a_failed_streamed_job_ends_its_stream_failed(world: World) -> None:
+    world.rt.deltas = DeltaStream(world.statuses.redis, 600)
+    world.engine.error = RuntimeError("boom")
+    world.deliver(stream=True)
+    end = world.rt.deltas.read(JOB)[-1]
+    assert isinstance(end, StreamEnd) and end.state == "failed" and end.finish_reason is None
