@@ -22,6 +22,7 @@ from varco.gateway.state import GatewayState
 from varco.producer import Client
 from varco.tasks.async_status import AsyncStatusStore
 from varco.tasks.connections import BrokerUnavailable, async_redis_client
+from varco.tasks.delta_stream import AsyncDeltaStream
 from varco.tasks.requests import JobRequest
 from varco.tasks.settings import Settings
 
@@ -60,6 +61,7 @@ def create_app(settings: Settings, keys: list[str] | None, *, client: Client | N
             limiter=RateLimiter(settings.rate_limit) if settings.rate_limit else None,
             metrics=metrics,
             statuses=statuses,
+            deltas=AsyncDeltaStream(statuses.redis),
         )
         try:
             yield

@@ -74,10 +74,13 @@ class OpenAIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers or {}
 
-    def response(self) -> JSONResponse:
+    def body(self) -> dict[str, Any]:
         detail = ErrorDetail(message=self.message, type=_TYPES.get(self.status, "server_error"), param=self.param,
                              code=self.code)  # fmt: skip
-        return JSONResponse(ErrorBody(error=detail).model_dump(), status_code=self.status, headers=self.headers)
+        return ErrorBody(error=detail).model_dump()
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def bad_request(message: str, param: str | None, code: str = "invalid_value") -> OpenAIError:

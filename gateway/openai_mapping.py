@@ -5,7 +5,7 @@ The task comes from the card's own tags at the start of the user text, so the mo
 conversations work unchanged: `<gro>` grounding, `<ocr>` OCR, `<obj>label</obj><bbox>x1, y1, x2, y2</bbox>`
 referring (region and label from them), anything else a question about the image (caption when it is
 the card's "Describe this image." or empty, else vqa). What we cannot serve (sampling, tools, several
-images or turns, streaming for now…) is refused with the parameter named, never silently ignored.
+images or turns…) is refused with the parameter named, never silently ignored.
 """
 
 from __future__ import annotations
@@ -38,13 +38,14 @@ OPENAI_PARAMS = frozenset(
     | typing.get_type_hints(completion_create_params.CompletionCreateParamsStreaming)
 )
 # Parameters we take, and what we do with them.
-USED_PARAMS = frozenset({"model", "messages", "max_tokens", "max_completion_tokens", "metadata", "user"})
+USED_PARAMS = frozenset(
+    {"model", "messages", "max_tokens", "max_completion_tokens", "metadata", "user", "stream", "stream_options"}
+)
 # Parameters accepted at the value that means what we do anyway (greedy decoding, one text answer).
 NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "temperature": (0,),
     "top_p": (1,),
     "n": (1,),
-    "stream": (False,),
     "frequency_penalty": (0,),
     "presence_penalty": (0,),
     "logprobs": (False,),
@@ -84,6 +85,7 @@ class ChatJob:
 
     request: JobRequest
     params: Mapping[str, str] = field(default_factory=dict)
+    include_usage: bool = False  # a streamed answer's usage chunk (stream_options.include_usage)
 
     def param_for(self, job_field: str | None) -> str | None:
         """The OpenAI parameter to name for an error about `job_field` (e.g. image_uri -> its image_url)."""
@@ -132,9 +134,7 @@ def check_params(body: Mapping[str, Any]) -> None:
             continue
         if name in NEUTRAL_VALUES and _neutral(name, value):
             continue
-        if name == "stream":
-            message = "stream=true is not served yet: ask without streaming"
-        elif name in NEUTRAL_VALUES:
+        if name in NEUTRAL_VALUES:
             served = " or ".join(repr(v) for v in NEUTRAL_VALUES[name])
             message = f"{name}={value!r} is not served: VARCO-VISION is served with greedy decoding ({name} {served})"
         else:
@@ -290,12 +290,35 @@ def requested_model(body: Any, served: Sequence[str]) -> str:
     return model
 
 
+def _streaming(body: Mapping[str, Any]) -> tuple[bool, bool]:
+    """`stream` and `stream_options.include_usage`, checked as OpenAI checks them."""
+    stream, options = body.get("stream"), body.get("stream_options")
+    if stream is not None and not isinstance(stream, bool):
+        raise ChatRequestError(f"stream must be a boolean, got {stream!r:.40}", "stream")
+    if options is None:
+        return bool(stream), False
+    if not stream:
+        raise ChatRequestError("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                               "stream_options")  # fmt: skip
+    if not isinstance(options, dict):
+        raise ChatRequestError("stream_options must be an object", "stream_options")
+    for name, value in options.items():
+        if name != "include_usage" and value not in (None, False):
+            raise ChatRequestError(f"stream_options.{name} is not served", f"stream_options.{name}",
+                                   "unsupported_parameter")  # fmt: skip
+    usage = options.get("include_usage")
+    if usage is not None and not isinstance(usage, bool):
+        raise ChatRequestError("stream_options.include_usage must be a boolean", "stream_options.include_usage")
+    return True, bool(usage)
+
+
 def to_job(body: Any, served: Sequence[str]) -> ChatJob:
     """The job a chat completion body asks for. ChatRequestError or UnknownModel when it cannot be served."""
     requested_model(body, served)
     check_params(body)
     turn = _user_turn(body.get("messages"))
     max_new_tokens, tokens_param = _max_tokens(body)
+    stream, include_usage = _streaming(body)
     try:
         fields = task_fields(turn.text)
     except ChatRequestError as exc:
@@ -305,11 +328,13 @@ def to_job(body: Any, served: Sequence[str]) -> ChatJob:
     job_fields = {k: v for k, v in fields.items() if v is not None} | {"metadata": _metadata(body)}
     if max_new_tokens is not None:
         job_fields["max_new_tokens"] = max_new_tokens
+    if stream:
+        job_fields["stream"] = True
     try:
         request = validate_request(image_uri=turn.image_url, **job_fields)
     except InvalidRequest as exc:
         raise ChatRequestError(str(exc), params.get(exc.field or "", turn.text_param)) from None
-    return ChatJob(request, params)
+    return ChatJob(request, params, include_usage)
 
 
 def completion_usage(result: JobResult) -> CompletionUsage:

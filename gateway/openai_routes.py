@@ -1,7 +1,8 @@
 """OpenAI-compatible routes over the /v1/jobs machinery: `GET /v1/models` and `POST /v1/chat/completions`.
 
 A chat completion is a job like any other (same Client, owner, status record, result, auth and rate
-limit; `varco.job_id` names it on /v1/jobs), submitted and then waited for on the job's status events.
+limit; `varco.job_id` names it on /v1/jobs), submitted and then waited for on the job's status events,
+or, with `stream: true`, relayed from its delta stream as chunks while the model writes (openai_stream.py).
 A caller that hangs up before the answer cancels its job, so no GPU time goes to answers nobody reads.
 Errors come in OpenAI's shape (openai_errors.py).
 """
@@ -13,33 +14,38 @@ import contextlib
 import json
 import logging
 import time
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
-from openai.types import Model
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from openai.types import CompletionUsage, Model
 from openai.types.chat import ChatCompletion
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from varco.gateway.access import caller, tenant_of
+from varco.gateway.job_deltas import follow
 from varco.gateway.openai_errors import OpenAIError, OpenAIRoute, bad_request, error_responses, model_not_found
 from varco.gateway.openai_mapping import (
     ChatJob,
     ChatRequestError,
     UnknownModel,
+    completion_usage,
     model_objects,
     served_models,
     to_chat_completion,
     to_job,
 )
+from varco.gateway.openai_stream import ChunkStream
 from varco.gateway.problems import QUEUE_FULL_RETRY_AFTER_S
 from varco.gateway.sse import watch
 from varco.gateway.state import GatewayState, gateway
-from varco.producer.client import JobNotFound
+from varco.producer.client import Client, JobNotFound
+from varco.tasks.delta_stream import StreamEnd
 from varco.tasks.fair_queue import QueueFull
 from varco.tasks.requests import InvalidRequest
-from varco.tasks.schemas import JobState, JobStatus
+from varco.tasks.schemas import JobResult, JobState, JobStatus
 
 log = logging.getLogger(__name__)
 # Failures of the image the caller sent: a 400 for them, like OpenAI's for an image it cannot read.
@@ -102,22 +108,23 @@ async def _finished(state: GatewayState, job_id: str) -> JobStatus | None:
 
 
 HUNG_UP = "hung up"
+T = TypeVar("T")
 
 
-async def _finished_unless_hung_up(request: Request, state: GatewayState, job_id: str) -> JobStatus | str | None:
-    """The job's final status, or HUNG_UP if the caller disconnects first."""
-    finished = asyncio.ensure_future(_finished(state, job_id))
+async def _unless_hung_up(request: Request, waiting: Awaitable[T]) -> T | str:
+    """What `waiting` returns, or HUNG_UP if the caller disconnects first (`waiting` is then stopped)."""
+    answer = asyncio.ensure_future(waiting)
     hung_up = asyncio.ensure_future(_hung_up(request))
     try:
-        await asyncio.wait({finished, hung_up}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({answer, hung_up}, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:  # this request itself was cancelled (the server shuts down)
-        finished.cancel()
+        answer.cancel()
         hung_up.cancel()
         raise
     await _stop(hung_up)
-    if finished.done():
-        return finished.result()
-    await _stop(finished)
+    if answer.done():
+        return answer.result()
+    await _stop(answer)
     return HUNG_UP
 
 
@@ -137,6 +144,32 @@ async def _hung_up(request: Request) -> None:
         pass
 
 
+def _refusal(status: JobStatus | None, job: ChatJob, job_id: str) -> OpenAIError | None:
+    """The error for a job that ended without an answer (None for one that succeeded)."""
+    if status is None:
+        return OpenAIError(500, f"job {job_id}'s status record expired before it finished", code="job_lost")
+    if status.state is JobState.FAILED:
+        return _failed(status, job)
+    if status.state is JobState.CANCELLED:
+        return OpenAIError(409, f"job {job_id} was cancelled (DELETE /v1/jobs/{job_id})", code="job_cancelled")
+    return None
+
+
+async def _cancel_for_hang_up(state: GatewayState, job_id: str) -> JSONResponse:
+    log.info("chat completion %s: the caller disconnected; cancelling its job", job_id)
+    with contextlib.suppress(JobNotFound):
+        await run_in_threadpool(state.client.cancel, job_id)
+    return JSONResponse({}, status_code=499)  # never sent: there is no one to send it to
+
+
+async def _result(state: GatewayState, job_id: str) -> JobResult:
+    try:
+        return await run_in_threadpool(state.client.result, job_id, 5.0)
+    except Exception as exc:  # the store is down or the object is gone: say so, never a bare 500
+        raise OpenAIError(503, f"result could not be read: {type(exc).__name__}: {exc}",
+                          code="result_unavailable") from None  # fmt: skip
+
+
 def _failed(status: JobStatus, job: ChatJob) -> OpenAIError:
     error = status.error
     message = f"job {status.job_id} failed: {error.type}: {error.message}" if error else f"job {status.job_id} failed"
@@ -150,10 +183,13 @@ def _failed(status: JobStatus, job: ChatJob) -> OpenAIError:
 @router.post(
     "/chat/completions", summary="A chat completion: one image and its question, answered by one job",
     responses={200: {"model": ChatCompletion,
-                     "description": "a `chat.completion` with a top-level `varco` object (job id, parsed output)"},
+                     "description": "a `chat.completion` with a top-level `varco` object (job id, parsed output); "
+                                    "with `stream: true`, `chat.completion.chunk` events as the model writes, "
+                                    "then `data: [DONE]`",
+                     "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                **error_responses(404, 409, 413)},
 )  # fmt: skip
-async def chat_completions(request: Request, state: State, who: Caller) -> JSONResponse:
+async def chat_completions(request: Request, state: State, who: Caller) -> Response:
     job = _job(await _body(request), state)
     fields = job.request.model_dump(exclude_none=True) | {"tenant": tenant_of(state, who)}
     try:
@@ -165,22 +201,61 @@ async def chat_completions(request: Request, state: State, who: Caller) -> JSONR
                           headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)}) from None  # fmt: skip
     state.metrics.submitted.inc()
 
-    status = await _finished_unless_hung_up(request, state, job_id)
-    if status is HUNG_UP:  # the caller left: its answer would reach nobody
-        log.info("chat completion %s: the caller disconnected; cancelling its job", job_id)
-        with contextlib.suppress(JobNotFound):
-            await run_in_threadpool(state.client.cancel, job_id)
-        return JSONResponse({}, status_code=499)  # never sent: there is no one to send it to
-    if status is None:
-        raise OpenAIError(500, f"job {job_id}'s status record expired before it finished", code="job_lost")
-    if status.state is JobState.FAILED:
-        raise _failed(status, job)
-    if status.state is JobState.CANCELLED:
-        raise OpenAIError(409, f"job {job_id} was cancelled (DELETE /v1/jobs/{job_id})", code="job_cancelled")
-    try:
-        result = await run_in_threadpool(state.client.result, job_id, 5.0)
-    except Exception as exc:  # the store is down or the object is gone: say so, never a bare 500
-        raise OpenAIError(503, f"result could not be read: {type(exc).__name__}: {exc}",
-                          code="result_unavailable") from None  # fmt: skip
-    completion = to_chat_completion(result)
+    if job.request.stream:
+        return await _streamed(request, state, job, job_id)
+    status = await _unless_hung_up(request, _finished(state, job_id))
+    if isinstance(status, str):  # HUNG_UP: the caller left, its answer would reach nobody
+        return await _cancel_for_hang_up(state, job_id)
+    if (refusal := _refusal(status, job, job_id)) is not None:
+        raise refusal
+    completion = to_chat_completion(await _result(state, job_id))
     return JSONResponse(completion.model_dump(mode="json"), headers={"x-request-id": job_id})
+
+
+async def _streamed(request: Request, state: GatewayState, job: ChatJob, job_id: str) -> Response:
+    """Chunks as the model writes. Until the first piece of text (or the end) the answer is an ordinary
+    HTTP response, so a job that fails before it (a bad image) is an HTTP error like a non-streamed one."""
+    entries = follow(state.deltas, state.statuses, job_id)
+    first = await _unless_hung_up(request, anext(entries))
+    if isinstance(first, str):
+        return await _cancel_for_hang_up(state, job_id)
+
+    async def failed(end: StreamEnd) -> OpenAIError:
+        status = await state.statuses.get(job_id)
+        return _refusal(status, job, job_id) or OpenAIError(500, f"job {job_id} ended {end.state}", code="job_lost")
+
+    if isinstance(first, StreamEnd) and first.state != JobState.SUCCEEDED:
+        raise await failed(first)
+
+    async def usage() -> tuple[str, CompletionUsage]:
+        result = await _result(state, job_id)
+        return result.finish_reason or "stop", completion_usage(result)
+
+    chunks = ChunkStream(job_id, state.client.settings.model, int(time.time()), job.include_usage)
+    return StreamingResponse(
+        _cancel_on_hang_up(state, job_id, chunks.events(first, entries, failed, usage)),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no", "x-request-id": job_id},
+    )
+
+
+async def _cancel_on_hang_up(state: GatewayState, job_id: str, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """`events`, and the job cancelled if the caller hangs up before the last of them (the server stops the
+    response at its next await, or closes this generator at its next yield)."""
+    finished = False
+    try:
+        async for event in events:
+            yield event
+        finished = True
+    finally:
+        if not finished:
+            log.info("streamed chat completion %s: the caller disconnected; cancelling its job", job_id)
+            # Not awaited: this runs while the response is being cancelled or closed.
+            asyncio.get_running_loop().run_in_executor(None, _cancel_quietly, state.client, job_id)
+
+
+def _cancel_quietly(client: Client, job_id: str) -> None:
+    try:
+        client.cancel(job_id)
+    except Exception:  # the job is gone or Redis is away: nothing more to do for a caller who left
+        log.warning("could not cancel job %s after its caller left", job_id, exc_info=True)

@@ -197,13 +197,15 @@ async def cancel_job(job_id: JobId, state: State, who: Caller) -> JobStatus:
 
 @router.get(
     "/jobs/{job_id}/events", response_class=StreamingResponse, summary="Server-Sent Events: each status change",
-    responses={200: {"description": "`event: status` frames, JSON status in `data`, until the job is finished",
+    responses={200: {"description": "`event: status` frames, JSON status in `data`, until the job is finished; "
+                                    "a job submitted with `stream: true` has `event: delta` frames too "
+                                    "(`{\"text\": ...}`: the answer as the model writes it)",
                      "content": {"text/event-stream": {"schema": {"type": "string"}}}}, **responses(404)},
 )  # fmt: skip
 async def job_events(job_id: JobId, state: State, who: JobCaller) -> StreamingResponse:
     await owned_status(state, job_id, who)
     return StreamingResponse(
-        event_stream(state.statuses, job_id),
+        event_stream(state.statuses, job_id, state.deltas),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},  # nginx: do not buffer the stream
     )

@@ -11,6 +11,7 @@ from varco.gateway.metrics import HttpMetrics
 from varco.gateway.ratelimit import RateLimiter
 from varco.producer import Client
 from varco.tasks.async_status import AsyncStatusStore
+from varco.tasks.delta_stream import AsyncDeltaStream
 
 
 @dataclass
@@ -20,6 +21,7 @@ class GatewayState:
     limiter: RateLimiter | None
     metrics: HttpMetrics
     statuses: AsyncStatusStore  # reading and watching jobs (SSE, result?wait) without blocking the event loop
+    deltas: AsyncDeltaStream  # streamed jobs' text as generated (SSE `delta` events, streamed chat completions)
 
 
 def gateway(request: Request) -> GatewayState:

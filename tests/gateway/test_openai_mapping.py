@@ -95,7 +95,14 @@ def test_parameters_at_the_values_we_serve_anyway_are_accepted(params: dict[str,
         ({"temperature": 0.7}, "temperature", "unsupported_parameter"),
         ({"temperature": True}, "temperature", "unsupported_parameter"),
         ({"n": 2}, "n", "unsupported_parameter"),
-        ({"stream": True}, "stream", "unsupported_parameter"),
+        ({"stream": "yes"}, "stream", "invalid_value"),
+        ({"stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
+        (
+            {"stream": True, "stream_options": {"include_obfuscation": True}},
+            "stream_options.include_obfuscation",
+            "unsupported_parameter",
+        ),
+        ({"stream": True, "stream_options": {"include_usage": 1}}, "stream_options.include_usage", "invalid_value"),
         ({"top_p": 0.9}, "top_p", "unsupported_parameter"),
         ({"logprobs": True}, "logprobs", "unsupported_parameter"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
@@ -201,3 +208,11 @@ def test_ocr_items_carry_both_boxes_and_a_cut_answer_says_length() -> None:
     first = completion.model_extra["varco"]["output"]["ocr"][0]
     assert first == {"text": "백범로", "box": [0.172, 0.266, 0.328, 0.341], "box_px": [110, 128, 210, 164]}
     assert to_chat_completion(result("A cat.", "caption", None)).choices[0].finish_reason == "stop"  # older results
+
+
+def test_stream_makes_a_streamed_job_and_include_usage_asks_for_the_usage_chunk() -> None:
+    plain = to_job(chat(), SERVED)
+    assert not plain.request.stream and not plain.include_usage
+    streamed = to_job(chat(stream=True, stream_options={"include_usage": True}), SERVED)
+    assert streamed.request.stream and streamed.include_usage
+    assert not to_job(chat(stream=True, stream_options={"include_obfuscation": False}), SERVED).include_usage

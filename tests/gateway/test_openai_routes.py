@@ -8,6 +8,7 @@ tests/integration/test_openai_api.py runs the whole pipeline with a real worker.
 from __future__ import annotations
 
 import json
+import queue
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -297,3 +298,99 @@ def test_v1_jobs_keeps_its_problem_documents(base: str) -> None:
 def test_the_api_description_lists_the_openai_routes(base: str) -> None:
     paths = httpx.get(base + "/openapi.json").json()["paths"]
     assert {"/v1/models", "/v1/models/{model}", "/v1/chat/completions"} <= set(paths)
+
+
+def chunks_in_background(base: str, **params: Any) -> tuple[queue.Queue[Any], Future[Any]]:
+    """A streamed completion read by the SDK in a thread: each chunk into the queue as it arrives."""
+    arrived: queue.Queue[Any] = queue.Queue()
+
+    def read() -> None:
+        with sdk(base).chat.completions.create(**CHAT, stream=True, **params) as stream:
+            for chunk in stream:
+                arrived.put(chunk)
+
+    return arrived, in_background(read)
+
+
+def test_a_streamed_completion_relays_each_piece_as_the_worker_publishes_it(
+    base: str, client: Client, settings: Settings
+) -> None:
+    arrived, done = chunks_in_background(base, stream_options={"include_usage": True})
+    job_id = await_job(client)
+    client.statuses.begin_attempt(job_id, "gpu0@test", max_attempts=3)
+    client.deltas.append(job_id, RAW[:16])
+    role, first = arrived.get(timeout=30), arrived.get(timeout=30)
+    assert role.choices[0].delta.role == "assistant" and role.model_extra["varco"] == {"job_id": job_id}
+    assert first.choices[0].delta.content == "The image shows " and first.id == f"chatcmpl-{job_id}"
+    assert client.status(job_id).state is JobState.STARTED  # a chunk came while the job was running
+    client.deltas.append(job_id, RAW[16:])
+    assert arrived.get(timeout=30).choices[0].delta.content == RAW[16:]
+    succeed(client, settings, job_id)
+    client.deltas.end(job_id, "succeeded", finish_reason="length", prompt_tokens=900, output_tokens=21)
+    done.result(timeout=30)
+    last, usage = arrived.get_nowait(), arrived.get_nowait()
+    assert last.choices[0].finish_reason == "length" and last.choices[0].delta.content is None
+    assert usage.choices == [] and (usage.usage.prompt_tokens, usage.usage.completion_tokens) == (900, 21)
+    assert arrived.empty()
+
+
+def test_a_stream_whose_end_says_no_usage_takes_it_from_the_result(base: str, client: Client, settings: Settings):
+    arrived, done = chunks_in_background(base)  # no include_usage: no usage chunk
+    job_id = await_job(client)
+    succeed(client, settings, job_id, finish_reason="stop")  # ended without its run's end entry (a lost write)
+    done.result(timeout=30)
+    chunks = [arrived.get_nowait() for _ in range(arrived.qsize())]
+    assert [c.choices[0].finish_reason for c in chunks] == [None, "stop"]
+
+
+def test_a_streamed_job_failing_before_any_text_is_an_http_error_and_after_it_an_error_event(
+    base: str, client: Client
+) -> None:
+    _, early = chunks_in_background(base)
+    job_id = await_job(client)
+    finish(client, job_id, JobState.FAILED, error=ErrorInfo(type="ImageDecodeError", message="not an image"))
+    with pytest.raises(openai.BadRequestError) as bad:
+        early.result(timeout=30)
+    assert bad.value.code == "invalid_image"
+    client.redis.flushdb()
+    arrived, late = chunks_in_background(base)
+    job_id = await_job(client)
+    client.statuses.begin_attempt(job_id, "gpu0@test", max_attempts=3)
+    client.deltas.append(job_id, "The")
+    assert arrived.get(timeout=30).choices[0].delta.role == "assistant"
+    assert client.statuses.transition(job_id, JobState.FAILED, error=ErrorInfo(type="InferenceError", message="x"))
+    with pytest.raises(openai.APIError, match="InferenceError") as failed:
+        late.result(timeout=30)
+    assert failed.value.code == "InferenceError"
+
+
+def test_a_caller_that_hangs_up_mid_stream_cancels_its_job(base: str, client: Client) -> None:
+    body = json.dumps(CHAT | {"stream": True}).encode()
+    port = httpx.URL(base).port
+    assert port is not None
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + ALICE.encode()
+                     + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode()
+                     + b"\r\n\r\n" + body)  # fmt: skip
+        job_id = await_job(client)
+        client.statuses.begin_attempt(job_id, "gpu0@test", max_attempts=3)
+        client.deltas.append(job_id, "The")
+        assert b"chat.completion.chunk" in conn.recv(65536)  # the stream has begun
+    until(lambda: client.statuses.cancel_requested(job_id), "the running job's cancel was never requested")
+
+
+def test_job_events_carry_the_text_of_a_job_submitted_with_streaming(base: str, client: Client) -> None:
+    auth = {"Authorization": f"Bearer {ALICE}"}
+    job_id = httpx.post(f"{base}/v1/jobs", json={"image_uri": IMAGE, "task": "ocr", "stream": True},
+                        headers=auth).json()["job_id"]  # fmt: skip
+    finish(client, job_id, JobState.STARTED)
+    client.deltas.append(job_id, "백범")
+    client.deltas.append(job_id, "로")
+    client.statuses.transition(job_id, JobState.CANCELLED)
+    with httpx.stream("GET", f"{base}/v1/jobs/{job_id}/events", headers=auth, timeout=30) as events:
+        frames = [f for f in events.read().decode().split("\n\n") if f]
+    kinds = [f.splitlines()[0] for f in frames]
+    assert kinds == ["event: delta", "event: delta", "event: status"]  # the final status after the last text
+    assert [json.loads(f.splitlines()[2].removeprefix("data: ")) for f in frames[:2]] == [{"text": "백범"},
+                                                                                           {"text": "로"}]  # fmt: skip
+    assert '"cancelled"' in frames[2]
