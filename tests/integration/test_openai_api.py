@@ -18,7 +18,7 @@ from helpers import ServedFiles, card_output
 
 from varco.gateway.auth import key_id
 from varco.gateway.openai_mapping import SERVED_ALIAS
-from varco.producer import Client
+from varco.producer import Client, StreamNotRequested
 
 ALICE, BOB = GATEWAY_KEYS
 # The model card's conversations, text as the card writes it.
@@ -122,8 +122,9 @@ def test_a_bad_parameter_and_an_unknown_model_are_openai_errors(
         api.chat.completions.create(model=SERVED_ALIAS, messages=ask("Hi?", images["http"]), temperature=0.7)
     assert (sampled.value.param, sampled.value.code) == ("temperature", "unsupported_parameter")
     with pytest.raises(openai.BadRequestError) as streamed:
-        api.chat.completions.create(model=SERVED_ALIAS, messages=ask("Hi?", images["http"]), stream=True)
-    assert streamed.value.param == "stream"
+        api.chat.completions.create(model=SERVED_ALIAS, messages=ask("Hi?", images["http"]),
+                                    stream_options={"include_usage": True})  # fmt: skip
+    assert streamed.value.param == "stream_options"  # only with stream: true, as OpenAI says
     with pytest.raises(openai.NotFoundError) as unknown:
         api.chat.completions.create(model="gpt-4o", messages=ask("Hi?", images["http"]))
     assert (unknown.value.code, unknown.value.param) == ("model_not_found", "model")
@@ -146,3 +147,52 @@ def test_a_caller_that_disconnects_cancels_its_job(
     assert client.statuses.record(job_id)["owner"] == key_id(ALICE)
     wait_for_state(client, job_id, {"cancelled"})  # queued or running when the caller left: cancelled either way
     assert forced_tokens(worker_env, LONG) - before_tokens < LONG_ANSWER_TOKENS  # a running one stopped early
+
+
+def test_a_streamed_completion_arrives_in_chunks_while_its_job_runs_with_usage(
+    api: openai.OpenAI, images: dict[str, str], client: Client
+) -> None:
+    states: list[str] = []  # the job's state as each piece of text arrives
+    pieces: list[str] = []
+    with api.chat.completions.create(model=SERVED_ALIAS, messages=ask(None, images["long"]), max_tokens=256,
+                                     stream=True, stream_options={"include_usage": True}) as stream:  # fmt: skip
+        chunks = []
+        for chunk in stream:
+            chunks.append(chunk)
+            if chunk.choices and chunk.choices[0].delta.content:
+                pieces.append(chunk.choices[0].delta.content)
+                job_id = chunk.id.removeprefix("chatcmpl-")
+                states.append(client.status(job_id).state.value)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert states.count("started") >= 3  # several chunks came before the job ended: as the model wrote them
+    text = "".join(pieces)
+    assert text == "a" * len(text) and len(text) >= 256  # the scripted answer, cut at the budget
+    finish, usage = chunks[-2], chunks[-1]
+    assert finish.choices[0].finish_reason == "length"
+    assert usage.choices == [] and usage.usage is not None and usage.usage.completion_tokens == 256
+    assert usage.usage.total_tokens == usage.usage.prompt_tokens + 256
+    assert client.status(job_id).state.value == "succeeded"
+    assert client.result(job_id).output.raw == text  # the pieces joined are the answer, tags and all
+
+
+def test_a_streamed_completion_keeps_the_cards_tags(api: openai.OpenAI, images: dict[str, str]) -> None:
+    stream = api.chat.completions.create(model=SERVED_ALIAS, messages=ask(CARD["grounding"], images["data"]),
+                                         max_tokens=1024, stream=True)  # fmt: skip
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ANSWERS["grounding"]
+    assert chunks[-1].choices[0].finish_reason == "stop" and len(chunks) > 3
+
+
+def test_client_stream_yields_the_text_as_written_and_a_cached_answer_whole(
+    client: Client, images: dict[str, str]
+) -> None:
+    first = client.submit(images["http"], "ocr", stream=True, max_new_tokens=1024)
+    pieces = list(client.stream(first, timeout=120))
+    assert len(pieces) > 1 and "".join(pieces) == card_output("ocr") == client.result(first).output.raw
+    again = client.submit(
+        images["http"], "ocr", stream=True, max_new_tokens=1024
+    )  # the result cache answers: no generation
+    assert "".join(client.stream(again, timeout=120)) == card_output("ocr")
+    plain = client.submit(images["http"], "caption")
+    with pytest.raises(StreamNotRequested):
+        next(client.stream(plain))
