@@ -681,3 +681,16 @@ def test_a_failed_streamed_job_ends_its_stream_failed(world: World) -> None:
     world.deliver(stream=True)
     end = world.rt.deltas.read(JOB)[-1]
     assert isinstance(end, StreamEnd) and end.state == "failed" and end.finish_reason is None
+
+
+def test_a_streamed_repeat_answered_from_the_cache_publishes_the_whole_answer_at_once(world: World) -> None:
+    world.rt.deltas = DeltaStream(world.statuses.redis, 600)
+    world.cache.hit = JobResult(
+        job_id="job-0", task="caption", state=JobState.SUCCEEDED, model="test/model", prompt="p",
+        image=ImageInfo(uri="https://img.example/old.png", width=1, height=1, sha256=SHA),
+        output=ParsedOutput(raw="<obj>cached</obj>", text="cached"),
+    )  # fmt: skip
+    world.deliver(stream=True)
+    text, end = world.rt.deltas.read(JOB)
+    assert world.engine.requests == [] and text.text == "<obj>cached</obj>"  # type: ignore[union-attr]
+    assert isinstance(end, StreamEnd) and end.state == "succeeded"
