@@ -10,7 +10,7 @@ import redis
 
 from varco.tasks import delta_stream, keys
 from varco.tasks.delta_stream import Delta, DeltaStream, StreamEnd
-from varco.workers.output.delta_publisher import DeltaPublisher
+from varco.workers.runtime.delta_publisher import DeltaPublisher
 
 JOB = "job-7"
 

@@ -36,10 +36,10 @@ from varco.workers.engines.base import Cancelled, EngineBackend, GenerationOutpu
 from varco.workers.input.fetch import FetchedImage, ImageFetcher
 from varco.workers.logs import job_context
 from varco.workers.net.retry import backoff_s
-from varco.workers.output.delta_publisher import DeltaPublisher
 from varco.workers.output.result_cache import ResultCache
 from varco.workers.output.result_writer import write_result
 from varco.workers.output.webhooks import TERMINAL_EVENTS, event_payload, terminal_event
+from varco.workers.runtime.delta_publisher import DeltaPublisher
 from varco.workers.runtime.fair_pick import FairPicker
 
 log = logging.getLogger(__name__)
