@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 import uuid
+from typing import Any
 
 from varco.tasks.batches import BatchRecord, BatchStatus, BatchStore, FileRecord, LeaseLost, LineError, dumps_line
 from varco.tasks.fair_queue import QueueFull
@@ -138,7 +139,6 @@ class BatchRunner:
         record = turn.record
         if record.expanded >= record.total or self._stopping(turn):
             return
-        window = float(window_seconds(record.completion_window))  # the same each time: part of the request
         [part] = self._input(record).parts
         stream = lines(self.batches.objects.read(part, record.input_offset))
         chunk: list[bytes] = []
@@ -146,16 +146,8 @@ class BatchRunner:
             chunk.append(raw)
             if len(chunk) < EXPAND_CHUNK and record.expanded + len(chunk) < record.total:
                 continue
-            requests = []
-            for index, line in enumerate(chunk):
-                number = record.expanded + index + 1
-                parsed = parse_line(line, number, self.served, record.endpoint)
-                if not isinstance(parsed, Line):
-                    raise RuntimeError(f"batch {record.id}: {parsed.message} (the input changed since validation)")
-                fields = parsed.request.model_dump(exclude_none=True)
-                fields |= {"tenant": record.tenant, "priority": record.priority, "deadline_s": window,
-                           "idempotency_key": f"{record.id}:{number}"}  # fmt: skip
-                requests.append(fields)
+            first = record.expanded + 1
+            requests = [self._job_fields(record, line, n, f"{record.id}:{n}") for n, line in enumerate(chunk, first)]
             try:
                 job_ids = self.client.submit_many(requests, owner=record.owner or None)
             except QueueFull:  # admission control: the lines wait, the batch does not fail
@@ -165,6 +157,46 @@ class BatchRunner:
             turn.save(job_ids)
             chunk = []
             if record.expanded >= record.total or self._stopping(turn) or turn.over():
+                return
+
+    def _job_fields(self, record: BatchRecord, raw: bytes, number: int, idempotency_key: str) -> dict[str, Any]:
+        """The job request of line `number`, as the batch submits it."""
+        parsed = parse_line(raw, number, self.served, record.endpoint)
+        if not isinstance(parsed, Line):
+            raise RuntimeError(f"batch {record.id}: {parsed.message} (the input changed since validation)")
+        window = float(window_seconds(record.completion_window))  # the same each time: part of the request
+        return parsed.request.model_dump(exclude_none=True) | {
+            "tenant": record.tenant, "priority": record.priority, "deadline_s": window,
+            "idempotency_key": idempotency_key,
+        }  # fmt: skip
+
+    def _orphans(self, ids: list[str], statuses: dict[str, JobStatus | None]) -> set[str]:
+        """Jobs whose status says queued, for longer than a lease, that the fair queue never got: their
+        submitter was killed between the two steps (the idempotency key is bound, the job will never run)."""
+        old = time.time() - self.settings.batch_lease_s
+        queued = [j for j in ids if (s := statuses.get(j)) is not None and s.state is JobState.QUEUED
+                  and s.created_at is not None and s.created_at.timestamp() < old]  # fmt: skip
+        return {j for j, held in zip(queued, self.client.fair.holds(queued), strict=True) if not held}
+
+    def _repair(self, turn: _Turn, orphans: dict[int, str]) -> None:
+        """Submit the orphans' lines again, each under a key derived from its orphan (so a repair repeated
+        after a crash gets the same new job), point the lines at the new jobs, then drop the orphans."""
+        record = turn.record
+        [part] = self._input(record).parts
+        wanted = dict(orphans)
+        for index, raw in enumerate(lines(self.batches.objects.read(part))):
+            if index in wanted:
+                orphan = wanted.pop(index)
+                fields = self._job_fields(record, raw, index + 1, f"{record.id}:{index + 1}:{orphan}")
+                try:
+                    [job_id] = self.client.submit_many([fields], owner=record.owner or None)
+                except QueueFull:
+                    return  # next turn
+                self.store.replace_job(record.id, turn.token, index, job_id)
+                self.client.statuses.delete(orphan)
+                log.warning("batch %s: line %d's job %s was never queued (its runner died); now job %s",
+                            record.id, index + 1, orphan, job_id)  # fmt: skip
+            if not wanted:
                 return
 
     def _stopping(self, turn: _Turn) -> bool:
@@ -188,9 +220,12 @@ class BatchRunner:
         stopping = self._stopping(turn)
         completed = failed = 0
         prefix = True
+        orphans: dict[int, str] = {}
         for start in range(record.settled, record.expanded, SCAN_CHUNK):
             ids = self.store.job_ids(record.id, start, min(start + SCAN_CHUNK, record.expanded))
             statuses = self.client.statuses.get_many(ids)
+            if not stopping:
+                orphans |= {start + ids.index(j): j for j in self._orphans(ids, statuses)}
             for job_id in ids:
                 status = statuses.get(job_id)
                 if stopping and status is not None and status.state in (JobState.QUEUED, JobState.RETRYING):
@@ -208,6 +243,8 @@ class BatchRunner:
                 else:
                     prefix = False
             turn.renew()
+        if orphans:
+            self._repair(turn, orphans)
         record.completed = record.settled_completed + completed
         record.failed = record.settled_failed + failed
         if record.settled >= record.expanded and (record.expanded >= record.total or stopping):

@@ -157,6 +157,12 @@ redis.call('HSET', KEYS[2], 'record', ARGV[2])
 for i = 3, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
 return 1
 """
+# KEYS[1] lease, KEYS[2] job list; ARGV: token, index, job id. Replaces one line's job (an orphan's).
+_FENCED_REPLACE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('LSET', KEYS[2], ARGV[2], ARGV[3])
+return 1
+"""
 _RENEW = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -175,6 +181,7 @@ class BatchStore:
         self._save = client.register_script(_FENCED_SAVE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._replace = client.register_script(_FENCED_REPLACE)
 
     # --- files ----------------------------------------------------------------------------
     def add_file(self, record: FileRecord) -> None:
@@ -264,6 +271,11 @@ class BatchStore:
         names = [keys.batch_lease(record.id), keys.batch(record.id), keys.batch_jobs(record.id)]
         if not self._save(keys=names, args=[token, record.model_dump_json(), *(new_job_ids or [])]):
             raise LeaseLost(record.id)
+
+    def replace_job(self, batch_id: str, token: str, index: int, job_id: str) -> None:
+        """Line `index` (0-based) is run by `job_id` from now on, if `token` still holds the lease."""
+        if not self._replace(keys=[keys.batch_lease(batch_id), keys.batch_jobs(batch_id)], args=[token, index, job_id]):
+            raise LeaseLost(batch_id)
 
     def finish(self, record: BatchRecord, token: str) -> None:
         """Save a finished batch and take it off the runners' list; its job list expires after the status TTL."""

@@ -5,8 +5,11 @@ and error files read back with `files.content`."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,9 +17,11 @@ import pytest
 pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 import openai
-from conftest import GATEWAY_KEYS
-from helpers import ServedFiles, card_output
+from conftest import GATEWAY_KEYS, IMAGES_BUCKET
+from helpers import VARCO_CLI, ServedFiles, card_output
 from openai.types import Batch
+
+from varco.producer import Client
 
 ALICE, BOB = GATEWAY_KEYS
 CARD = {
@@ -153,3 +158,35 @@ def test_another_keys_files_and_batches_are_not_found(
     assert api.files.delete(uploaded.id).deleted
     with pytest.raises(openai.NotFoundError):
         api.files.retrieve(uploaded.id)
+
+
+def varco(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*VARCO_CLI, *args], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
+def test_the_shell_and_python_run_a_batch_from_s3_without_the_gateway(
+    worker_env: dict[str, str], client: Client, s3, http_files: ServedFiles, tmp_path: Path
+) -> None:
+    cat = http_files.base + "/cat.png"
+    rows = [line("ocr", "<ocr>", cat), line("bad", "<ocr>", http_files.base + "/not-an-image.txt")]
+    s3.put_object(Bucket=IMAGES_BUCKET, Key="batches/in.jsonl", Body=jsonl(rows))
+    submitted = varco(worker_env, "batch", "submit", f"s3://{IMAGES_BUCKET}/batches/in.jsonl", "--wait", "--json")
+    assert submitted.returncode == 0, submitted.stderr
+    batch = Batch.model_validate(json.loads(submitted.stdout))  # OpenAI's Batch object
+    assert batch.status == "completed" and batch.request_counts.completed == 1
+    status = varco(worker_env, "batch", "status", batch.id, "--json")
+    assert json.loads(status.stdout)["output_file_id"] == batch.output_file_id
+    out = tmp_path / "out.jsonl"
+    written = varco(worker_env, "batch", "results", batch.id, "-o", str(out))
+    assert written.returncode == 0, written.stderr
+    answers = {x["custom_id"]: x for x in map(json.loads, out.read_text().splitlines())}
+    assert answers["ocr"]["response"]["body"]["choices"][0]["message"]["content"] == ANSWERS["ocr"]
+    assert answers["bad"]["response"]["status_code"] == 400
+
+    source = tmp_path / "local.jsonl"
+    source.write_bytes(jsonl(rows[:1]))
+    batch_id = client.submit_batch(source, metadata={"from": "python"})
+    record = client.wait_batch(batch_id, timeout=180)
+    assert record.status.value == "completed" and record.metadata == {"from": "python"}
+    assert [json.loads(x)["custom_id"] for x in b"".join(client.batch_results(batch_id)).splitlines()] == ["ocr"]
