@@ -142,9 +142,12 @@ class BatchRunner:
         [part] = self._input(record).parts
         stream = lines(self.batches.objects.read(part, record.input_offset))
         chunk: list[bytes] = []
+        size = self._room(record.tenant)
         for raw in stream:
+            if size == 0:  # a full queue: the lines wait (without claiming keys only to give them back)
+                return
             chunk.append(raw)
-            if len(chunk) < EXPAND_CHUNK and record.expanded + len(chunk) < record.total:
+            if len(chunk) < size and record.expanded + len(chunk) < record.total:
                 continue
             first = record.expanded + 1
             requests = [self._job_fields(record, line, n, f"{record.id}:{n}") for n, line in enumerate(chunk, first)]
@@ -158,6 +161,17 @@ class BatchRunner:
             chunk = []
             if record.expanded >= record.total or self._stopping(turn) or turn.over():
                 return
+            size = self._room(record.tenant)
+
+    def _room(self, tenant: str) -> int:
+        """How many lines the next chunk may hold under the queued-job limits (docs/tenants.md); 0: none now.
+        A submit may still meet QueueFull (others submit too): then the lines wait all the same."""
+        room = EXPAND_CHUNK
+        if limit := self.settings.max_queued:
+            room = min(room, limit - self.client.fair.depth())
+        if limit := self.settings.max_queued_per_tenant:
+            room = min(room, limit - self.client.fair.depth(tenant))
+        return max(room, 0)
 
     def _job_fields(self, record: BatchRecord, raw: bytes, number: int, idempotency_key: str) -> dict[str, Any]:
         """The job request of line `number`, as the batch submits it."""
