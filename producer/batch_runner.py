@@ -190,7 +190,11 @@ class BatchRunner:
         old = time.time() - self.settings.batch_lease_s
         queued = [j for j in ids if (s := statuses.get(j)) is not None and s.state is JobState.QUEUED
                   and s.created_at is not None and s.created_at.timestamp() < old]  # fmt: skip
-        return {j for j, held in zip(queued, self.client.fair.holds(queued), strict=True) if not held}
+        unheld = [j for j, held in zip(queued, self.client.fair.holds(queued), strict=True) if not held]
+        # Read again after the fair queue: a job picked, run and released since the first read is no longer
+        # queued now, while an orphan still is (a released job's status is final before its release).
+        again = self.client.statuses.get_many(unheld)
+        return {j for j in unheld if (s := again.get(j)) is not None and s.state is JobState.QUEUED}
 
     def _repair(self, turn: _Turn, orphans: dict[int, str]) -> None:
         """Submit the orphans' lines again, each under a key derived from its orphan (so a repair repeated

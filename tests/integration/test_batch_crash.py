@@ -150,7 +150,8 @@ def test_a_batch_survives_kill_9_of_its_runner_mid_expansion_and_mid_finalizatio
         assert len(set(job_ids)) == LINES == len(list(client.redis.scan_iter(match=keys.JOB_PREFIX + "*", count=1000)))
         statuses = client.statuses.get_many(job_ids)
         assert {s.attempts for s in statuses.values() if s is not None} == {1} and None not in statuses.values()
-        assert len(list(store.glob("*.json"))) == LINES
+        assert len(list(store.glob("*.json"))) == LINES  # no job beyond the lines ran (the worker wrote 2,410
+        # results while the orphan check read statuses before the fair queue: jobs that ran were taken for orphans)
         assert {a["response"]["request_id"] for a in answers} == set(job_ids)
     finally:
         for process in processes:
