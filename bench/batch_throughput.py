@@ -78,7 +78,7 @@ def main() -> None:
                 for start in range(0, args.lines, 100):
                     answer = http.post("/v1/jobs/batch", json={"jobs": [job] * min(100, args.lines - start)})
                     answer.raise_for_status()
-                    ids += [j["job_id"] for j in answer.json()["jobs"]]
+                    ids += answer.json()["job_ids"]
                 statuses = list(client.wait(ids, timeout=3600))
                 jobs_s = time.perf_counter() - started
                 ok = sum(s.state.value == "succeeded" for s in statuses)
