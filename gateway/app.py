@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from varco.gateway import openai_routes, page, problems, routes
+from varco.gateway import openai_batches, openai_files, openai_routes, page, problems, routes
 from varco.gateway.auth import KeyRing
 from varco.gateway.limits import BodyLimits
 from varco.gateway.metrics import HttpMetrics
@@ -80,11 +80,16 @@ def create_app(settings: Settings, keys: list[str] | None, *, client: Client | N
     app.add_exception_handler(BrokerUnavailable, _broker_unavailable)
     app.add_exception_handler(redis.exceptions.RedisError, _broker_unavailable)  # the asyncio client's own errors
     app.add_middleware(
-        BodyLimits, max_bytes=settings.gateway_max_body_bytes, read_timeout_s=settings.gateway_body_timeout_s
+        BodyLimits,
+        max_bytes=settings.gateway_max_body_bytes,
+        read_timeout_s=settings.gateway_body_timeout_s,
+        uploads=(openai_files.UPLOAD_PATH, settings.batch_max_file_bytes + openai_files.MULTIPART_OVERHEAD),
     )
     app.add_middleware(metrics.middleware)  # outermost: counts 413s from BodyLimits too
     app.include_router(routes.router)
     app.include_router(openai_routes.router)
+    app.include_router(openai_files.router)
+    app.include_router(openai_batches.router)
     app.include_router(page.router)
 
     @app.get("/livez", response_model=Health, tags=["health"])

@@ -119,7 +119,7 @@ def from_exception(exc: Exception) -> OpenAIError | None:
 
 def is_openai_path(path: str) -> bool:
     """Whether `path` is one of the OpenAI routes (for answers sent before routing, like BodyLimits' 413)."""
-    return path == "/v1/chat/completions" or path == "/v1/models" or path.startswith("/v1/models/")
+    return path == "/v1/chat/completions" or path.startswith(("/v1/models", "/v1/files", "/v1/batches"))
 
 
 class OpenAIRoute(APIRoute):

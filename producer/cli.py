@@ -1,4 +1,5 @@
-"""The `varco` command line: submit, status, result, results, wait, cancel, overlay, worker, demo, make-tiny-model."""
+"""The `varco` command line: submit, status, result, results, wait, cancel, batch, overlay, worker, demo,
+make-tiny-model."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from varco.producer import batch_cli
 
 console = Console()
 # soft_wrap: a message stays one line whatever the width (rich wraps at 80 columns when stderr is no terminal).
@@ -429,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_json(sub.add_parser("cancel", help="cancel a queued or running job"))
     p.add_argument("job_id")
     p.set_defaults(func=cmd_cancel)
+
+    batch_cli.add_parser(sub)
 
     p = sub.add_parser("overlay", help="draw a finished job's boxes and labels on its image, as a PNG")
     p.add_argument("job_id")

@@ -12,10 +12,13 @@ import contextlib
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import redis
 
+from varco.producer.batches import Batches
+from varco.tasks.batches import BatchRecord, BatchStore
 from varco.tasks.celery_app import DEFAULT_PRIORITY, create_app, infer_queue
 from varco.tasks.connections import BrokerUnavailable, broker_errors, redis_client
 from varco.tasks.delta_stream import START, Delta, DeltaStream, StreamEnd
@@ -75,6 +78,7 @@ class Client:
         self.deltas = DeltaStream(self.redis, self.settings.status_ttl)
         self.app = create_app(self.settings)
         self._store: ResultStore | None = None
+        self._batches: Batches | None = None
 
     @property
     def store(self) -> ResultStore:
@@ -215,6 +219,49 @@ class Client:
                 self.statuses.delete(job_id)
                 if request.idempotency_key:
                     self.statuses.release_idempotency_key(request.idempotency_key, job_id)
+
+    # --- batches (OpenAI's Batch API; docs/gateway.md#batch-api) -----------------------------
+    @property
+    def batches(self) -> Batches:
+        if self._batches is None:
+            self._batches = Batches(self.settings, BatchStore(self.redis, self.settings.status_ttl))
+        return self._batches
+
+    def submit_batch(
+        self, path_or_uri: str | Path, *, completion_window: str = "24h", metadata: Mapping[str, str] | None = None,
+        owner: str | None = None, tenant: str | None = None,
+    ) -> str:  # fmt: skip
+        """Store a JSONL file of `/v1/chat/completions` requests (a local path, or an `s3://` URI read in
+        place) and start a batch on it; returns the batch id. A `varco worker` node's runner validates and
+        runs it. InvalidRequest for a bad file or window (limits: VARCO_BATCH_MAX_FILE_BYTES, _MAX_LINES)."""
+        with broker_errors(self.settings):
+            source = str(path_or_uri)
+            record = (self.batches.reference(source, owner or "") if source.startswith("s3://")
+                      else self.batches.upload_path(source, owner or ""))  # fmt: skip
+            return self.batches.create(record.id, completion_window=completion_window, metadata=metadata,
+                                       owner=owner or "", tenant=tenant or self.tenant).id  # fmt: skip
+
+    def batch(self, batch_id: str) -> BatchRecord:
+        """The batch's record (`.openai()` is OpenAI's Batch object); BatchNotFound if there is none."""
+        with broker_errors(self.settings):
+            return self.batches.get(batch_id)
+
+    def cancel_batch(self, batch_id: str) -> BatchRecord:
+        with broker_errors(self.settings):
+            return self.batches.cancel(batch_id)
+
+    def batch_results(self, batch_id: str) -> Iterator[bytes]:
+        """The finished batch's output lines, then its error lines, as chunks of JSONL."""
+        return self.batches.results(self.batch(batch_id))
+
+    def wait_batch(self, batch_id: str, timeout: float | None = None, poll_s: float = 1.0) -> BatchRecord:
+        """Poll until the batch has finished; TimeoutError past `timeout`."""
+        give_up = None if timeout is None else time.monotonic() + timeout
+        while not (record := self.batch(batch_id)).status.finished:
+            if give_up is not None and time.monotonic() >= give_up:
+                raise TimeoutError(f"batch {batch_id} is still {record.status.value} after {timeout}s")
+            time.sleep(poll_s)
+        return record
 
     # --- reading --------------------------------------------------------------------------
     def status(self, job_id: str) -> JobStatus:

@@ -279,6 +279,15 @@ class FairQueue:
         True when it is no longer queued (taken off now, or never there); False when a worker has picked it."""
         return int(self._revoke(args=[self.prefix, job_id])) >= 0
 
+    def holds(self, job_ids: Sequence[str]) -> list[bool]:
+        """For each job: whether the fair queue has it (queued, or picked and not yet released). A job whose
+        status says queued but that the queue does not hold was never inserted: its submitter died between
+        the two steps."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.exists(JOB.format(prefix=self.prefix, job_id=job_id))
+            return [bool(n) for n in pipe.execute()]
+
     def depth(self, tenant: str | None = None) -> int:
         """Jobs queued and not yet picked: one tenant's, or everyone's."""
         if tenant is None:

@@ -26,6 +26,17 @@ DELTAS_PREFIX = "varco:deltas:"
 FAIR_PREFIX = "varco:fair"
 """The fair queue's keys, all under this prefix: per-tenant job sets, passes, ticket bindings, queued counts
 (`tasks/fair_queue.py`, which derives them; docs/tenants.md lists each)."""
+BATCH_PREFIX = "varco:batch:"
+"""A batch (`varco:batch:{id}`, a hash: the record as JSON and a cancel flag), its job ids in line order
+(`…:{id}:jobs`, a list) and its runner's lease (`…:{id}:lease`) (`tasks/batches.py`)."""
+BATCHES_ACTIVE = "varco:batches:active"
+"""The batches a runner still has work on, a sorted set by creation time (`tasks/batches.py`)."""
+BATCHES_BY_OWNER_PREFIX = "varco:batches:owner:"
+"""An owner's batches by creation time, for `GET /v1/batches` (`tasks/batches.py`)."""
+FILE_PREFIX = "varco:file:"
+"""A Batch API file's record, a string of JSON (`tasks/batches.py`); its bytes are in the result store."""
+FILES_BY_OWNER_PREFIX = "varco:files:owner:"
+"""An owner's files by creation time, for `GET /v1/files` (`tasks/batches.py`)."""
 
 INFER_QUEUE = "varco"
 """Celery's inference queue: a kombu list per priority step, `varco`, `varco:1` … `varco:9`."""
@@ -60,3 +71,27 @@ def webhook_delivered(webhook_id: str) -> str:
 def queue_lane(queue: str, step: int) -> str:
     """The Redis list kombu keeps for one priority step of a queue: step 0 is the queue's own name."""
     return queue if step == 0 else f"{queue}:{step}"
+
+
+def batch(batch_id: str) -> str:
+    return BATCH_PREFIX + batch_id
+
+
+def batch_jobs(batch_id: str) -> str:
+    return f"{BATCH_PREFIX}{batch_id}:jobs"
+
+
+def batch_lease(batch_id: str) -> str:
+    return f"{BATCH_PREFIX}{batch_id}:lease"
+
+
+def batches_by_owner(owner: str) -> str:
+    return BATCHES_BY_OWNER_PREFIX + owner
+
+
+def file(file_id: str) -> str:
+    return FILE_PREFIX + file_id
+
+
+def files_by_owner(owner: str) -> str:
+    return FILES_BY_OWNER_PREFIX + owner

@@ -103,6 +103,13 @@ class Settings(BaseSettings):
     max_queued_per_tenant: int = Field(default=0, ge=0)
     max_queued: int = Field(default=0, ge=0)
     default_deadline_s: float | None = Field(default=None, gt=0)
+    # Batch API (docs/gateway.md#batch-api): the priority of batch lines (interactive jobs default to 4), an
+    # input file's limits, and the batch runner's lease on a batch and its polling interval.
+    batch_priority: int = Field(default=1, ge=0, le=9)
+    batch_max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
+    batch_max_lines: int = Field(default=50_000, ge=1)
+    batch_lease_s: float = Field(default=30.0, ge=1)
+    batch_poll_s: float = Field(default=1.0, gt=0)
 
     @field_validator("tenant_weights", mode="before")
     @classmethod

@@ -132,7 +132,24 @@ def run_callback_worker(hostname: str, concurrency: int = 8) -> None:
     app = create_app(settings)
     delivered = DeliveredLog(redis_client(settings, retries=WORKER_RETRIES), settings.status_ttl)
     register_callback_task(app, settings, delivered)
-    _run_celery(app, hostname, [CALLBACK_QUEUE], concurrency)
+    # The Batch API's runner lives here too: every node runs one, a batch is leased to one at a time.
+    runner = _batch_runner(settings)
+    try:
+        _run_celery(app, hostname, [CALLBACK_QUEUE], concurrency)
+    finally:
+        if runner is not None:
+            runner.stop()
+
+
+def _batch_runner(settings: Settings) -> Any:
+    try:
+        from varco.producer import Client
+        from varco.producer.batch_runner import BatchRunner
+
+        return BatchRunner(Client(settings)).start()
+    except ImportError as exc:  # the openai package (the worker extra pins it) maps batch lines
+        log.warning("the batch runner is off on this node: %s", exc)
+        return None
 
 
 def _run_celery(app: Celery, hostname: str, queues: list[str], concurrency: int) -> None:
