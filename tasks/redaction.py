@@ -16,9 +16,10 @@ A value ends at whitespace, a quote or a bracket as well, so a JSON log line sta
 from __future__ import annotations
 
 import re
+from typing import Any
 from urllib.parse import unquote_plus
 
-__all__ = ["REDACTED", "redact_text"]
+__all__ = ["REDACTED", "redact_text", "redact_value"]
 
 REDACTED = "[redacted]"
 
@@ -56,3 +57,15 @@ def redact_text(text: str) -> str:
     text = _USERINFO.sub(rf"\1{REDACTED}@", text)
     text = _URL_QUERY.sub(rf"\1?{REDACTED}", text)
     return _PARAM.sub(_redact_param, text)
+
+
+def redact_value(value: Any) -> Any:
+    """`value` with `redact_text` applied to every string inside lists, tuples and dicts (keys too): task
+    arguments are redacted before they are shortened to a repr, so a cut never leaves half a secret."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {redact_value(k): redact_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(redact_value(v) for v in value)
+    return value
