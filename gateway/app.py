@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -60,6 +61,7 @@ def create_app(settings: Settings, keys: list[str] | None, *, client: Client | N
             limiter=RateLimiter(settings.rate_limit) if settings.rate_limit else None,
             metrics=metrics,
             statuses=statuses,
+            overlay_renders=asyncio.Semaphore(settings.gateway_overlay_renders),
         )
         try:
             yield

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -20,6 +21,7 @@ class GatewayState:
     limiter: RateLimiter | None
     metrics: HttpMetrics
     statuses: AsyncStatusStore  # reading and watching jobs (SSE, result?wait) without blocking the event loop
+    overlay_renders: asyncio.Semaphore  # overlays drawn at once (VARCO_GATEWAY_OVERLAY_RENDERS)
 
 
 def gateway(request: Request) -> GatewayState:
