@@ -103,3 +103,18 @@ def test_the_processor_side_comes_from_the_model_directory(tmp_path: Path) -> No
     )
     assert worker_max_side(str(nested)) == 192
     assert worker_max_side(str(tmp_path / "absent")) == DEFAULT_MAX_SIDE
+
+
+def test_a_large_decode_hands_its_freed_memory_back(monkeypatch) -> None:
+    """glibc keeps what each task thread freed in that thread's arena: six threads decoding one 64 Mpx
+    image each in turn held six (bench/image_memory.py). A large decode trims; a small one costs nothing."""
+    from varco.workers.input import decode
+
+    trims: list[int] = []
+    monkeypatch.setattr(decode, "give_back_freed_memory", lambda: trims.append(1))
+    f, _ = fetcher(max_side=300)
+    f.decode_bounded(encoded(Image.new("RGB", (2500, 2000)), "PNG"))
+    assert trims == [1]
+    f.decode_bounded(encoded(Image.new("RGB", (300, 200)), "PNG"))
+    assert trims == [1]
+    decode.give_back_freed_memory()  # the real one runs (a no-op where libc has no malloc_trim)
