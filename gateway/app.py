@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -62,6 +63,8 @@ def create_app(settings: Settings, keys: list[str] | None, *, client: Client | N
             metrics=metrics,
             statuses=statuses,
             deltas=AsyncDeltaStream(statuses.redis),
+
+            overlay_renders=asyncio.Semaphore(settings.gateway_overlay_renders),
         )
         try:
             yield

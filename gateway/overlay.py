@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import colorsys
 import io
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ from varco.tasks.prompts import DEFAULT_REFERRING_LABEL
 from varco.tasks.requests import IMAGE_FORMATS
 from varco.tasks.schemas import Box, JobResult
 from varco.tasks.tags import parse, to_pixels
+
+log = logging.getLogger(__name__)
 
 RGB = tuple[int, int, int]
 # Distinct, saturated first colours (Tableau 10 without its greys); later objects continue on
@@ -113,9 +116,10 @@ def _short(text: str) -> str:
     return text if len(text) <= MAX_LABEL_CHARS else text[: MAX_LABEL_CHARS - 1] + "…"
 
 
-def draw_overlay(image: Image.Image, result: JobResult) -> Image.Image:
-    """A copy of `image` (RGB, same size) with the result's boxes and labels drawn on it."""
-    canvas = image.convert("RGB")  # always a copy
+def draw_overlay(image: Image.Image, result: JobResult, *, copy: bool = True) -> Image.Image:
+    """A copy of `image` (RGB, same size) with the result's boxes and labels drawn on it; with
+    `copy=False`, `image` itself (RGB) drawn on: one full-size image less in memory."""
+    canvas = image.convert("RGB") if copy or image.mode != "RGB" else image
     width, height = canvas.size
     side = min(width, height)
     line = max(2, round(side / 160))
@@ -146,10 +150,12 @@ def draw_overlay(image: Image.Image, result: JobResult) -> Image.Image:
 
 
 def open_kept_image(data: bytes) -> Image.Image:
-    """Decode kept image bytes as the worker did: EXIF orientation applied, RGB."""
-    with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as opened:
-        opened.load()
-        return ImageOps.exif_transpose(opened).convert("RGB")
+    """Decode kept image bytes as the worker did: EXIF orientation applied, RGB. No copy more than
+    needed: at the pixel limit each is ~200 MB."""
+    opened = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    opened.load()
+    ImageOps.exif_transpose(opened, in_place=True)
+    return opened if opened.mode == "RGB" else opened.convert("RGB")
 
 
 def kept_image(client: Client, job_id: str) -> tuple[JobResult, bytes, str]:
@@ -174,14 +180,31 @@ def kept_image(client: Client, job_id: str) -> tuple[JobResult, bytes, str]:
     return result, data, media_type
 
 
+def stored_overlay(client: Client, job_id: str) -> bytes | None:
+    """The overlay drawn for this job before, kept beside its result; None when there is none yet."""
+    try:
+        return client.store.read(client.store.overlay_uri(job_id))
+    except (OSError, ClientError, BotoCoreError):
+        return None
+
+
 def overlay_png(client: Client, job_id: str) -> bytes:
     """PNG bytes of the job's image with its parsed result drawn on it, at the image's own size; raises
-    as `kept_image` does."""
+    as `kept_image` does. Drawn once: kept in the store beside the result (a finished job's result never
+    changes), and read from there by every later request."""
+    if (stored := stored_overlay(client, job_id)) is not None:  # drawn while this request waited its turn
+        return stored
     result, data, _ = kept_image(client, job_id)
     try:
         image = open_kept_image(data)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise OverlayUnavailable(f"the image kept for job {job_id} cannot be read: {exc}") from None
     buffer = io.BytesIO()
-    draw_overlay(image, result).save(buffer, format="PNG", optimize=True)
-    return buffer.getvalue()
+    draw_overlay(image, result, copy=False).save(buffer, format="PNG", optimize=True)
+    del image
+    png = buffer.getvalue()
+    try:
+        client.store.write_overlay(job_id, png)
+    except (OSError, ClientError, BotoCoreError):  # not kept: drawn again next time, still answered now
+        log.warning("could not keep the overlay of job %s in the result store", job_id, exc_info=True)
+    return png

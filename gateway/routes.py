@@ -241,5 +241,8 @@ async def job_image(job_id: JobId, state: State, who: JobCaller) -> Response:
                **responses(404, 409)},
 )  # fmt: skip
 async def job_overlay(job_id: JobId, state: State, who: JobCaller) -> Response:
-    png = await _read_kept(state, job_id, who, overlay.overlay_png, "overlay-unavailable")
+    png = await _read_kept(state, job_id, who, overlay.stored_overlay, "overlay-unavailable")
+    if png is None:  # drawn by at most VARCO_GATEWAY_OVERLAY_RENDERS requests at once; the rest wait here
+        async with state.overlay_renders:
+            png = await _read_kept(state, job_id, who, overlay.overlay_png, "overlay-unavailable")
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})

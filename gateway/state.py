@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -22,6 +23,8 @@ class GatewayState:
     metrics: HttpMetrics
     statuses: AsyncStatusStore  # reading and watching jobs (SSE, result?wait) without blocking the event loop
     deltas: AsyncDeltaStream  # streamed jobs' text as generated (SSE `delta` events, streamed chat completions)
+
+    overlay_renders: asyncio.Semaphore  # overlays drawn at once (VARCO_GATEWAY_OVERLAY_RENDERS)
 
 
 def gateway(request: Request) -> GatewayState:

@@ -7,13 +7,18 @@ events`, Flower. Workers are started with `varco worker`, which registers the ta
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
 from celery import Celery
+from celery.app.amqp import AMQP
+from celery.utils.saferepr import saferepr
 from kombu import Queue
 
 from varco.tasks.connections import PUBLISH_RETRY_POLICY, broker_transport_options
 from varco.tasks.keys import CALLBACK_QUEUE, INFER_QUEUE, queue_lane
 from varco.tasks.prompts import TaskType
+from varco.tasks.redaction import redact_value
 from varco.tasks.settings import Settings, get_settings
 
 INFER_TASK = "varco.infer"
@@ -33,8 +38,28 @@ def infer_queue(task: TaskType | str, routes: dict[str, str] | None = None) -> s
     return (routes or {}).get(str(task), INFER_QUEUE)
 
 
+class RedactingAMQP(AMQP):
+    """Every task message this app publishes (a ticket, a webhook, a retry, a put-back) carries its
+    `argsrepr`/`kwargsrepr` redacted (tasks/redaction.py): `celery inspect active`, Flower and task
+    events show them, and a callback URL's password or `?token=` must not be there. The arguments
+    themselves are the task's input and go unchanged."""
+
+    def as_task_v2(
+        self, task_id: str, name: str, args: Any = None, kwargs: Any = None, *rest: Any,
+        argsrepr: str | None = None, kwargsrepr: str | None = None, **options: Any,
+    ) -> Any:  # fmt: skip
+        levels = self.app.conf.task_repr_maxlevels
+        if argsrepr is None:
+            argsrepr = saferepr(redact_value(args or ()), self.argsrepr_maxsize, maxlevels=levels)
+        if kwargsrepr is None:
+            kwargsrepr = saferepr(redact_value(kwargs or {}), self.kwargsrepr_maxsize, maxlevels=levels)
+        return super().as_task_v2(
+            task_id, name, args, kwargs, *rest, argsrepr=argsrepr, kwargsrepr=kwargsrepr, **options
+        )
+
+
 def create_app(settings: Settings) -> Celery:
-    app = Celery("varco", broker=settings.broker_url, set_as_current=False)
+    app = Celery("varco", broker=settings.broker_url, set_as_current=False, amqp=RedactingAMQP)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

@@ -1,10 +1,14 @@
-"""One redaction for text bound for a log: no URL secret reaches a log line, worker's or gateway's.
+"""One redaction for URL secrets in any text that leaves a process: log lines (worker, callback process,
+gateway access log), job error messages (kept in status records, sent in webhooks), Celery's task repr.
 
-Two things are cut from any text:
-- the query string of every absolute http(s) or s3 URL, whole: a presigned URL's signature is in it
+Three things are cut:
+- the userinfo of every absolute URL, whatever its scheme (`http://[redacted]@host/…`): a password in an
+  image or callback URL;
+- the query string of every absolute URL, whole: a presigned URL's signature is in it
   (`https://bucket.s3…/a.png?[redacted]`); httpx logs every request's URL, Celery a task's arguments;
-- the value of a `key=` or `token=` query parameter wherever it stands, for paths without a scheme
-  such as the gateway's access log (`/ui/jobs/…?key=[redacted]`).
+- the value of a secret query parameter (`key`, `token`, …) wherever it stands, for paths without a
+  scheme such as the gateway's access log (`/ui/jobs/…?key=[redacted]`). The name is compared
+  percent-decoded: Starlette reads `?%6Bey=…` as `key`, so the log must too.
 
 A value ends at whitespace, a quote or a bracket as well, so a JSON log line stays JSON.
 """
@@ -12,13 +16,56 @@ A value ends at whitespace, a quote or a bracket as well, so a JSON log line sta
 from __future__ import annotations
 
 import re
+from typing import Any
+from urllib.parse import unquote_plus
 
-__all__ = ["redact_text"]
+__all__ = ["REDACTED", "redact_text", "redact_value"]
 
-_URL_QUERY = re.compile(r"((?:https?|s3)://[^\s?#\"'<>]+)\?[^\s#\"'<>]*", re.IGNORECASE)
-_SECRET_PARAM = re.compile(r"([?&](?:key|token)=)[^&\s#\"'<>]*", re.IGNORECASE)
+REDACTED = "[redacted]"
+
+# Names whose values are credentials: the gateway's own (`key`, `token`) and common ones in signed URLs.
+SECRET_PARAMS = frozenset(
+    {"key", "token", "api_key", "apikey", "access_token", "password", "signature", "sig",
+     "x-amz-signature", "x-amz-credential", "x-amz-security-token"}
+)  # fmt: skip
+
+_STOP = r"\s\"'<>"  # where a URL ends in a log line
+_SCHEME = r"[a-z][a-z0-9+.-]*://"
+_USERINFO = re.compile(rf"({_SCHEME})[^/?#@{_STOP}]*(?:@[^/?#@{_STOP}]*)*@", re.IGNORECASE)
+_URL_QUERY = re.compile(rf"({_SCHEME}[^?#{_STOP}]+)\?[^#{_STOP}]*", re.IGNORECASE)
+_PARAM = re.compile(rf"([?&;])([^=&#{_STOP}]+)=([^&#{_STOP}]*)")
+
+
+def _param_name(raw: str) -> str:
+    """The name as a server reads it: percent-decoded (twice over is no disguise either), lower case."""
+    for _ in range(3):
+        decoded = unquote_plus(raw)
+        if decoded == raw:
+            break
+        raw = decoded
+    return raw.strip().lower()
+
+
+def _redact_param(match: re.Match[str]) -> str:
+    sep, name, _value = match.groups()
+    return f"{sep}{name}={REDACTED}" if _param_name(name) in SECRET_PARAMS else match.group(0)
 
 
 def redact_text(text: str) -> str:
-    """`text` with every URL's query string and every `key=`/`token=` value replaced by `[redacted]`."""
-    return _SECRET_PARAM.sub(r"\1[redacted]", _URL_QUERY.sub(r"\1?[redacted]", text))
+    """`text` with every URL's userinfo and query string, and every secret parameter's value, replaced by
+    `[redacted]`."""
+    text = _USERINFO.sub(rf"\1{REDACTED}@", text)
+    text = _URL_QUERY.sub(rf"\1?{REDACTED}", text)
+    return _PARAM.sub(_redact_param, text)
+
+
+def redact_value(value: Any) -> Any:
+    """`value` with `redact_text` applied to every string inside lists, tuples and dicts (keys too): task
+    arguments are redacted before they are shortened to a repr, so a cut never leaves half a secret."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {redact_value(k): redact_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(redact_value(v) for v in value)
+    return value

@@ -2,7 +2,8 @@
 
 Both sides use it: workers write results, `Client.result()` reads them. Writing the same job twice
 writes the same key, so a redelivered job that completes again changes nothing for readers. Beside a
-result the worker keeps the image bytes it fetched, `{job_id}.image` (VARCO_KEEP_IMAGES), for overlays.
+result the worker keeps the image bytes it fetched, `{job_id}.image` (VARCO_KEEP_IMAGES), for overlays,
+and the gateway stores each overlay it draws, `{job_id}.overlay.png`, so it draws one once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from urllib.parse import unquote, urlsplit
 from varco.tasks.job_ids import check_job_id
 from varco.tasks.settings import Settings
 
+OVERLAY_SUFFIX = ".overlay.png"
+
 
 class ResultStore(Protocol):
     prefix: str
@@ -23,6 +26,8 @@ class ResultStore(Protocol):
     def uri_for(self, job_id: str) -> str: ...
     def write(self, job_id: str, data: bytes) -> str: ...
     def write_image(self, job_id: str, data: bytes) -> str: ...  # a job's fetched image bytes, beside its result
+    def write_overlay(self, job_id: str, data: bytes) -> str: ...  # the gateway's drawn overlay, beside it
+    def overlay_uri(self, job_id: str) -> str: ...
     def read(self, uri: str) -> bytes: ...
     def delete(self, job_id: str) -> None:
         """Remove a job's result if there is one (a result written for a job that ended otherwise)."""
@@ -48,6 +53,13 @@ class FileResultStore:
         # a malformed id never becomes a path outside the result directory
         self._write(f"{check_job_id(job_id)}.image", data)
         return f"{self.prefix}{job_id}.image"
+
+    def overlay_uri(self, job_id: str) -> str:
+        return f"{self.prefix}{check_job_id(job_id)}{OVERLAY_SUFFIX}"
+
+    def write_overlay(self, job_id: str, data: bytes) -> str:
+        self._write(f"{check_job_id(job_id)}{OVERLAY_SUFFIX}", data)
+        return self.overlay_uri(job_id)
 
     def _write(self, name: str, data: bytes) -> None:
         if not self._root_made:  # once per process, not once per job
@@ -105,6 +117,14 @@ class S3ResultStore:
         key = f"{self.key_prefix}{check_job_id(job_id)}.image"
         self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="application/octet-stream")
         return f"{self.prefix}{job_id}.image"
+
+    def overlay_uri(self, job_id: str) -> str:
+        return f"{self.prefix}{check_job_id(job_id)}{OVERLAY_SUFFIX}"
+
+    def write_overlay(self, job_id: str, data: bytes) -> str:
+        key = f"{self.key_prefix}{check_job_id(job_id)}{OVERLAY_SUFFIX}"
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="image/png")
+        return self.overlay_uri(job_id)
 
     def read(self, uri: str) -> bytes:
         parts = urlsplit(uri)

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from varco.tasks.redaction import redact_text
 
 # Normalised box (x1, y1, x2, y2) in 0..1, (x1, y1) top-left; pixel box in original-image pixels.
 Box = tuple[float, float, float, float]
@@ -85,10 +87,13 @@ _STATE_RANKS: dict[JobState, int] = {
 
 
 class ErrorInfo(BaseModel):
-    """A failure as users see it: the error's type name and a message that says what went wrong."""
+    """A failure as users see it: the error's type name and a message that says what went wrong.
+
+    The message is redacted here, once, so no URL secret (an image URL's password or presigned query)
+    reaches the status record, a `job.failed` webhook or a log line, wherever the error was made."""
 
     type: str
-    message: str
+    message: Annotated[str, AfterValidator(redact_text)]
 
 
 class JobStatus(BaseModel):

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     s3_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(default=64_000_000, ge=1)
+    # Pixels of full-size decoded images a worker holds at once, every task thread together (one image at
+    # the pixel limit, or several smaller ones); each is shrunk to the processor's size before the next.
+    decode_budget_pixels: int = Field(default=64_000_000, ge=1)
     max_data_uri_bytes: int = Field(default=256 * 1024, ge=1)
     fetch_timeout_s: float = Field(default=15.0, gt=0)
     visibility_timeout: int = Field(default=3600, ge=10)
@@ -96,6 +99,9 @@ class Settings(BaseSettings):
     gateway_max_batch: int = Field(default=100, ge=1, le=10_000)
     gateway_max_connections: int = Field(default=1000, ge=1)
     gateway_body_timeout_s: float = Field(default=30.0, gt=0)  # a request body must be in within this (408)
+    # Overlays the gateway draws at once (each holds its image decoded at full size, up to ~200 MB at the
+    # pixel limit); more requests wait, holding no thread, and most then find the overlay in the store.
+    gateway_overlay_renders: int = Field(default=1, ge=1)
 
     # Tenants (docs/tenants.md): GPU share weights as `teamA=3,teamB=1` (unlisted tenants weigh 1), queued-job
     # limits per tenant and in all (0: none), and the seconds a job may wait to start (None: forever).

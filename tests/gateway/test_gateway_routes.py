@@ -63,10 +63,11 @@ def client(settings: Settings) -> Iterator[Client]:
 
 
 @contextlib.contextmanager
-def serve(settings: Settings, keys: list[str] | None, client: Client) -> Iterator[str]:
-    """The app on a real uvicorn server in a thread; yields its base URL once it listens."""
+def serve(settings: Settings, keys: list[str] | None, client: Client, app: Any = None) -> Iterator[str]:
+    """The app (or `create_app`'s) on a real uvicorn server in a thread; yields its base URL once it listens."""
     port = free_port()
-    config = uvicorn.Config(create_app(settings, keys, client=client), host="127.0.0.1", port=port, log_level="error")
+    app = app or create_app(settings, keys, client=client)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -442,6 +443,67 @@ def test_callers_see_gateway_urls_never_the_store_or_the_workers_paths(
     assert "VARCO_KEEP_IMAGES=false" in not_kept["detail"] and bare_result["image"]["kept_uri"] is None
     assert bare_result["model"] == "tiny"  # a name that is no path is shown as it is
     assert (client.status(job_id).result_uri or "").startswith("file://")  # Python callers, inside, keep them
+
+
+def kept_jobs(http: httpx.Client, client: Client, store: FileResultStore, n: int) -> list[str]:
+    """`n` succeeded jobs, each with a kept image, as a worker leaves them."""
+    job_ids = [http.post("/v1/jobs", json=JOB).json()["job_id"] for _ in range(n)]
+    for job_id in job_ids:
+        body = json.loads(result_json(job_id))
+        body["image"]["kept_uri"] = store.write_image(job_id, png(4, 3))
+        finish(client, job_id, JobState.SUCCEEDED, result_uri=store.write(job_id, json.dumps(body).encode()))
+    return job_ids
+
+
+def test_an_overlay_is_drawn_once_and_kept_beside_the_result(
+    base: str, client: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from varco.gateway import overlay
+
+    store, draws = FileResultStore(settings.result_store), []
+    draw = overlay.draw_overlay
+    monkeypatch.setattr(overlay, "draw_overlay", lambda *a, **k: draws.append(1) or draw(*a, **k))
+    with api(base) as http:
+        [job_id] = kept_jobs(http, client, store, 1)
+        first, again = (http.get(f"/v1/jobs/{job_id}/overlay.png") for _ in range(2))
+        problem(api(base, BOB).get(f"/v1/jobs/{job_id}/overlay.png"), 404, "job-not-found")  # kept, still owned
+    assert first.status_code == again.status_code == 200 and first.content == again.content
+    assert len(draws) == 1 and store.read(store.overlay_uri(job_id)) == first.content
+
+
+def test_overlays_are_drawn_at_most_n_at_once_and_the_rest_wait(
+    settings: Settings, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from varco.gateway import overlay
+
+    store, release = FileResultStore(settings.result_store), threading.Event()
+    active, most = [0], [0]
+    draw = overlay.draw_overlay
+
+    def slow_draw(*args: Any, **kwargs: Any) -> Any:
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        release.wait(30)
+        active[0] -= 1
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(overlay, "draw_overlay", slow_draw)
+    app = create_app(settings.model_copy(update={"gateway_overlay_renders": 1}), [ALICE], client=client)
+    with serve(settings, [ALICE], client, app) as url, api(url) as http:
+        jobs = kept_jobs(http, client, store, 4)
+        answers: list[httpx.Response] = []
+        threads = [threading.Thread(target=lambda j=j: answers.append(api(url).get(f"/v1/jobs/{j}/overlay.png")))
+                   for j in jobs]  # fmt: skip
+        for thread in threads:
+            thread.start()
+        renders = app.state.gateway.overlay_renders
+        while len(renders._waiters or ()) < 3 and most[0] < 2:  # three wait their turn (or, uncapped, draw)
+            time.sleep(0.01)
+        assert most[0] == 1 and active[0] == 1
+        release.set()
+        for thread in threads:
+            thread.join()
+    assert sorted(a.status_code for a in answers) == [200] * 4 and most[0] == 1
 
 
 @pytest.mark.parametrize(

@@ -40,3 +40,30 @@ def test_priority_and_routing() -> None:
     assert broker_priority(None) == broker_priority(4)
     assert infer_queue("ocr", {"ocr": "varco.ocr"}) == "varco.ocr"
     assert infer_queue("caption", {"ocr": "varco.ocr"}) == INFER_QUEUE
+
+
+def test_published_task_reprs_are_redacted_but_the_arguments_are_not(tmp_path) -> None:
+    """`celery inspect active` and Flower show a message's argsrepr/kwargsrepr headers: read from Redis,
+    they carry no URL secret, while the arguments the task runs with are whole."""
+    from varco.tasks.fair_queue import send_ticket
+    from varco.workers.devtools.local_redis import start_redis
+    from varco.workers.output.webhooks import send_event
+
+    hook = "https://bob:H00kPassw0rd@hooks.example.com/in?token=t0k"
+    image = "https://bucket.s3.amazonaws.com/a.png?X-Amz-Signature=" + "s1g" * 400  # longer than a repr keeps
+    payload = {"type": "job.failed", "job_id": "abc", "metadata": {"source": image}}
+    with start_redis(tmp_path) as server:
+        app = create_app(Settings(broker_url=server.url, _env_file=None))
+        send_event(app, hook, payload)
+        app.send_task("varco.infer", args=["abc", {"image_uri": image}], kwargs={"note": hook}, queue=INFER_QUEUE)
+        send_ticket(app, INFER_QUEUE, "b" * 32)
+        with app.connection_for_read() as conn:
+            webhook = conn.SimpleQueue(CALLBACK_QUEUE, no_ack=True).get(timeout=10)
+            jobs = conn.SimpleQueue(INFER_QUEUE, no_ack=True)
+            messages = [jobs.get(timeout=10), jobs.get(timeout=10)]
+    reprs = [m.headers["argsrepr"] + m.headers["kwargsrepr"] for m in (webhook, *messages)]
+    assert "https://[redacted]@hooks.example.com/in?[redacted]" in reprs[0] + reprs[1]
+    assert "a.png?[redacted]" in reprs[0] + reprs[1] + reprs[2]
+    for leaked in ("H00kPassw0rd", "t0k", "s1g"):
+        assert not any(leaked in r for r in reprs), leaked
+    assert webhook.payload[0] == [hook, payload, "abc.job.failed"]  # the callback still gets its URL

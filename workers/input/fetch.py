@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 import httpx
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from varco.tasks.errors import ImageDecodeError, ImageFetchError, ImageTooLargeError
 from varco.tasks.requests import IMAGE_FORMATS
 from varco.tasks.settings import Settings
+from varco.workers.input.decode import DecodedImage, PixelBudget, decode_bounded, worker_max_side
 from varco.workers.input.file_source import read_regular_file
 from varco.workers.input.s3_buckets import check_s3_bucket
 from varco.workers.net.pinned_http import pinned_client, total_deadline
@@ -35,18 +36,20 @@ def is_transient(exc: BaseException) -> bool:
 
 @dataclass(frozen=True)
 class FetchedImage:
-    image: Image.Image  # RGB, EXIF orientation applied
+    image: Image.Image  # RGB, EXIF orientation applied, shrunk to the processor's largest size (decode.py)
     sha256: str  # of the bytes as fetched
     size_bytes: int
     data: bytes = field(default=b"", repr=False)  # the bytes as fetched: kept for overlays (VARCO_KEEP_IMAGES)
+    # The original's size (EXIF orientation applied): pixel boxes are in it. None: the image's own.
+    original_size: tuple[int, int] | None = None
 
     @property
     def width(self) -> int:
-        return self.image.width
+        return self.original_size[0] if self.original_size else self.image.width
 
     @property
     def height(self) -> int:
-        return self.image.height
+        return self.original_size[1] if self.original_size else self.image.height
 
 
 def _refuse_unfollowable_redirect(response: httpx.Response) -> None:
@@ -66,8 +69,11 @@ def _refuse_unfollowable_redirect(response: httpx.Response) -> None:
 
 
 class ImageFetcher:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, max_side: int | None = None) -> None:
         self.settings = settings
+        # Images are shrunk to fit max_side x max_side: what the model's processor uses (decode.py).
+        self.max_side = max_side or worker_max_side(settings.model)
+        self.budget = PixelBudget(settings.decode_budget_pixels)
         timeout = httpx.Timeout(settings.fetch_timeout_s, connect=min(5.0, settings.fetch_timeout_s))
         # Connections go only to the address that was checked (DNS rebinding); redirects are followed by
         # hand so every hop is checked too.
@@ -83,7 +89,9 @@ class ImageFetcher:
     # --- entry point ----------------------------------------------------------------------
     def fetch(self, uri: str) -> FetchedImage:
         data = self.fetch_bytes(uri)
-        return FetchedImage(self.decode(data), hashlib.sha256(data).hexdigest(), len(data), data)
+        decoded = self.decode_bounded(data)
+        size = (decoded.width, decoded.height)
+        return FetchedImage(decoded.image, hashlib.sha256(data).hexdigest(), len(data), data, size)
 
     def fetch_bytes(self, uri: str) -> bytes:
         scheme = urlsplit(uri).scheme.lower()
@@ -99,6 +107,10 @@ class ImageFetcher:
         raise ImageFetchError(f"unsupported URI scheme {scheme!r}")
 
     def decode(self, data: bytes) -> Image.Image:
+        """The image, RGB, shrunk to the processor's size (see `decode_bounded` for its original size)."""
+        return self.decode_bounded(data).image
+
+    def decode_bounded(self, data: bytes) -> DecodedImage:
         limit = self.settings.max_image_pixels
         try:
             with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as opened:
@@ -107,9 +119,7 @@ class ImageFetcher:
                     raise ImageTooLargeError(
                         f"image is {width}x{height} = {width * height} pixels; the limit is {limit}"
                     )
-                opened.load()
-                image = ImageOps.exif_transpose(opened)
-                return image.convert("RGB")
+                return decode_bounded(opened, max_side=self.max_side, budget=self.budget)
         except ImageTooLargeError:
             raise
         except Image.DecompressionBombError as exc:
