@@ -65,7 +65,7 @@ mutants: $(STAMP)
 # parser and request validation (tests/fuzz, its corpus in tests/fuzz/corpus/), then schemathesis against a
 # gateway, stateful, as each of two keys.
 fuzz: $(STAMP)
-	VARCO_FUZZ_EXAMPLES=3000 $(BIN)/python -m pytest -q -p no:randomly tests/fuzz
+	VARCO_FUZZ_EXAMPLES=3000 $(BIN)/python -m pytest -q -p no:randomly --timeout 0 tests/fuzz
 	$(BIN)/python bench/fuzz_gateway.py --max-examples 10
 
 clean:

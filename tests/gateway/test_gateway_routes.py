@@ -506,7 +506,9 @@ def test_a_method_not_allowed_lists_every_method_the_path_serves(base: str) -> N
     with api(base) as http:
         job_id = http.post("/v1/jobs", json=JOB).json()["job_id"]
         options = http.options(f"/v1/jobs/{job_id}")
+        batch = http.options("/v1/jobs/batch")  # a path of its own, not a job id beside /v1/jobs/{job_id}
     assert problem(options, 405, "method-not-allowed") and options.headers["allow"] == "DELETE, GET"
+    assert problem(batch, 405, "method-not-allowed") and batch.headers["allow"] == "POST"
 
 
 def test_problem_documents_for_any_status_and_error() -> None:
