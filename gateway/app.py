@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from varco.gateway import openai_batches, openai_files, openai_routes, page, problems, routes
+from varco.gateway import openai_batches, openai_files, openai_routes, openapi_doc, page, problems, routes
 from varco.gateway.auth import KeyRing
 from varco.gateway.limits import BodyLimits
 from varco.gateway.metrics import HttpMetrics
@@ -78,6 +78,7 @@ def create_app(settings: Settings, keys: list[str] | None, *, client: Client | N
         version="1",
         summary="Submit VARCO-VISION jobs over HTTP, follow them, read their results.",
         lifespan=lifespan,
+        generate_unique_id_function=lambda route: route.name,  # operation ids: submit_job, get_job…
     )
     problems.install(app)
     app.add_exception_handler(BrokerUnavailable, _broker_unavailable)
@@ -118,12 +119,7 @@ def create_app(settings: Settings, keys: list[str] | None, *, client: Client | N
         # The submit bodies are read raw (so errors are InvalidRequest's own messages); document their schemas.
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (JobBatch, problems.ProblemDetails):
-                found = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                components.update(found.pop("$defs", {}))
-                components[model.__name__] = found
-            components["JobRequest"]["properties"].pop("tenant", None)  # the API key names it, not the body
+            openapi_doc.finish(schema, (JobBatch,), routes.MAX_IDEMPOTENCY_KEY_CHARS)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -153,12 +153,15 @@ async def job_page(
         rate_limit(state, ANONYMOUS)
         await owned_status(state, job_id, "")
         return render(job_id, None)
-    by_token = token is not None and credentials is None and key is None
+    # A valid token is honoured even beside a Bearer header: redirecting it again would loop forever for a
+    # client that keeps its header on redirects. A bad token beside a key falls back to the key.
+    token_of = state.keys.verify_page_token(token, job_id) if token is not None and key is None else None
+    by_token = token_of is not None
     with failures_limited(request):
-        if by_token:
-            who = state.keys.verify_page_token(token, job_id)
-            if who is None:
-                raise Problem(401, "unauthorized", "page token is invalid or expired: open the page with ?key= again")
+        if token_of is not None:
+            who = token_of
+        elif token is not None and credentials is None and key is None:
+            raise Problem(401, "unauthorized", "page token is invalid or expired: open the page with ?key= again")
         elif key is not None and credentials is None:
             who = state.keys.match(key)
             if who is None:

@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from varco.tasks.fair_queue import QueueFull
 
@@ -84,10 +85,22 @@ async def _on_problem(_: Request, exc: Exception) -> JSONResponse:
     return problem_response(exc.status, exc.kind, exc.detail, exc.headers, field=exc.field, **exc.extra)
 
 
-async def _on_http_error(_: Request, exc: Exception) -> JSONResponse:
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path: Starlette's 405 names only the first route's. A path
+    spelled out in full (`/v1/jobs/batch`) is its own resource, as in the OpenAPI document, not one
+    value of a template beside it (`/v1/jobs/{job_id}`)."""
+    matching = [r for r in request.app.router.routes if r.matches({**request.scope, "method": ""})[0] is not Match.NONE]
+    exact = [r for r in matching if not getattr(r, "param_convertors", None)]
+    return ", ".join(sorted({m for r in exact or matching for m in getattr(r, "methods", None) or ()}))
+
+
+async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     kind = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
-    return problem_response(exc.status_code, kind, str(exc.detail), dict(exc.headers or {}))
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request)
+    return problem_response(exc.status_code, kind, str(exc.detail), headers)
 
 
 async def _on_validation_error(_: Request, exc: Exception) -> JSONResponse:

@@ -111,7 +111,9 @@ def _invalid_in_batch(exc: InvalidRequest) -> Problem:
 )  # fmt: skip
 async def submit_job(
     request: Request, response: Response, state: State, who: Caller,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
+    idempotency_key: Annotated[
+        str | None, Header(alias="Idempotency-Key", max_length=MAX_IDEMPOTENCY_KEY_CHARS)
+    ] = None,
 ) -> Submitted:  # fmt: skip
     """Body: submit's fields. The same Idempotency-Key (per API key) returns the first job's id."""
     fields = _job_fields(await _json(request), who, idempotency_key) | {"tenant": tenant_of(state, who)}

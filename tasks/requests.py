@@ -42,6 +42,15 @@ class InvalidRequest(ValueError):
         self.field = field
 
 
+class FieldError(ValueError):
+    """A check across fields (a model validator) that still names the field to fix: pydantic gives such
+    errors no location, so validate_request reads `field` from here."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 # Numbers are taken as numbers only: "0.1" or true is a mistake to report, not a value to coerce (an int
 # is a number, so region [0, 0, 1, 1] is fine; a bool is not, so max_new_tokens true is refused).
 Number = Annotated[float, Strict()]
@@ -178,13 +187,16 @@ class JobRequest(BaseModel):
     @model_validator(mode="after")
     def _task_arguments(self) -> JobRequest:
         if self.task is TaskType.VQA and not (self.prompt and self.prompt.strip()):
-            raise ValueError("task 'vqa' needs a prompt (the question to ask about the image)")
+            raise FieldError("prompt", "task 'vqa' needs a prompt (the question to ask about the image)")
         if self.task is TaskType.REFERRING and self.region is None:
-            raise ValueError("task 'referring' needs a region [x1, y1, x2, y2] in 0..1")
+            raise FieldError("region", "task 'referring' needs a region [x1, y1, x2, y2] in 0..1")
         if self.task is not TaskType.REFERRING and (self.region is not None or self.label is not None):
-            raise ValueError(f"region and label are only used by 'referring', not by {self.task.value!r}")
+            raise FieldError(
+                "region" if self.region is not None else "label",
+                f"region and label are only used by 'referring', not by {self.task.value!r}",
+            )
         if self.task is TaskType.OCR and self.prompt is not None:
-            raise ValueError("task 'ocr' takes no prompt (the model is asked with <ocr> alone)")
+            raise FieldError("prompt", "task 'ocr' takes no prompt (the model is asked with <ocr> alone)")
         return self
 
     def fingerprint(self) -> str:
@@ -257,6 +269,7 @@ def validate_request(**fields: Any) -> JobRequest:
     try:
         return JobRequest(**fields)
     except ValidationError as exc:
-        loc = exc.errors()[0]["loc"]  # a ValidationError holds at least one error
-        field = str(loc[0]) if loc else None
+        first = exc.errors()[0]  # a ValidationError holds at least one error
+        cause = first.get("ctx", {}).get("error")
+        field = str(first["loc"][0]) if first["loc"] else getattr(cause, "field", None)
         raise InvalidRequest(f"invalid job request: {_describe(exc)}", field=field) from None

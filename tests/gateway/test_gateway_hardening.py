@@ -169,6 +169,19 @@ def test_a_body_trickled_in_chunks_each_within_the_timeout_still_meets_one_deadl
     assert late.value.status == 408 and len(chunks) >= 3  # cut off after the first chunk or two
 
 
+def test_the_job_pages_link_opens_with_the_bearer_header_still_set(settings: Settings, client: Client) -> None:
+    """A client that keeps its Authorization header on redirects (curl -L, fetch) gets the page, not a loop."""
+    with gateway(settings, client) as http:
+        job_id = http.post("/v1/jobs", json=JOB).json()["job_id"]
+        link = http.get(f"/ui/jobs/{job_id}", follow_redirects=False)
+        assert link.status_code == 303
+        page = http.get(link.headers["location"], follow_redirects=False)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        # A stale token beside a valid key is exchanged again, once.
+        stale = http.get(f"/ui/jobs/{job_id}", params={"token": "k1.1.AAAA"}, follow_redirects=False)
+        assert stale.status_code == 303 and "token=" in stale.headers["location"]
+
+
 # --- the rate limit: the job page, failed logins -------------------------------------------------
 
 SLOW = 0.001  # a bucket of one, refilled once in 1000 s

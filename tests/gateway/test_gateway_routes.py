@@ -195,6 +195,17 @@ def test_a_bad_field_is_named(base: str) -> None:
     assert task["field"] == "task"
 
 
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [({"task": "vqa"}, "prompt"), ({"task": "ocr", "prompt": "read"}, "prompt"), ({"task": "referring"}, "region"),
+     ({"task": "caption", "label": "cat"}, "label"), ({"task": "caption", "region": [0, 0, 1, 1]}, "region")],
+)  # fmt: skip
+def test_a_check_across_fields_still_names_the_field(base: str, body: dict[str, Any], field: str) -> None:
+    with api(base) as http:
+        refused = problem(http.post("/v1/jobs", json={"image_uri": IMAGE, **body}), 422, "invalid-request")
+    assert refused["field"] == field
+
+
 def test_idempotency_key_from_header_or_body_per_api_key(base: str, client: Client) -> None:
     with api(base) as alice, api(base, BOB) as bob:
         first = alice.post("/v1/jobs", json=JOB, headers={"Idempotency-Key": "order-1"}).json()["job_id"]
@@ -553,6 +564,15 @@ def test_unknown_paths_and_methods_are_problems(base: str) -> None:
     assert wrong.headers["allow"] == "POST"
 
 
+def test_a_method_not_allowed_lists_every_method_the_path_serves(base: str) -> None:
+    with api(base) as http:
+        job_id = http.post("/v1/jobs", json=JOB).json()["job_id"]
+        options = http.options(f"/v1/jobs/{job_id}")
+        batch = http.options("/v1/jobs/batch")  # a path of its own, not a job id beside /v1/jobs/{job_id}
+    assert problem(options, 405, "method-not-allowed") and options.headers["allow"] == "DELETE, GET"
+    assert problem(batch, 405, "method-not-allowed") and batch.headers["allow"] == "POST"
+
+
 def test_problem_documents_for_any_status_and_error() -> None:
     from starlette.exceptions import HTTPException
 
@@ -603,6 +623,29 @@ def test_the_api_description_documents_bodies_and_problems(base: str) -> None:
         }
         assert {"401", "408", "413", "429", "503"} <= set(operation["responses"])
     assert {"JobRequest", "JobBatch", "ProblemDetails"} <= set(schema["components"]["schemas"])
+
+
+def test_the_api_description_says_what_the_server_takes_and_sends(base: str) -> None:
+    with httpx.Client(base_url=base) as http:
+        document = http.get("/openapi.json").json()
+    schemas, paths = document["components"]["schemas"], document["paths"]
+    job = schemas["JobRequest"]
+    # openapi-typescript makes a property with a default required: optional inputs carry none.
+    assert job["required"] == ["image_uri", "task"] and not [p for p in job["properties"].values() if "default" in p]
+    assert job["properties"]["image_uri"]["minLength"] == 1 and "tenant" not in job["properties"]
+    header = next(p for p in paths["/v1/jobs"]["post"]["parameters"] if p["name"] == "Idempotency-Key")
+    assert header["schema"]["maxLength"] == job["properties"]["idempotency_key"]["maxLength"] == 128
+    # What is always sent is required; the task is the enum.
+    status = schemas["JobStatus"]
+    assert set(status["required"]) == set(status["properties"])
+    assert {"$ref": "#/components/schemas/TaskType"} in status["properties"]["task"]["anyOf"]
+    problem_doc = schemas["ProblemDetails"]
+    assert problem_doc["required"] == ["type", "title", "status", "detail"]
+    assert {"field", "index", "state", "error", "enqueued"} <= set(problem_doc["properties"])
+    assert paths["/v1/jobs"]["post"]["operationId"] == "submit_job"
+    assert paths["/v1/jobs/{job_id}"]["get"]["operationId"] == "get_job"
+    stream = paths["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]["text/event-stream"]
+    assert stream["itemSchema"]["properties"]["data"]["contentSchema"] == {"$ref": "#/components/schemas/JobStatus"}
 
 
 # --- metrics ---------------------------------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import GATEWAY_KEYS, running_gateway
@@ -12,7 +15,10 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.generation.modes import GenerationMode  # noqa: E402
 from schemathesis.specs.openapi.checks import (  # noqa: E402
+    allow_header_conformance,
     content_type_conformance,
+    missing_required_header,
+    negative_data_rejection,
     response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
@@ -25,7 +31,11 @@ CHECKS = [
     content_type_conformance,
     response_headers_conformance,
     response_schema_conformance,
+    negative_data_rejection,
+    missing_required_header,
+    allow_header_conformance,
 ]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +71,13 @@ def test_every_operation_matches_the_openapi_document(live_schema, mode: Generat
             case.call_and_validate(headers=headers, checks=CHECKS, timeout=30)
 
         check()
+
+
+def test_the_schemathesis_cli_with_every_check_passes(schema_gateway: str) -> None:
+    """`st run --checks all` as a user would run it (its phases: coverage, fuzzing, stateful), with the
+    repository's schemathesis.toml."""
+    auth = f"Authorization: Bearer {GATEWAY_KEYS[0]}"
+    command = [sys.executable, "-m", "schemathesis.cli", "run", schema_gateway + "/openapi.json", "--checks", "all",
+               "--max-examples", "10", "--seed", "1", "--no-color", "-H", auth]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]

@@ -11,29 +11,9 @@ import re
 from helpers import card_output
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tag_invariants import assert_invariants
 
-from varco.tasks.schemas import ParsedOutput
-from varco.tasks.tags import TAG_RE, parse, render_object
-
-
-def assert_invariants(out: ParsedOutput) -> None:
-    assert TAG_RE.search(out.text) is None, out.text
-    for obj in out.objects:
-        start, end = obj.span
-        assert 0 <= start <= end <= len(out.text)
-        assert out.text[start:end] == obj.label
-        for box in obj.boxes:
-            assert_box(box)
-    for item in out.ocr:
-        assert_box(item.box)
-        assert TAG_RE.search(item.text) is None
-
-
-def assert_box(box: tuple[float, float, float, float]) -> None:
-    x1, y1, x2, y2 = box
-    assert all(0.0 <= v <= 1.0 for v in box), box
-    assert x1 <= x2 and y1 <= y2, box
-
+from varco.tasks.tags import parse, render_object
 
 GROUNDING = card_output("grounding")
 OCR = card_output("ocr")
