@@ -80,6 +80,18 @@ def test_priority_orders_jobs_within_a_tenant_then_submission_order(client: redi
     assert order == ["high", "mid-1", "mid-2", "low"]
 
 
+def test_a_pick_says_whether_other_tenants_still_wait_counted_up_to_two(client: redis.Redis) -> None:
+    fq = FairQueue(client)
+    for tenant in "ABCD":
+        fill(fq, tenant, 1)
+    fill(fq, "E", 2)
+    waiting = []
+    while (picked := fq.pick(Q, f"t-{len(waiting)}")) is not None:
+        waiting.append(picked.waiting)
+    # Five tenants, each pick but E's first empties one: 4, 3, 2, 1 left (shown as 2 at most), then E's last.
+    assert waiting == [2, 2, 2, 1, 1, 0]
+
+
 def test_priority_does_not_cross_tenants(client: redis.Redis) -> None:
     fq = FairQueue(client)
     fill(fq, "A", 10, priority=9)
