@@ -15,7 +15,7 @@ count do the rest as before. `release` drops the binding and the job once its ru
 (`VARCO_MAX_QUEUED_PER_TENANT`, `VARCO_MAX_QUEUED`) is checked and the jobs inserted in one Lua step, so
 concurrent submitters never overshoot; a batch goes in whole or not at all.
 
-Redis cost per job: one script call to insert (a batch shares one), one to pick, one to release, on top of
+Redis cost per job: one script call to insert (a batch shares one), one to pick, two commands to release, on top of
 the ticket's Celery message (what each job's own message cost before); the commands each runs are
 accounted for in docs/redis.md#cost-per-job.
 """
@@ -44,7 +44,6 @@ VIRTUAL_TIME = "{prefix}:{q}:vt"  # the pass of the last job picked: where a ten
 PICKED = "{prefix}:{q}:picked"  # HASH ticket id -> job id, from pick to release
 JOB = "{prefix}:job:{job_id}"  # global HASH: body (the task's args as JSON), queue, tenant, deadline_at
 DEPTH = "{prefix}:depth"  # global HASH tenant -> queued jobs, every queue together
-TOTAL = "{prefix}:total"  # global counter: queued jobs, every tenant and queue
 SEQUENCE = "{prefix}:seq"  # global counter: submission order
 SHED = "{prefix}:shed"  # global HASH tenant -> jobs refused by the limits, ever (a counter for /metrics)
 
@@ -77,7 +76,8 @@ if per_tenant > 0 then
   end
 end
 if in_all > 0 then
-  local total = tonumber(redis.call('GET', p .. ':total') or '0')
+  local total = 0  -- summed from the per-tenant counts: a total counter would cost 2 more commands a job
+  for _, d in ipairs(redis.call('HVALS', p .. ':depth')) do total = total + tonumber(d) end
   if total + n > in_all then shed(); return {'total', '', in_all, total} end
 end
 local now  -- the clock is read only for a job with a deadline
@@ -101,7 +101,6 @@ for i = 4, #ARGV, 6 do
   end
 end
 for _, t in ipairs(order) do redis.call('HINCRBY', p .. ':depth', t, adds[t]) end
-redis.call('INCRBY', p .. ':total', n)
 return {'ok'}
 """
 )
@@ -144,7 +143,6 @@ while true do
   if body then
     late = expired(f[2])
     if redis.call('HINCRBY', p .. ':depth', t, -1) <= 0 then redis.call('HDEL', p .. ':depth', t) end
-    redis.call('DECR', p .. ':total')
     -- An expired job uses no GPU slot: it does not count against its tenant's share.
     if late == 0 then
       next_pass = pass + 1 / (weights[t] or 1)
@@ -166,16 +164,6 @@ end
 """
 )
 
-# ARGV: prefix, queue, ticket id. The ticket's run has ended: forget the binding and the job. 1 if it held one.
-_RELEASE = """
-local picked = ARGV[1] .. ':' .. ARGV[2] .. ':picked'
-local job = redis.call('HGET', picked, ARGV[3])
-if not job then return 0 end
-redis.call('HDEL', picked, ARGV[3])
-redis.call('DEL', ARGV[1] .. ':job:' .. job)
-return 1
-"""
-
 # ARGV: prefix, job id. Takes a job that no ticket has picked yet off its tenant's queue (a cancel). Returns
 # 1 if it did, 0 if the job is not there, -1 if a ticket has picked it (its worker decides): a job whose hash
 # lives but is off its tenant's queue, since a pick takes it off and binds it in one step.
@@ -188,7 +176,6 @@ if not q or not t then return 0 end
 local tq = p .. ':' .. q .. ':t:' .. t
 if redis.call('ZREM', tq, job) == 0 then return -1 end
 if redis.call('HINCRBY', p .. ':depth', t, -1) <= 0 then redis.call('HDEL', p .. ':depth', t) end
-redis.call('DECR', p .. ':total')
 if redis.call('ZCARD', tq) == 0 then
   local active = p .. ':' .. q .. ':active'
   local pass = redis.call('ZSCORE', active, t)
@@ -253,7 +240,6 @@ class FairQueue:
         self._weights = [str(x) for pair in (weights or {}).items() for x in pair]
         self._insert = client.register_script(_INSERT)
         self._pick = client.register_script(_PICK)
-        self._release = client.register_script(_RELEASE)
         self._revoke = client.register_script(_REVOKE)
 
     def insert(self, jobs: Sequence[QueuedJob], *, max_per_tenant: int = 0, max_queued: int = 0) -> None:
@@ -278,9 +264,16 @@ class FairQueue:
         job_id, body, tenant, expired, waiting = found
         return Picked(job_id, tenant, json.loads(body), bool(int(expired)), int(waiting))
 
-    def release(self, queue: str, ticket_id: str) -> bool:
-        """The ticket's run has ended (not handed to a retry): forget its job."""
-        return bool(self._release(args=[self.prefix, queue, ticket_id]))
+    def release(self, queue: str, ticket_id: str, job_id: str) -> bool:
+        """The run of `job_id`, which `pick` gave this ticket, has ended (not handed to a retry): forget the
+        binding and the job; True if the ticket held it. Two commands in one write, no script and no read: the
+        caller knows the job. Cut off between them, the job's hash stays behind, marked picked (revoke says
+        so), never queued again."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hdel(f"{self.prefix}:{queue}:picked", ticket_id)
+            pipe.delete(f"{self.prefix}:job:{job_id}")
+            unbound, _ = pipe.execute()
+        return bool(unbound)
 
     def revoke(self, job_id: str) -> bool:
         """Take a job that no worker has picked off its queue (a cancel, or a ticket that was never sent).
@@ -294,7 +287,7 @@ class FairQueue:
     def depth(self, tenant: str | None = None) -> int:
         """Jobs queued and not yet picked: one tenant's, or everyone's."""
         if tenant is None:
-            return int(self.redis.get(f"{self.prefix}:total") or 0)
+            return sum(int(n) for n in self.redis.hvals(f"{self.prefix}:depth"))
         return int(self.redis.hget(f"{self.prefix}:depth", tenant) or 0)
 
     def depths(self) -> dict[str, int]:

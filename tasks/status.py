@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -275,6 +276,7 @@ class StatusStore:
         self._cancel = client.register_script(_CANCEL)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._ended = threading.local()  # the job this thread last moved to a terminal state, since its last claim
 
     def key(self, job_id: str) -> str:
         return keys.job(job_id)
@@ -286,7 +288,9 @@ class StatusStore:
                   "created_at": now, "updated_at": now, **fields}  # fmt: skip
         if owner:
             record["owner"] = owner
-        with self.redis.pipeline() as pipe:
+        # Not a MULTI (2 commands saved): the two go out in one write, and a submit that fails in between
+        # deletes the record again (`Client._forget`).
+        with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(self.key(job_id), mapping=record)
             pipe.expire(self.key(job_id), self.ttl)
             pipe.execute()
@@ -336,7 +340,14 @@ class StatusStore:
         for name, value in fields.items():
             args += [name, value]
         changed, _ = self._transition(keys=[self.key(job_id)], args=args)
+        if changed and state.finished:
+            self._ended.job_id = job_id
         return bool(changed)
+
+    def lease_ended_here(self, job_id: str) -> bool:
+        """Whether this thread, since its last `claim`, moved `job_id` to a terminal state: that step deleted the
+        job's lease, so there is none left to release."""
+        return getattr(self._ended, "job_id", None) == job_id
 
     def begin_attempt(self, job_id: str, worker: str, max_attempts: int) -> tuple[JobState, int]:
         """Count a delivery without a lease (see `claim`)."""
@@ -347,6 +358,7 @@ class StatusStore:
     def claim(self, job_id: str, worker: str, max_attempts: int, token: str, lease_s: float) -> Claim:
         """Count this delivery and start the job under `token`'s lease (`lease_s` long), unless another lease
         still lives. An empty token counts the delivery without taking a lease (`begin_attempt`)."""
+        self._ended.job_id = None  # a new run of this thread: its lease is not ended yet
         poison = ErrorInfo(
             type="PoisonMessageError",
             message=f"job was delivered more than {max_attempts} times without finishing "
@@ -383,8 +395,8 @@ class StatusStore:
 
     def mark_terminal_webhook(self, job_id: str) -> None:
         """Note that the job's terminal webhook was queued (or not wanted). The TTL is set again with it, so
-        a record that expired meanwhile leaves no hash without one."""
-        with self.redis.pipeline() as pipe:
+        a record that expired meanwhile leaves no hash without one (the two go out in one write: no MULTI)."""
+        with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(self.key(job_id), TERMINAL_WEBHOOK_FIELD, "1")
             pipe.expire(self.key(job_id), self.ttl)
             pipe.execute()

@@ -109,7 +109,7 @@ def test_a_ticket_delivered_again_gets_the_same_job_until_released(client: redis
     assert first.task_args == (("A-0", {"image_uri": "file:///x.png", "task": "caption"}),
                                {"enqueued_at": "2026-01-01T00:00:00+00:00"})  # fmt: skip
     assert fq.depth("A") == 2
-    assert fq.release(Q, "t1") and not fq.release(Q, "t1")
+    assert fq.release(Q, "t1", first.job_id) and not fq.release(Q, "t1", first.job_id)
     after = fq.pick(Q, "t1")  # a ticket whose job ended (acked late) takes the next job: nothing runs twice
     assert after is not None and after.job_id == "A-1"
     assert not client.exists("varco:fair:job:A-0")
