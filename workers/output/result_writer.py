@@ -42,15 +42,9 @@ def write_result(
     Past `deadline_s` the last error is raised as a permanent ResultStoreError.
     """
 
-    tries = 0
-
     def attempt() -> str:
-        # The first write goes ahead unread (one Redis read a job saved): a job that ended meanwhile (a cancel)
-        # is caught by the terminal transition, which refuses, and the result is removed again (`_Job.unwrite`).
-        # A retry reads first: the job may have been cancelled while it showed `retrying`.
-        nonlocal tries
-        tries += 1
-        if tries > 1 and (status := statuses.get(job_id)) is not None and status.state.finished:
+        status = statuses.get(job_id)
+        if status is not None and status.state.finished:
             raise _JobEnded
         return write()
 
