@@ -17,9 +17,10 @@ from typing import NamedTuple
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "tasks" / "status.py"
 SCHEMAS = ROOT / "tasks" / "schemas.py"
-_PUBLISH = 'publish(KEYS[1], \'"""\n    + EVENTS_CHANNEL\n    + """\')'  # an event, as the source spells it
-_FINISH = "  redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])\n"
-_END_LEASE = "redis.call('HDEL', KEYS[1], 'lease_owner', 'lease_until')"
+_PUBLISH = 'publish(record, \'"""\n    + EVENTS_CHANNEL\n    + """\')'  # an event, as the source spells it
+_FINISH = "  add(change, 'finished_at', ARGV[3])\n"
+_END_LEASE = "  add(gone, 'lease_owner', 'lease_until')"
+_RELEASE_LEASE = "redis.call('HDEL', KEYS[1], 'lease_owner', 'lease_until')"
 
 
 class Mutation(NamedTuple):
@@ -36,6 +37,9 @@ MUTATIONS: list[Mutation | tuple[str, str]] = [  # a pair: a text of tasks/statu
     Mutation("JobState.CANCELLED: FINISHED_RANK,", "JobState.CANCELLED: 1,", SCHEMAS),
     Mutation("JobState.SUCCEEDED: FINISHED_RANK,", "JobState.SUCCEEDED: 1,", SCHEMAS),
     ("record[flat[i]] = flat[i + 1]", "record[flat[i]] = flat[i]"),
+    ("  for i = 1, #pairs, 2 do record[pairs[i]] = pairs[i + 1] end\n", ""),
+    ("      record[name] = nil\n", ""),
+    ("  if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end", ""),
     # _TRANSITION
     (
         "if ARGV[4] ~= '1' or rank[ARGV[1]] ~= FINISHED then return {0, ''} end",
@@ -45,10 +49,7 @@ MUTATIONS: list[Mutation | tuple[str, str]] = [  # a pair: a text of tasks/statu
         "if ARGV[4] ~= '1' or rank[ARGV[1]] ~= FINISHED then return {0, ''} end",
         "if rank[ARGV[1]] ~= FINISHED then return {0, ''} end",
     ),
-    (
-        "redis.call('HSET', KEYS[1], 'created_at', ARGV[3], 'recreated', '1')",
-        "redis.call('HSET', KEYS[1], 'recreated', '1')",
-    ),
+    ("add(change, 'created_at', ARGV[3], 'recreated', '1')", "add(change, 'recreated', '1')"),
     (
         "if rank[cur] == FINISHED or rank[ARGV[1]] < rank[cur] then return {0, cur} end",
         "if rank[ARGV[1]] < rank[cur] then return {0, cur} end",
@@ -61,24 +62,13 @@ MUTATIONS: list[Mutation | tuple[str, str]] = [  # a pair: a text of tasks/statu
         "if rank[cur] == FINISHED or rank[ARGV[1]] < rank[cur] then return {0, cur} end",
         "if rank[cur] == FINISHED then return {0, cur} end",
     ),
-    (
-        "redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at', ARGV[3])\nfor",
-        "redis.call('HSET', KEYS[1], 'state', ARGV[1])\nfor",
-    ),
+    ("add(change, 'state', ARGV[1], 'updated_at', ARGV[3])\nfor", "add(change, 'state', ARGV[1])\nfor"),
     ("for i = 5, #ARGV, 2 do", "for i = 7, #ARGV, 2 do"),
-    ("if ARGV[1] == 'succeeded' then redis.call('HDEL', KEYS[1], 'error') end", ""),
-    (
-        _FINISH + "  " + _END_LEASE,
-        "  redis.call('HDEL', KEYS[1], 'lease_owner', 'lease_until')",
-    ),
-    (
-        _FINISH + "  " + _END_LEASE,
-        _FINISH + "  redis.call('HDEL', KEYS[1], 'lease_owner')",
-    ),
-    (
-        _FINISH + "  " + _END_LEASE,
-        _FINISH + "  redis.call('HDEL', KEYS[1], 'lease_until')",
-    ),
+    ("if ARGV[1] == 'succeeded' then add(gone, 'error') end", ""),
+    (_FINISH + _END_LEASE, _END_LEASE),
+    (_FINISH + _END_LEASE, _FINISH + "  add(gone, 'lease_owner')"),
+    (_FINISH + _END_LEASE, _FINISH + "  add(gone, 'lease_until')"),
+    ("set(KEYS[1], record, change)\ndrop(KEYS[1], record, gone)", "set(KEYS[1], record, change)"),
     (
         "redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))\n" + _PUBLISH + "\nreturn {1, ARGV[1]}",
         _PUBLISH + "\nreturn {1, ARGV[1]}",
@@ -86,19 +76,16 @@ MUTATIONS: list[Mutation | tuple[str, str]] = [  # a pair: a text of tasks/statu
     (_PUBLISH + "\nreturn {1, ARGV[1]}", "return {1, ARGV[1]}"),
     # _BEGIN
     (
-        "redis.call('HSET', KEYS[1], 'job_id', ARGV[6], 'state', 'queued', 'created_at', ARGV[3])",
-        "redis.call('HSET', KEYS[1], 'state', 'queued', 'created_at', ARGV[3])",
+        "add(change, 'job_id', ARGV[6], 'state', 'queued', 'created_at', ARGV[3])",
+        "add(change, 'state', 'queued', 'created_at', ARGV[3])",
     ),
     (
-        "redis.call('HSET', KEYS[1], 'job_id', ARGV[6], 'state', 'queued', 'created_at', ARGV[3])",
-        "redis.call('HSET', KEYS[1], 'job_id', ARGV[6], 'state', 'queued')",
+        "add(change, 'job_id', ARGV[6], 'state', 'queued', 'created_at', ARGV[3])",
+        "add(change, 'job_id', ARGV[6], 'state', 'queued')",
     ),
+    ("if rank[cur] == FINISHED then return {cur, tonumber(record.attempts or '0'), '0'} end", ""),
     (
-        "if rank[cur] == FINISHED then return {cur, tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0'), '0'} end",
-        "",
-    ),
-    (
-        "if rank[cur] == FINISHED then return {cur, tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0'), '0'} end",
+        "if rank[cur] == FINISHED then return {cur, tonumber(record.attempts or '0'), '0'} end",
         "if rank[cur] == FINISHED then return {cur, 0, '0'} end",
     ),
     ("if owner and owner ~= ARGV[7] and left > 0 then", "if owner and left > 0 then"),
@@ -106,46 +93,26 @@ MUTATIONS: list[Mutation | tuple[str, str]] = [  # a pair: a text of tasks/statu
     ("if owner and owner ~= ARGV[7] and left > 0 then", "if owner ~= ARGV[7] and left > 0 then"),
     ("if owner and owner ~= ARGV[7] and left > 0 then", "if owner and owner ~= ARGV[7] and left > 1 then"),
     (
-        "  return {'leased', tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0'), tostring(left)}",
+        "  return {'leased', tonumber(record.attempts or '0'), tostring(left)}",
         "  return {'leased', 0, tostring(left)}",
     ),
-    (
-        "local n = redis.call('HINCRBY', KEYS[1], 'attempts', 1)",
-        "local n = redis.call('HINCRBY', KEYS[1], 'attempts', 2)",
-    ),
+    ("local left = tonumber(record.lease_until or '0') - now", "local left = tonumber(record.lease_until or '0')"),
+    ("local n = tonumber(record.attempts or '0') + 1", "local n = tonumber(record.attempts or '0') + 2"),
+    ("add(change, 'attempts', tostring(n))", ""),
     ("if n > tonumber(ARGV[1]) then", "if n >= tonumber(ARGV[1]) then"),
-    (
-        "redis.call('HSET', KEYS[1], 'error', ARGV[5], 'finished_at', ARGV[3])",
-        "redis.call('HSET', KEYS[1], 'error', ARGV[5])",
-    ),
-    (
-        "redis.call('HSET', KEYS[1], 'error', ARGV[5], 'finished_at', ARGV[3])",
-        "redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])",
-    ),
-    ("elseif redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then", "elseif false then"),
-    ("  state = 'cancelled'\n  redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])", "  state = 'cancelled'"),
-    (
-        "  redis.call('HSET', KEYS[1], 'started_at', ARGV[3], 'worker', ARGV[4])",
-        "  redis.call('HSET', KEYS[1], 'worker', ARGV[4])",
-    ),
-    (
-        "  redis.call('HSET', KEYS[1], 'started_at', ARGV[3], 'worker', ARGV[4])",
-        "  redis.call('HSET', KEYS[1], 'started_at', ARGV[3])",
-    ),
+    ("add(change, 'error', ARGV[5], 'finished_at', ARGV[3])", "add(change, 'error', ARGV[5])"),
+    ("add(change, 'error', ARGV[5], 'finished_at', ARGV[3])", "add(change, 'finished_at', ARGV[3])"),
+    ("elseif record.cancel_requested == '1' then", "elseif false then"),
+    ("  state = 'cancelled'\n  add(change, 'finished_at', ARGV[3])", "  state = 'cancelled'"),
+    ("  add(change, 'started_at', ARGV[3], 'worker', ARGV[4])", "  add(change, 'worker', ARGV[4])"),
+    ("  add(change, 'started_at', ARGV[3], 'worker', ARGV[4])", "  add(change, 'started_at', ARGV[3])"),
     ("  if ARGV[7] ~= '' then", "  if true then"),
-    ("'lease_until', tostring(clock() + tonumber(ARGV[8])))", "'lease_until', tostring(clock()))"),
+    ("'lease_until', tostring(now + tonumber(ARGV[8])))", "'lease_until', tostring(now))"),
+    ("'lease_until', tostring(now + tonumber(ARGV[8])))", "'lease_until', tostring(now + 2 * tonumber(ARGV[8])))"),
+    ("add(change, 'state', state, 'updated_at', ARGV[3])", "add(change, 'state', state)"),
     (
-        "'lease_until', tostring(clock() + tonumber(ARGV[8])))",
-        "'lease_until', tostring(clock() + 2 * tonumber(ARGV[8])))",
-    ),
-    (
-        "redis.call('HSET', KEYS[1], 'state', state, 'updated_at', ARGV[3])",
-        "redis.call('HSET', KEYS[1], 'state', state)",
-    ),
-    (
-        "redis.call('HSET', KEYS[1], 'state', state, 'updated_at', ARGV[3])\n"
-        "redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))",
-        "redis.call('HSET', KEYS[1], 'state', state, 'updated_at', ARGV[3])",
+        "redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))\n" + _PUBLISH + "\nreturn {state, n, '0'}",
+        _PUBLISH + "\nreturn {state, n, '0'}",
     ),
     (
         "redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))\n" + _PUBLISH + "\nreturn {state, n, '0'}",
@@ -170,8 +137,8 @@ MUTATIONS: list[Mutation | tuple[str, str]] = [  # a pair: a text of tasks/statu
     ("    extended = extended + 1", "    extended = 1"),
     # _RELEASE
     (
-        "if redis.call('HGET', KEYS[1], 'lease_owner') == ARGV[1] then\n  " + _END_LEASE,
-        "if true then\n  " + _END_LEASE,
+        "if redis.call('HGET', KEYS[1], 'lease_owner') == ARGV[1] then\n  " + _RELEASE_LEASE,
+        "if true then\n  " + _RELEASE_LEASE,
     ),
     (
         "  redis.call('HDEL', KEYS[1], 'lease_owner', 'lease_until')\n  return 1",
@@ -184,25 +151,22 @@ MUTATIONS: list[Mutation | tuple[str, str]] = [  # a pair: a text of tasks/statu
     # _CANCEL
     ("if not cur then return '' end\nif rank[cur] == FINISHED then return cur end", "if not cur then return '' end"),
     (
-        "redis.call('HSET', KEYS[1], 'cancel_requested', '1', 'updated_at', ARGV[2])",
-        "redis.call('HSET', KEYS[1], 'updated_at', ARGV[2])",
+        "local change = {'cancel_requested', '1', 'updated_at', ARGV[2]}",
+        "local change = {'updated_at', ARGV[2]}",
     ),
     (
-        "redis.call('HSET', KEYS[1], 'cancel_requested', '1', 'updated_at', ARGV[2])",
-        "redis.call('HSET', KEYS[1], 'cancel_requested', '1')",
+        "local change = {'cancel_requested', '1', 'updated_at', ARGV[2]}",
+        "local change = {'cancel_requested', '1'}",
     ),
     ("if cur == 'queued' or cur == 'retrying' then", "if cur == 'queued' then"),
     ("if cur == 'queued' or cur == 'retrying' then", "if cur == 'retrying' then"),
     ("if cur == 'queued' or cur == 'retrying' then", "if true then"),
     (
-        "  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[2])",
-        "  redis.call('HSET', KEYS[1], 'state', 'cancelled')",
+        "  add(change, 'state', 'cancelled', 'finished_at', ARGV[2])",
+        "  add(change, 'state', 'cancelled')",
     ),
-    ("  cur = 'cancelled'\n  publish", "  publish"),
-    (
-        "  cur = 'cancelled'\n  " + _PUBLISH + "\nend",
-        "  cur = 'cancelled'\nend",
-    ),
+    ("  cur = 'cancelled'\nend", "end"),
+    ("if cur == 'cancelled' then\n  " + _PUBLISH + "\nend\n", ""),
     ("end\nredis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))\nredis.call('PUBLISH'", "end\nredis.call('PUBLISH'"),
     ('redis.call(\'PUBLISH\', \'"""\n    + CANCEL_CHANNEL\n    + """\', ARGV[3])\nreturn cur', "return cur"),
 ]

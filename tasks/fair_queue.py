@@ -15,8 +15,9 @@ count do the rest as before. `release` drops the binding and the job once its ru
 (`VARCO_MAX_QUEUED_PER_TENANT`, `VARCO_MAX_QUEUED`) is checked and the jobs inserted in one Lua step, so
 concurrent submitters never overshoot; a batch goes in whole or not at all.
 
-Redis cost per job: one script call to insert (a batch shares one), one to pick, one to release, on top of
-the ticket's Celery message (what each job's own message cost before).
+Redis cost per job: one script call to insert (a batch shares one), one to pick, two commands to release, on top of
+the ticket's Celery message (what each job's own message cost before); the commands each runs are
+accounted for in docs/redis.md#cost-per-job.
 """
 
 from __future__ import annotations
@@ -41,9 +42,8 @@ ACTIVE_TENANTS = "{prefix}:{q}:active"  # ZSET tenant -> pass, tenants with queu
 IDLE_PASSES = "{prefix}:{q}:pass"  # HASH tenant -> pass it had when its queue ran empty
 VIRTUAL_TIME = "{prefix}:{q}:vt"  # the pass of the last job picked: where a tenant joins an empty queue
 PICKED = "{prefix}:{q}:picked"  # HASH ticket id -> job id, from pick to release
-JOB = "{prefix}:job:{job_id}"  # global HASH: body (the task's args as JSON), queue, tenant, deadline_at, ticket
+JOB = "{prefix}:job:{job_id}"  # global HASH: body (the task's args as JSON), queue, tenant, deadline_at
 DEPTH = "{prefix}:depth"  # global HASH tenant -> queued jobs, every queue together
-TOTAL = "{prefix}:total"  # global counter: queued jobs, every tenant and queue
 SEQUENCE = "{prefix}:seq"  # global counter: submission order
 SHED = "{prefix}:shed"  # global HASH tenant -> jobs refused by the limits, ever (a counter for /metrics)
 
@@ -75,9 +75,12 @@ if per_tenant > 0 then
     if d + adds[t] > per_tenant then shed(); return {'tenant', t, per_tenant, d} end
   end
 end
-local total = tonumber(redis.call('GET', p .. ':total') or '0')
-if in_all > 0 and total + n > in_all then shed(); return {'total', '', in_all, total} end
-local now = clock()
+if in_all > 0 then
+  local total = 0  -- summed from the per-tenant counts: a total counter would cost 2 more commands a job
+  for _, d in ipairs(redis.call('HVALS', p .. ':depth')) do total = total + tonumber(d) end
+  if total + n > in_all then shed(); return {'total', '', in_all, total} end
+end
+local now  -- the clock is read only for a job with a deadline
 for i = 4, #ARGV, 6 do
   local job, q, t, lane, deadline, body = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
   local seq = redis.call('INCR', p .. ':seq')
@@ -89,53 +92,57 @@ for i = 4, #ARGV, 6 do
     local own = tonumber(redis.call('HGET', p .. ':' .. q .. ':pass', t) or base)
     redis.call('ZADD', active, tostring(math.max(base, own)), t)
   end
-  local jk = p .. ':job:' .. job
-  redis.call('HSET', jk, 'body', body, 'queue', q, 'tenant', t)
-  if deadline ~= '' then redis.call('HSET', jk, 'deadline_at', tostring(now + tonumber(deadline))) end
+  if deadline == '' then
+    redis.call('HSET', p .. ':job:' .. job, 'body', body, 'queue', q, 'tenant', t)
+  else
+    now = now or clock()
+    redis.call('HSET', p .. ':job:' .. job, 'body', body, 'queue', q, 'tenant', t, 'deadline_at',
+               tostring(now + tonumber(deadline)))
+  end
 end
 for _, t in ipairs(order) do redis.call('HINCRBY', p .. ':depth', t, adds[t]) end
-redis.call('INCRBY', p .. ':total', n)
 return {'ok'}
 """
 )
 
 # ARGV: prefix, queue, ticket id, then tenant/weight pairs. Returns {job id, body, tenant, expired (0|1), tenants
-# still waiting (-1: not a new pick)}, or {} when the queue is empty. A ticket that already holds a job gets it again.
+# still waiting, counted up to 2 (-1: not a new pick)}, or {} when the queue is empty. A ticket that already holds
+# a job gets it again.
 _PICK = (
     _CLOCK
     + """
 local p, q, ticket = ARGV[1], ARGV[2], ARGV[3]
 local picked = p .. ':' .. q .. ':picked'
-local now = clock()
-local function expired(jk)
-  local deadline = redis.call('HGET', jk, 'deadline_at')
-  if deadline and now > tonumber(deadline) then return 1 end
+local now  -- the clock is read only for a job with a deadline
+local function expired(deadline)
+  if not deadline then return 0 end
+  now = now or clock()
+  if now > tonumber(deadline) then return 1 end
   return 0
 end
 local bound = redis.call('HGET', picked, ticket)
 if bound then
-  local jk = p .. ':job:' .. bound
-  local body = redis.call('HGET', jk, 'body')
-  if body then return {bound, body, redis.call('HGET', jk, 'tenant'), expired(jk), -1} end
+  local f = redis.call('HMGET', p .. ':job:' .. bound, 'body', 'tenant', 'deadline_at')
+  if f[1] then return {bound, f[1], f[2], expired(f[3]), -1} end
   redis.call('HDEL', picked, ticket)
 end
 local weights = {}
 for i = 4, #ARGV, 2 do weights[ARGV[i]] = tonumber(ARGV[i + 1]) end
 local active = p .. ':' .. q .. ':active'
 while true do
-  local top = redis.call('ZRANGE', active, 0, 0, 'WITHSCORES')
+  -- The lowest pass wins; the next two only say whether tenants compete (the `waiting` count, up to 2).
+  local top = redis.call('ZRANGE', active, 0, 2, 'WITHSCORES')
   if #top == 0 then return {} end
-  local t, pass = top[1], tonumber(top[2])
+  local t, pass, waiting = top[1], tonumber(top[2]), math.min(#top / 2, 2)
   local tq = p .. ':' .. q .. ':t:' .. t
   local job = redis.call('ZPOPMIN', tq)[1]
-  local jk = job and (p .. ':job:' .. job)
-  local body = jk and redis.call('HGET', jk, 'body')
+  local f = job and redis.call('HMGET', p .. ':job:' .. job, 'body', 'deadline_at')
+  local body = f and f[1]
   local late = 0
   local next_pass = pass
   if body then
-    late = expired(jk)
+    late = expired(f[2])
     if redis.call('HINCRBY', p .. ':depth', t, -1) <= 0 then redis.call('HDEL', p .. ':depth', t) end
-    redis.call('DECR', p .. ':total')
     -- An expired job uses no GPU slot: it does not count against its tenant's share.
     if late == 0 then
       next_pass = pass + 1 / (weights[t] or 1)
@@ -145,42 +152,30 @@ while true do
   if redis.call('ZCARD', tq) == 0 then
     redis.call('ZREM', active, t)
     redis.call('HSET', p .. ':' .. q .. ':pass', t, tostring(next_pass))
+    if #top < 6 then waiting = waiting - 1 end  -- with 3 or more before, 2 or more are left
   else
     redis.call('ZADD', active, tostring(next_pass), t)
   end
   if body then
     redis.call('HSET', picked, ticket, job)
-    redis.call('HSET', jk, 'ticket', ticket)
-    return {job, body, t, late, redis.call('ZCARD', active)}
+    return {job, body, t, late, waiting}
   end
 end
 """
 )
 
-# ARGV: prefix, queue, ticket id. The ticket's run has ended: forget the binding and the job. 1 if it held one.
-_RELEASE = """
-local picked = ARGV[1] .. ':' .. ARGV[2] .. ':picked'
-local job = redis.call('HGET', picked, ARGV[3])
-if not job then return 0 end
-redis.call('HDEL', picked, ARGV[3])
-redis.call('DEL', ARGV[1] .. ':job:' .. job)
-return 1
-"""
-
 # ARGV: prefix, job id. Takes a job that no ticket has picked yet off its tenant's queue (a cancel). Returns
-# 1 if it did, 0 if the job is not there, -1 if a ticket has picked it (its worker decides).
+# 1 if it did, 0 if the job is not there, -1 if a ticket has picked it (its worker decides): a job whose hash
+# lives but is off its tenant's queue, since a pick takes it off and binds it in one step.
 _REVOKE = """
 local p, job = ARGV[1], ARGV[2]
 local jk = p .. ':job:' .. job
-local fields = redis.call('HMGET', jk, 'queue', 'tenant', 'ticket')
-local q, t, ticket = fields[1], fields[2], fields[3]
+local fields = redis.call('HMGET', jk, 'queue', 'tenant')
+local q, t = fields[1], fields[2]
 if not q or not t then return 0 end
-if ticket then return -1 end
 local tq = p .. ':' .. q .. ':t:' .. t
-if redis.call('ZREM', tq, job) == 1 then
-  if redis.call('HINCRBY', p .. ':depth', t, -1) <= 0 then redis.call('HDEL', p .. ':depth', t) end
-  redis.call('DECR', p .. ':total')
-end
+if redis.call('ZREM', tq, job) == 0 then return -1 end
+if redis.call('HINCRBY', p .. ':depth', t, -1) <= 0 then redis.call('HDEL', p .. ':depth', t) end
 if redis.call('ZCARD', tq) == 0 then
   local active = p .. ':' .. q .. ':active'
   local pass = redis.call('ZSCORE', active, t)
@@ -220,7 +215,7 @@ class QueuedJob:
 @dataclass(frozen=True)
 class Picked:
     """The job a ticket picked: its id, tenant, message body, whether its deadline had passed, and how many
-    tenants had queued jobs after the pick (-1: the ticket held this job already)."""
+    tenants had queued jobs after the pick, counted up to 2 (-1: the ticket held this job already)."""
 
     job_id: str
     tenant: str
@@ -245,7 +240,6 @@ class FairQueue:
         self._weights = [str(x) for pair in (weights or {}).items() for x in pair]
         self._insert = client.register_script(_INSERT)
         self._pick = client.register_script(_PICK)
-        self._release = client.register_script(_RELEASE)
         self._revoke = client.register_script(_REVOKE)
 
     def insert(self, jobs: Sequence[QueuedJob], *, max_per_tenant: int = 0, max_queued: int = 0) -> None:
@@ -270,9 +264,16 @@ class FairQueue:
         job_id, body, tenant, expired, waiting = found
         return Picked(job_id, tenant, json.loads(body), bool(int(expired)), int(waiting))
 
-    def release(self, queue: str, ticket_id: str) -> bool:
-        """The ticket's run has ended (not handed to a retry): forget its job."""
-        return bool(self._release(args=[self.prefix, queue, ticket_id]))
+    def release(self, queue: str, ticket_id: str, job_id: str) -> bool:
+        """The run of `job_id`, which `pick` gave this ticket, has ended (not handed to a retry): forget the
+        binding and the job; True if the ticket held it. Two commands in one write, no script and no read: the
+        caller knows the job. Cut off between them, the job's hash stays behind, marked picked (revoke says
+        so), never queued again."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hdel(f"{self.prefix}:{queue}:picked", ticket_id)
+            pipe.delete(f"{self.prefix}:job:{job_id}")
+            unbound, _ = pipe.execute()
+        return bool(unbound)
 
     def revoke(self, job_id: str) -> bool:
         """Take a job that no worker has picked off its queue (a cancel, or a ticket that was never sent).
@@ -288,10 +289,14 @@ class FairQueue:
                 pipe.exists(JOB.format(prefix=self.prefix, job_id=job_id))
             return [bool(n) for n in pipe.execute()]
 
+    def picked_by(self, queue: str, job_id: str) -> str | None:
+        """The ticket that picked `job_id` and has not released it yet (for tests and tools: reads every binding)."""
+        return next((t for t, j in self.redis.hgetall(f"{self.prefix}:{queue}:picked").items() if j == job_id), None)
+
     def depth(self, tenant: str | None = None) -> int:
         """Jobs queued and not yet picked: one tenant's, or everyone's."""
         if tenant is None:
-            return int(self.redis.get(f"{self.prefix}:total") or 0)
+            return sum(int(n) for n in self.redis.hvals(f"{self.prefix}:depth"))
         return int(self.redis.hget(f"{self.prefix}:depth", tenant) or 0)
 
     def depths(self) -> dict[str, int]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -47,36 +48,67 @@ _RANKS = (
 _COMMON = (
     _RANKS
     + """
-local function publish(key, channel)
+local function read(key)
   local flat = redis.call('HGETALL', key)
   local record = {}
   for i = 1, #flat, 2 do record[flat[i]] = flat[i + 1] end
+  return record
+end
+local function add(list, ...)
+  for _, v in ipairs({...}) do table.insert(list, v) end
+end
+-- Writes field/value pairs to the record, in Redis (one HSET) and in the table the event is made from.
+local function set(key, record, pairs)
+  for i = 1, #pairs, 2 do record[pairs[i]] = pairs[i + 1] end
+  redis.call('HSET', key, unpack(pairs))
+end
+-- Removes those of the fields the record has (one HDEL, none when it has none).
+local function drop(key, record, names)
+  local gone = {}
+  for _, name in ipairs(names) do
+    if record[name] then
+      record[name] = nil
+      table.insert(gone, name)
+    end
+  end
+  if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
+end
+-- The record as it now is, from the table the script read and changed: no second read.
+local function publish(record, channel)
   redis.call('PUBLISH', channel, cjson.encode(record))
 end
 """
 )
+
+# Each script reads the record once (HGETALL), writes its changes in one HSET (and at most one HDEL), sets the
+# TTL and publishes the record it holds: 5 commands and the script call (docs/redis.md#cost-per-job).
 
 # KEYS[1] record; ARGV: new state, ttl, now, recreate ('1': a terminal move makes a missing record anew from
 # the fields, which then carry job_id and task), then field/value pairs. Returns {changed, state}.
 _TRANSITION = (
     _COMMON
     + """
-local cur = redis.call('HGET', KEYS[1], 'state')
+local record = read(KEYS[1])
+local cur = record.state
+local change = {}
 if not cur then
   if ARGV[4] ~= '1' or rank[ARGV[1]] ~= FINISHED then return {0, ''} end
-  redis.call('HSET', KEYS[1], 'created_at', ARGV[3], 'recreated', '1')
+  add(change, 'created_at', ARGV[3], 'recreated', '1')
   cur = 'queued'
 end
 if rank[cur] == FINISHED or rank[ARGV[1]] < rank[cur] then return {0, cur} end
-redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at', ARGV[3])
-for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-if ARGV[1] == 'succeeded' then redis.call('HDEL', KEYS[1], 'error') end
+add(change, 'state', ARGV[1], 'updated_at', ARGV[3])
+for i = 5, #ARGV, 2 do add(change, ARGV[i], ARGV[i + 1]) end
+local gone = {}
+if ARGV[1] == 'succeeded' then add(gone, 'error') end
 if rank[ARGV[1]] == FINISHED then
-  redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
-  redis.call('HDEL', KEYS[1], 'lease_owner', 'lease_until')
+  add(change, 'finished_at', ARGV[3])
+  add(gone, 'lease_owner', 'lease_until')
 end
+set(KEYS[1], record, change)
+drop(KEYS[1], record, gone)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
-publish(KEYS[1], '"""
+publish(record, '"""
     + EVENTS_CHANNEL
     + """')
 return {1, ARGV[1]}
@@ -91,34 +123,39 @@ _BEGIN = (
     _COMMON
     + LUA_CLOCK
     + """
-local cur = redis.call('HGET', KEYS[1], 'state')
+local record = read(KEYS[1])
+local cur = record.state
+local change = {}
 if not cur then
-  redis.call('HSET', KEYS[1], 'job_id', ARGV[6], 'state', 'queued', 'created_at', ARGV[3])
+  add(change, 'job_id', ARGV[6], 'state', 'queued', 'created_at', ARGV[3])
   cur = 'queued'
 end
-if rank[cur] == FINISHED then return {cur, tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0'), '0'} end
-local owner = redis.call('HGET', KEYS[1], 'lease_owner')
-local left = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0') - clock()
+if rank[cur] == FINISHED then return {cur, tonumber(record.attempts or '0'), '0'} end
+local now = clock()
+local owner = record.lease_owner
+local left = tonumber(record.lease_until or '0') - now
 if owner and owner ~= ARGV[7] and left > 0 then
-  return {'leased', tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0'), tostring(left)}
+  return {'leased', tonumber(record.attempts or '0'), tostring(left)}
 end
-local n = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local n = tonumber(record.attempts or '0') + 1
+add(change, 'attempts', tostring(n))
 local state = 'started'
 if n > tonumber(ARGV[1]) then
   state = 'failed'
-  redis.call('HSET', KEYS[1], 'error', ARGV[5], 'finished_at', ARGV[3])
-elseif redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
+  add(change, 'error', ARGV[5], 'finished_at', ARGV[3])
+elseif record.cancel_requested == '1' then
   state = 'cancelled'
-  redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
+  add(change, 'finished_at', ARGV[3])
 else
-  redis.call('HSET', KEYS[1], 'started_at', ARGV[3], 'worker', ARGV[4])
+  add(change, 'started_at', ARGV[3], 'worker', ARGV[4])
   if ARGV[7] ~= '' then
-    redis.call('HSET', KEYS[1], 'lease_owner', ARGV[7], 'lease_until', tostring(clock() + tonumber(ARGV[8])))
+    add(change, 'lease_owner', ARGV[7], 'lease_until', tostring(now + tonumber(ARGV[8])))
   end
 end
-redis.call('HSET', KEYS[1], 'state', state, 'updated_at', ARGV[3])
+add(change, 'state', state, 'updated_at', ARGV[3])
+set(KEYS[1], record, change)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
-publish(KEYS[1], '"""
+publish(record, '"""
     + EVENTS_CHANNEL
     + """')
 return {state, n, '0'}
@@ -158,14 +195,18 @@ return 0
 _CANCEL = (
     _COMMON
     + """
-local cur = redis.call('HGET', KEYS[1], 'state')
+local record = read(KEYS[1])
+local cur = record.state
 if not cur then return '' end
 if rank[cur] == FINISHED then return cur end
-redis.call('HSET', KEYS[1], 'cancel_requested', '1', 'updated_at', ARGV[2])
+local change = {'cancel_requested', '1', 'updated_at', ARGV[2]}
 if cur == 'queued' or cur == 'retrying' then
-  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[2])
+  add(change, 'state', 'cancelled', 'finished_at', ARGV[2])
   cur = 'cancelled'
-  publish(KEYS[1], '"""
+end
+set(KEYS[1], record, change)
+if cur == 'cancelled' then
+  publish(record, '"""
     + EVENTS_CHANNEL
     + """')
 end
@@ -235,6 +276,7 @@ class StatusStore:
         self._cancel = client.register_script(_CANCEL)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._ended = threading.local()  # the job this thread last moved to a terminal state, since its last claim
 
     def key(self, job_id: str) -> str:
         return keys.job(job_id)
@@ -246,7 +288,9 @@ class StatusStore:
                   "created_at": now, "updated_at": now, **fields}  # fmt: skip
         if owner:
             record["owner"] = owner
-        with self.redis.pipeline() as pipe:
+        # Not a MULTI (2 commands saved): the two go out in one write, and a submit that fails in between
+        # deletes the record again (`Client._forget`).
+        with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(self.key(job_id), mapping=record)
             pipe.expire(self.key(job_id), self.ttl)
             pipe.execute()
@@ -296,7 +340,14 @@ class StatusStore:
         for name, value in fields.items():
             args += [name, value]
         changed, _ = self._transition(keys=[self.key(job_id)], args=args)
+        if changed and state.finished:
+            self._ended.job_id = job_id
         return bool(changed)
+
+    def lease_ended_here(self, job_id: str) -> bool:
+        """Whether this thread, since its last `claim`, moved `job_id` to a terminal state: that step deleted the
+        job's lease, so there is none left to release."""
+        return getattr(self._ended, "job_id", None) == job_id
 
     def begin_attempt(self, job_id: str, worker: str, max_attempts: int) -> tuple[JobState, int]:
         """Count a delivery without a lease (see `claim`)."""
@@ -307,6 +358,7 @@ class StatusStore:
     def claim(self, job_id: str, worker: str, max_attempts: int, token: str, lease_s: float) -> Claim:
         """Count this delivery and start the job under `token`'s lease (`lease_s` long), unless another lease
         still lives. An empty token counts the delivery without taking a lease (`begin_attempt`)."""
+        self._ended.job_id = None  # a new run of this thread: its lease is not ended yet
         poison = ErrorInfo(
             type="PoisonMessageError",
             message=f"job was delivered more than {max_attempts} times without finishing "
@@ -343,8 +395,8 @@ class StatusStore:
 
     def mark_terminal_webhook(self, job_id: str) -> None:
         """Note that the job's terminal webhook was queued (or not wanted). The TTL is set again with it, so
-        a record that expired meanwhile leaves no hash without one."""
-        with self.redis.pipeline() as pipe:
+        a record that expired meanwhile leaves no hash without one (the two go out in one write: no MULTI)."""
+        with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(self.key(job_id), TERMINAL_WEBHOOK_FIELD, "1")
             pipe.expire(self.key(job_id), self.ttl)
             pipe.execute()

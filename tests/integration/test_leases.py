@@ -22,7 +22,7 @@ from conftest import CAT, RESULTS_BUCKET, running_worker, wait_for_state
 from test_crash_recovery import children_of
 
 from varco.producer import Client
-from varco.tasks.celery_app import create_app
+from varco.tasks.celery_app import INFER_QUEUE, create_app
 from varco.tasks.schemas import ErrorInfo, JobState
 from varco.tasks.settings import settings_from_env
 from varco.workers.devtools.local_redis import LocalRedis, start_redis
@@ -164,7 +164,7 @@ def test_a_copy_delivered_while_the_job_runs_waits_and_is_neither_run_nor_counte
     # As if its heartbeat had come late: kombu's own restore puts the running job's message back in the queue.
     with create_app(settings_from_env(lease_env)).connection_for_write() as connection:
         channel = connection.default_channel
-        ticket = lease_client.redis.hget(f"varco:fair:job:{job_id}", "ticket")  # the message that picked the job
+        ticket = lease_client.fair.picked_by(INFER_QUEUE, job_id)  # the message that picked the job
         tags = [tag for tag, raw in lease_client.redis.hgetall("unacked").items()
                 if json.loads(raw)[0]["headers"]["id"] == ticket]  # fmt: skip
         assert len(tags) == 1

@@ -80,6 +80,18 @@ def test_priority_orders_jobs_within_a_tenant_then_submission_order(client: redi
     assert order == ["high", "mid-1", "mid-2", "low"]
 
 
+def test_a_pick_says_whether_other_tenants_still_wait_counted_up_to_two(client: redis.Redis) -> None:
+    fq = FairQueue(client)
+    for tenant in "ABCD":
+        fill(fq, tenant, 1)
+    fill(fq, "E", 2)
+    waiting = []
+    while (picked := fq.pick(Q, f"t-{len(waiting)}")) is not None:
+        waiting.append(picked.waiting)
+    # Five tenants, each pick but E's first empties one: 4, 3, 2, 1 left (shown as 2 at most), then E's last.
+    assert waiting == [2, 2, 2, 1, 1, 0]
+
+
 def test_priority_does_not_cross_tenants(client: redis.Redis) -> None:
     fq = FairQueue(client)
     fill(fq, "A", 10, priority=9)
@@ -97,7 +109,7 @@ def test_a_ticket_delivered_again_gets_the_same_job_until_released(client: redis
     assert first.task_args == (("A-0", {"image_uri": "file:///x.png", "task": "caption"}),
                                {"enqueued_at": "2026-01-01T00:00:00+00:00"})  # fmt: skip
     assert fq.depth("A") == 2
-    assert fq.release(Q, "t1") and not fq.release(Q, "t1")
+    assert fq.release(Q, "t1", first.job_id) and not fq.release(Q, "t1", first.job_id)
     after = fq.pick(Q, "t1")  # a ticket whose job ended (acked late) takes the next job: nothing runs twice
     assert after is not None and after.job_id == "A-1"
     assert not client.exists("varco:fair:job:A-0")

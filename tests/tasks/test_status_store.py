@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
@@ -138,6 +139,25 @@ def test_the_terminal_transition_ends_the_lease_and_clears_the_error(store: Stat
     record = store.record("s")
     assert "error" not in record and "lease_owner" not in record and "lease_until" not in record
     assert store.get("s").error is None
+
+
+def test_a_thread_knows_its_terminal_transition_ended_the_lease_until_its_next_claim(store: StatusStore) -> None:
+    # LeaseKeeper skips the release (2 Redis commands) only when this says the lease is gone already.
+    store.create("le", "ocr")
+    store.claim("le", "w", 3, token="t1", lease_s=30)
+    assert not store.lease_ended_here("le")
+    store.transition("le", JobState.RETRYING)  # not terminal: the lease stays, a release is needed
+    assert not store.lease_ended_here("le") and store.record("le")["lease_owner"] == "t1"
+    other: list[bool] = []
+    assert store.transition("le", JobState.SUCCEEDED, result_uri="s3://b/le.json")
+    thread = threading.Thread(target=lambda: other.append(store.lease_ended_here("le")))
+    thread.start()
+    thread.join()
+    assert store.lease_ended_here("le") and other == [False] and "lease_owner" not in store.record("le")
+    assert not store.transition("le", JobState.FAILED) and store.lease_ended_here("le")
+    store.create("le", "ocr")  # the same thread runs a new delivery of it: a new lease, not ended
+    store.claim("le", "w", 3, token="t2", lease_s=30)
+    assert not store.lease_ended_here("le")
 
 
 def test_a_vanished_record_is_recreated_only_by_a_terminal_transition_that_asks(store: StatusStore) -> None:

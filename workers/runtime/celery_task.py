@@ -39,8 +39,8 @@ def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> 
             if (taken := rt.fair.take(ticket)) is not None:
                 late = rt.fair.deadline_error(taken) if taken.late else None
                 run_message(self, rt, taken.args, taken.kwargs, late)
-            rt.fair.release(ticket)  # the run ended; a Retry raised above keeps the ticket's job
-            return
+                rt.fair.release(ticket, taken)  # the run ended; a Retry raised above keeps the ticket's job
+            return  # a ticket that took nothing holds nothing to release
         run_message(self, rt, args, kwargs)  # a job message of the format before tickets
 
     def run_message(

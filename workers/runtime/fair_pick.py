@@ -112,11 +112,11 @@ class FairPicker:
         log.info("job %s of tenant %s: its deadline passed before it started; not run", taken.job_id, taken.tenant)
         return DeadlineExceeded("the job did not start before its deadline (deadline_s after submission)")
 
-    def release(self, ticket: Ticket) -> None:
-        """The ticket's run has ended: its job leaves the fair queue. Never raises (a lost release leaves a
-        small binding behind; the job itself has ended)."""
+    def release(self, ticket: Ticket, taken: Taken) -> None:
+        """The run of the job the ticket took has ended: the job leaves the fair queue. Never raises (a lost
+        release leaves a small binding behind; the job itself has ended)."""
         try:
-            self.queue.release(ticket.queue, ticket.ticket_id)
+            self.queue.release(ticket.queue, ticket.ticket_id, taken.job_id)
         except redis.RedisError as exc:
             log.warning("could not release ticket %s (%r)", ticket.ticket_id, exc)
 

@@ -72,6 +72,8 @@ class LeaseKeeper:
             if held is None or held.thread != threading.get_ident():
                 return
             del self._held[job_id]
+        if self.statuses.lease_ended_here(job_id):
+            return  # this run's terminal transition deleted the lease in the same step: 2 Redis commands saved
         try:
             self.statuses.release_lease(job_id, held.token)
         except redis.RedisError as exc:  # it lapses by itself within lease_s

@@ -160,7 +160,7 @@ def test_an_undecodable_message_fails_its_job(bound, delivered) -> None:
 
 
 class FakeFair:
-    """The fair queue's worker side, faked: one ticket runs the job it is given; every ticket is released."""
+    """The fair queue's worker side, faked: one ticket runs the job it is given, then is released with it."""
 
     def __init__(self, taken: Any) -> None:
         self.taken, self.released, self.late = taken, [], DeadlineExceeded("not started within 5s")
@@ -168,8 +168,8 @@ class FakeFair:
     def take(self, ticket: Any) -> Any:
         return self.taken
 
-    def release(self, ticket: Any) -> None:
-        self.released.append(ticket.ticket_id)
+    def release(self, ticket: Any, taken: Any) -> None:
+        self.released.append((ticket.ticket_id, taken.job_id))
 
     def deadline_error(self, taken: Any) -> DeadlineExceeded:
         return self.late
@@ -190,10 +190,10 @@ def test_a_ticket_runs_the_job_the_fair_queue_picks_then_is_released(bound, deli
     [call] = delivered
     assert call["job_id"] == JOB and call["message"] == InferMessage(JOB, REQUEST, "2026-12-01T00:00:00+00:00")
     assert call["late"] is (runtime.fair.late if late else None)
-    assert runtime.fair.released == [ticket_id]
+    assert runtime.fair.released == [(ticket_id, JOB)]
 
 
-def test_a_ticket_whose_job_is_gone_runs_nothing_and_is_released(bound, delivered) -> None:
+def test_a_ticket_whose_job_is_gone_runs_nothing_and_releases_nothing(bound, delivered) -> None:
     statuses = bound[2]
     runtime = SimpleNamespace(statuses=statuses, fair=FakeFair(None))
     ticketed = register_inference_task(create_app(Settings(broker_url="redis://127.0.0.1:1/0")), lambda: runtime)  # type: ignore[arg-type]
@@ -202,4 +202,4 @@ def test_a_ticket_whose_job_is_gone_runs_nothing_and_is_released(bound, delivere
         ticketed.run(**ticket_kwargs("varco"))
     finally:
         ticketed.pop_request()
-    assert delivered == [] and runtime.fair.released == ["e" * 32]
+    assert delivered == [] and runtime.fair.released == []  # it took no job, so it holds none (no Redis call)

@@ -16,7 +16,7 @@ from varco.tasks.settings import Settings
 from varco.tasks.status import StatusStore
 from varco.workers import metrics
 from varco.workers.runtime import fair_pick
-from varco.workers.runtime.fair_pick import FairPicker, Ticket, TicketRefill, ticket_of
+from varco.workers.runtime.fair_pick import FairPicker, Taken, Ticket, TicketRefill, ticket_of
 
 REQUEST = {"image_uri": "file:///x.png", "task": "caption", "tenant": "teamA"}
 
@@ -59,7 +59,7 @@ def test_take_gives_the_jobs_message_arguments_and_counts_the_pick(client, statu
     assert sample("picks", tenant="teamA") == before + 1
     assert picker.take(Ticket("varco", "t1")) == taken  # delivered again: the same job (counted once)
     assert sample("picks", tenant="teamA") == before + 1
-    picker.release(Ticket("varco", "t1"))
+    picker.release(Ticket("varco", "t1"), taken)
     assert picker.take(Ticket("varco", "t1")) is None  # its job has ended; nothing else is queued
 
 
@@ -82,7 +82,7 @@ def test_a_job_past_its_deadline_is_late_only_while_it_never_started(client, sta
 
 def test_a_release_that_cannot_reach_redis_does_not_raise(statuses: StatusStore) -> None:
     dead = redis.Redis(port=1, socket_connect_timeout=0.2)
-    FairPicker(dead, statuses, {}).release(Ticket("varco", "t1"))
+    FairPicker(dead, statuses, {}).release(Ticket("varco", "t1"), Taken("j1", "teamA", (), {}, False))
 
 
 def test_jobs_left_without_a_ticket_get_one_after_two_checks(client, statuses: StatusStore, module_redis) -> None:
