@@ -115,6 +115,11 @@ def amqp_conf(queues: list[str]) -> dict[str, Any]:
         # retry (tasks/connections.PUBLISH_RETRY_POLICY) tries again (celery#9149: without confirms, a message
         # published on a closed channel is lost without an error).
         "broker_transport_options": {"confirm_publish": True},
+        # RabbitMQ closes a channel that holds a message unacked past its consumer_timeout (30 min by default):
+        # the consumer reconnects instead of the worker dying of it, and the task that outlived the timeout
+        # runs on (its ack then fails; the message, delivered again, finds the run's live lease and waits).
+        "broker_channel_error_retry": True,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         # A failover list: the next URL after a lost connection, in order.
         "broker_failover_strategy": "round-robin",
         "task_default_priority": None,

@@ -125,8 +125,11 @@ def test_a_job_longer_than_the_consumer_timeout_runs_once(
     rabbit_client: Client, node, http_files, rabbit: LocalRabbitMQ
 ) -> None:
     job_id = rabbit_client.submit(http_files.add("/rabbit-slow.png", MEDIUM), "caption", max_new_tokens=2000)
+    wait_for_state(rabbit_client, job_id, {"started"}, timeout=120)
+    child = inference_child(node)
     [status] = rabbit_client.wait(job_id, timeout=180)
     assert status.state.value == "succeeded" and status.attempts == 1, status
+    assert inference_child(node) == child  # the worker outlived its closed channel too
     assert rabbit_client.result(job_id).output.text == "b" * 1500
     # It did outlive the timeout (else this test proves nothing): RabbitMQ closed the channel holding it.
     assert (status.finished_at - status.started_at).total_seconds() > (CONSUMER_TIMEOUT_MS + CHANNEL_TICK_MS) / 1000

@@ -184,7 +184,7 @@ def run(gpus: str, queues: str, callbacks: bool = True, concurrency: int | None 
         log.error("this node cannot start: %s; giving up", exc)
         return 1
     with redis_client(settings, timeout_s=PROBE_TIMEOUT_S, retries=0) as probe:
-        log_broker_persistence(probe, describe(settings.broker_url))
+        log_broker_persistence(probe, describe(settings.status_redis_url))  # the Redis of status records
     state_dir = Path(tempfile.mkdtemp(prefix="varco-node-"))
     try:
         children = plan_children(gpus, queues, callbacks, concurrency, state_dir)
