@@ -65,13 +65,15 @@ def dead_letter_queue() -> Queue:
                  queue_arguments={"x-queue-type": "quorum"})  # fmt: skip
 
 
-def declare_dead_letter_queue(connection: Connection) -> None:
-    """Declare the dead-letter queue (workers do at start: only a delivery can dead-letter a message).
-    Raises what kombu raises when the broker cannot be reached after a few tries."""
+def declare_queues(connection: Connection, queues: list[Queue]) -> None:
+    """Declare the dead-letter queue and every queue of the app (workers do at start): only a delivery can
+    dead-letter a message, and native delayed delivery binds every app queue, the webhook queue of a node
+    without callbacks too. Raises what kombu raises when the broker cannot be reached after a few tries."""
     with connection:
         connection.ensure_connection(max_retries=3)
         with connection.channel() as channel:
-            dead_letter_queue()(channel).declare()
+            for queue in [dead_letter_queue(), *queues]:
+                queue(channel).declare()
 
 
 class AmqpQueueDepth:

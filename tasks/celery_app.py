@@ -15,7 +15,7 @@ import redis
 from celery import Celery
 from kombu import Queue
 
-from varco.tasks.brokers import BROKER_ERRORS, AmqpQueueDepth, amqp_conf, declare_dead_letter_queue, is_amqp
+from varco.tasks.brokers import BROKER_ERRORS, AmqpQueueDepth, amqp_conf, declare_queues, is_amqp
 from varco.tasks.connections import PUBLISH_RETRY_POLICY, broker_transport_options
 from varco.tasks.keys import CALLBACK_QUEUE, DEAD_LETTER_QUEUE, INFER_QUEUE, queue_lane
 from varco.tasks.prompts import TaskType
@@ -100,15 +100,15 @@ def queue_depth(client: redis.Redis, queue: str = INFER_QUEUE) -> int:
 
 
 def prepare_broker(app: Celery) -> None:
-    """What a worker sets up on its broker before it consumes: RabbitMQ's dead-letter queue (Celery declares
-    the job and webhook queues, and native delayed delivery's, itself). Never raises: a worker that cannot
-    reach the broker yet waits for it in Celery, and declares this again at its next start."""
+    """What a worker sets up on its broker before it consumes: on RabbitMQ, the dead-letter queue and every
+    queue of the app. Never raises: a worker that cannot reach the broker yet waits for it in Celery (which
+    declares the queues it consumes), and declares the rest again at its next start."""
     if not is_amqp(app.conf.broker_url):
         return
     try:
-        declare_dead_letter_queue(app.connection_for_write())
+        declare_queues(app.connection_for_write(), list(app.conf.task_queues))
     except (OSError, *BROKER_ERRORS) as exc:
-        log.warning("could not declare the dead-letter queue %s (%r)", DEAD_LETTER_QUEUE, exc)
+        log.warning("could not declare the queues and %s (%r)", DEAD_LETTER_QUEUE, exc)
 
 
 def depth_reader(app: Celery, client: redis.Redis) -> Callable[[str], int]:

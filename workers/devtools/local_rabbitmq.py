@@ -9,13 +9,16 @@ test meet the delivery-acknowledgement timeout in seconds: RabbitMQ 3.10 checks 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import amqp
 
@@ -95,17 +98,19 @@ def start_rabbitmq(
     *,
     consumer_timeout_ms: int | None = None,
     channel_tick_ms: int | None = None,
+    cookie: str | None = None,
     timeout_s: float = 60.0,
 ) -> LocalRabbitMQ:
-    """One RabbitMQ node on a free loopback port, its state under `workdir` (guest/guest, vhost /)."""
+    """One RabbitMQ node on a free loopback port, its state under `workdir` (guest/guest, vhost /). Nodes
+    of one cluster share a `cookie`."""
     port, dist_port = free_port(), free_port()
     nodename = f"varco-{port}@localhost"
     home = workdir / f"node-{port}"
     for sub in ("log", "mnesia"):
         (home / sub).mkdir(parents=True)
-    cookie = home / ".erlang.cookie"
-    cookie.write_text(secrets.token_hex(16))
-    cookie.chmod(0o400)
+    cookie_file = home / ".erlang.cookie"
+    cookie_file.write_text(cookie or secrets.token_hex(16))
+    cookie_file.chmod(0o400)
     config = home / "rabbitmq.conf"
     lines = [f"listeners.tcp.default = 127.0.0.1:{port}", "loopback_users = none"]
     if consumer_timeout_ms is not None:
@@ -132,9 +137,9 @@ def start_rabbitmq(
         "ERL_CRASH_DUMP": str(home / "erl_crash.dump"),
     }
     # Its own session: kill() takes the Erlang VM down with the script that started it.
-    output = (home / "log" / "console.log").open("wb")
-    process = subprocess.Popen([_script("rabbitmq-server")], env=env, stdout=output, stderr=subprocess.STDOUT,
-                               start_new_session=True)  # fmt: skip
+    with (home / "log" / "console.log").open("wb") as output:
+        process = subprocess.Popen([_script("rabbitmq-server")], env=env, stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
     node = LocalRabbitMQ(process, port, nodename, env)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -145,3 +150,27 @@ def start_rabbitmq(
         time.sleep(0.2)
     node.kill()
     raise RuntimeError(f"rabbitmq-server did not start on port {port} (logs: {home / 'log'})")
+
+
+def start_cluster(workdir: Path, size: int = 3, **options: Any) -> list[LocalRabbitMQ]:
+    """`size` nodes joined into one cluster (the first one's); quorum queues declared afterwards get a
+    member on each. `options` as for start_rabbitmq."""
+    cookie = secrets.token_hex(16)
+    nodes: list[LocalRabbitMQ] = []
+    try:
+        with ThreadPoolExecutor(size) as pool:  # they boot in parallel; a failed one raises below
+            started = [pool.submit(start_rabbitmq, workdir, cookie=cookie, **options) for _ in range(size)]
+            for future in started:
+                with contextlib.suppress(Exception):
+                    nodes.append(future.result())
+        if len(nodes) < size:
+            raise RuntimeError(f"only {len(nodes)} of {size} RabbitMQ nodes started (logs under {workdir})")
+        for node in nodes[1:]:
+            node.ctl("stop_app")
+            node.ctl("join_cluster", nodes[0].nodename)
+            node.ctl("start_app")
+    except BaseException:
+        for node in nodes:
+            node.kill()
+        raise
+    return nodes
