@@ -22,7 +22,7 @@ from typing import Any
 
 import amqp
 
-from varco.workers.devtools.local_redis import free_port
+from varco.workers.devtools.local_redis import free_port, stop_process
 
 # The scripts themselves: Debian's /usr/sbin wrappers switch to the rabbitmq user, who cannot write our
 # temporary directories, and use that user's HOME (and cookie).
@@ -68,13 +68,7 @@ class LocalRabbitMQ:
         self.stop()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        self.process.wait()
+        stop_process(self.process, 30)
 
     def kill(self) -> None:
         """SIGKILL of the whole node (the script and its Erlang VM): a crash."""
