@@ -7,6 +7,9 @@ events`, Flower. Workers are started with `varco worker`, which registers the ta
 
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -15,12 +18,14 @@ from celery.app.amqp import AMQP
 from celery.utils.saferepr import saferepr
 from kombu import Queue
 
+from varco.tasks.brokers import BROKER_ERRORS, AmqpQueueDepth, amqp_conf, declare_queues, is_amqp
 from varco.tasks.connections import PUBLISH_RETRY_POLICY, broker_transport_options
-from varco.tasks.keys import CALLBACK_QUEUE, INFER_QUEUE, queue_lane
+from varco.tasks.keys import CALLBACK_QUEUE, DEAD_LETTER_QUEUE, INFER_QUEUE, queue_lane
 from varco.tasks.prompts import TaskType
 from varco.tasks.redaction import redact_value
 from varco.tasks.settings import Settings, get_settings
 
+log = logging.getLogger(__name__)
 INFER_TASK = "varco.infer"
 CALLBACK_TASK = "varco.callback"
 # Redis lists per priority; kombu consumes lane 0 first, so API priority p (higher = sooner) maps to 9 - p.
@@ -99,7 +104,14 @@ def create_app(settings: Settings) -> Celery:
         worker_send_task_events=settings.task_events,
         task_send_sent_event=settings.task_events,
     )
+    if is_amqp(settings.broker_url):  # RabbitMQ: quorum queues in place of kombu's Redis lists (docs/brokers.md)
+        app.conf.update(amqp_conf(app_queues(settings)))
     return app
+
+
+def app_queues(settings: Settings) -> list[str]:
+    """Every queue the app publishes to or consumes: inference (and VARCO_TASK_ROUTES's) and webhooks."""
+    return list(dict.fromkeys([INFER_QUEUE, *settings.task_routes.values(), CALLBACK_QUEUE]))
 
 
 def queue_lanes(queue: str) -> list[str]:
@@ -110,6 +122,25 @@ def queue_lanes(queue: str) -> list[str]:
 def queue_depth(client: redis.Redis, queue: str = INFER_QUEUE) -> int:
     """Jobs waiting in a queue, all priority lanes together (what autoscaling should watch)."""
     return sum(client.llen(lane) for lane in queue_lanes(queue))
+
+
+def prepare_broker(app: Celery) -> None:
+    """What a worker sets up on its broker before it consumes: on RabbitMQ, the dead-letter queue and every
+    queue of the app. Never raises: a worker that cannot reach the broker yet waits for it in Celery (which
+    declares the queues it consumes), and declares the rest again at its next start."""
+    if not is_amqp(app.conf.broker_url):
+        return
+    try:
+        declare_queues(app.connection_for_write(), list(app.conf.task_queues))
+    except (OSError, *BROKER_ERRORS) as exc:
+        log.warning("could not declare the queues and %s (%r)", DEAD_LETTER_QUEUE, exc)
+
+
+def depth_reader(app: Celery, client: redis.Redis) -> Callable[[str], int]:
+    """`queue -> jobs waiting` from the broker the app uses: kombu's Redis lists, or a RabbitMQ queue."""
+    if is_amqp(app.conf.broker_url):
+        return AmqpQueueDepth(app.connection_for_read())
+    return functools.partial(queue_depth, client)
 
 
 _app: Celery | None = None

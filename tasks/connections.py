@@ -143,10 +143,11 @@ def _client_for(
 def redis_client(
     settings: Settings, *, timeout_s: float | None = None, retries: int = RETRIES, decode_responses: bool = True
 ) -> redis.Redis:
-    """A client for the broker's Redis (status records, pub/sub, queue lengths), from settings.
+    """A client for the status Redis (status records, pub/sub, the fair queue; with a Redis broker also its
+    queue lengths), from settings.
     Health probes pass a shorter `timeout_s` and no retries: a probe must answer within its own timeout."""
     return redis_from_url(
-        settings.broker_url,
+        settings.status_redis_url,
         sentinel_master=settings.sentinel_master,
         timeout_s=timeout_s or settings.redis_timeout_s,
         retries=retries,
@@ -159,7 +160,7 @@ def async_redis_client(settings: Settings, *, retries: int = RETRIES) -> aioredi
     Sentinel included (it follows a failover the same way), timeouts and retries."""
     options = connection_options(settings.redis_timeout_s, retries, asyncio=True)
     client: aioredis.Redis = _client_for(
-        settings.broker_url, settings.sentinel_master, options, True, aioredis.Redis, AsyncSentinel
+        settings.status_redis_url, settings.sentinel_master, options, True, aioredis.Redis, AsyncSentinel
     )
     return client
 
@@ -199,11 +200,15 @@ def broker_errors(settings: Settings) -> Iterator[None]:
         yield
     except (BrokerUnavailable, TimeoutError):  # ours, and a `wait` past its own timeout (an OSError too)
         raise
-    except (redis.ConnectionError, redis.TimeoutError, OperationalError, OSError) as exc:
+    except OperationalError as exc:  # kombu: the broker (Redis or RabbitMQ)
         raise BrokerUnavailable(
-            f"Redis at {describe(settings.broker_url)} is unavailable: {type(exc).__name__}: {exc}"
+            f"the broker at {describe(settings.broker_url)} is unavailable: {type(exc).__name__}: {exc}"
+        ) from exc
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        raise BrokerUnavailable(
+            f"Redis at {describe(settings.status_redis_url)} is unavailable: {type(exc).__name__}: {exc}"
         ) from exc
     except redis.RedisError as exc:  # e.g. READONLY, LOADING, NOAUTH: the broker is there but unusable
         raise BrokerUnavailable(
-            f"Redis at {describe(settings.broker_url)} refused the call: {type(exc).__name__}: {exc}"
+            f"Redis at {describe(settings.status_redis_url)} refused the call: {type(exc).__name__}: {exc}"
         ) from exc

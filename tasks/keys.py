@@ -42,6 +42,8 @@ INFER_QUEUE = "varco"
 """Celery's inference queue: a kombu list per priority step, `varco`, `varco:1` … `varco:9`."""
 CALLBACK_QUEUE = "varco.callbacks"
 """Celery's webhook queue, consumed by the node's callback process (priority steps as above)."""
+DEAD_LETTER_QUEUE = "varco.dead"
+"""RabbitMQ only: the quorum queue a message goes to after tasks/brokers.DELIVERY_LIMIT deliveries."""
 UNACKED_INDEX = "unacked_index"
 """kombu's sorted set of unacknowledged messages by delivery time (its default name; `runtime/leases.py`)."""
 

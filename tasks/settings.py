@@ -13,6 +13,7 @@ from urllib.parse import unquote, urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from varco.tasks.brokers import is_amqp
 from varco.tasks.tenants import parse_weights
 
 
@@ -25,6 +26,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VARCO_", extra="ignore")
 
     broker_url: str = "redis://127.0.0.1:6379/0"
+    # The Redis of status records, events, leases and the fair queue (same URL forms as a Redis broker URL).
+    # Unset: the broker URL, which must then be Redis; with a RabbitMQ broker (amqp://) it is required.
+    status_url: str | None = None
     # The master group of a sentinel:// broker URL (VARCO_BROKER_URL=sentinel://h1:26379/0;sentinel://h2:26379/0).
     sentinel_master: str = "mymaster"
     # Connect and command timeout for Redis: a broker that is down or hung fails a call in bounded time.
@@ -145,6 +149,20 @@ class Settings(BaseSettings):
         if not value.startswith(("s3://", "file://")):
             raise ValueError("VARCO_RESULT_STORE must be s3://bucket/prefix/ or file:///abs/dir/")
         return value if value.endswith("/") else value + "/"
+
+    @property
+    def status_redis_url(self) -> str:
+        """The Redis that holds status records, events, leases and the fair queue."""
+        return self.status_url or self.broker_url
+
+    @model_validator(mode="after")
+    def _status_redis_is_named(self) -> Settings:
+        if self.status_url is None and is_amqp(self.broker_url):
+            raise ValueError("VARCO_BROKER_URL is RabbitMQ (amqp://): set VARCO_STATUS_URL to the Redis that keeps "
+                             "status records, events and the fair queue (redis, rediss or sentinel)")  # fmt: skip
+        if self.status_url is not None and is_amqp(self.status_url):
+            raise ValueError("VARCO_STATUS_URL must name Redis (redis://, rediss:// or sentinel://), not RabbitMQ")
+        return self
 
     @model_validator(mode="after")
     def _image_sources_exclude_the_store(self) -> Settings:

@@ -184,3 +184,50 @@ def test_compose_file_follows_the_compose_specification() -> None:
     assert compose.service_names() == ["redis", "minio", "minio-init", "worker"]
     with pytest.raises(Exception, match="stop_grace_perod"):  # it does catch a typo
         PyCompose.from_yaml(text.replace("stop_grace_period", "stop_grace_perod"))
+
+
+# --- the RabbitMQ variant (docs/brokers.md) ------------------------------------------------------
+RABBIT_K8S = INFRA / "k8s" / "rabbitmq"
+
+
+def test_rabbitmq_kubernetes_manifests_validate_and_form_a_three_node_cluster() -> None:
+    import kubernetes_validate
+
+    docs = load_all(RABBIT_K8S / "rabbitmq.yaml")
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.30.0", strict=True)
+    kinds = sorted(doc["kind"] for doc in docs)
+    assert kinds == ["ConfigMap", "Role", "RoleBinding", "Secret", "Service", "Service", "ServiceAccount",
+                     "StatefulSet"]  # fmt: skip
+    [nodes] = [doc for doc in docs if doc["kind"] == "StatefulSet"]
+    assert nodes["spec"]["replicas"] == 3
+    [config] = [doc for doc in docs if doc["kind"] == "ConfigMap"]
+    assert "quorum_queue.initial_group_size = 3" in config["data"]["rabbitmq.conf"]
+
+
+def test_keda_scales_on_the_rabbitmq_job_queue() -> None:
+    from cloudcoil.models.keda import v1alpha1
+
+    docs = load_all(RABBIT_K8S / "autoscaling.yaml")
+    for doc in docs:
+        model = getattr(v1alpha1, doc["kind"]).model_validate(doc)
+        dumped = model.model_dump(by_alias=True, exclude_unset=True, mode="json")
+        assert fields_the_schema_does_not_know(doc, dumped) == [], doc["kind"]
+    [scaled] = [doc for doc in docs if doc["kind"] == "ScaledObject"]
+    [trigger] = scaled["spec"]["triggers"]
+    assert trigger["type"] == "rabbitmq" and trigger["metadata"]["queueName"] == "varco"
+
+
+def test_compose_rabbitmq_variant_follows_the_specification() -> None:
+    from compose_spec import PyCompose
+
+    text = (INFRA / "compose.rabbitmq.yaml").read_text()
+    resolved = yaml.safe_load(text)  # the nodes share a YAML anchor; the parser reads merged services
+    compose = PyCompose.from_yaml(yaml.safe_dump(resolved))
+    assert compose.service_names() == ["rabbitmq-0", "rabbitmq-1", "rabbitmq-2", "worker"]
+    env = resolved["services"]["worker"]["environment"]
+    broker, status = env["VARCO_BROKER_URL"], env["VARCO_STATUS_URL"]
+    assert broker.count(";") == 2 and all(part.startswith("amqp://") for part in broker.split(";"))
+    assert Settings(broker_url=broker, status_url=status).status_redis_url.startswith("redis://")
+    conf = (INFRA / "rabbitmq" / "rabbitmq.conf").read_text()
+    assert all(f"rabbit@rabbitmq-{i}" in conf for i in range(3))

@@ -29,6 +29,17 @@ def answers(url: str, timeout_s: float = 1.0) -> bool:
         return False
 
 
+def stop_process(process: subprocess.Popen, timeout_s: float) -> None:
+    """SIGTERM, then SIGKILL after `timeout_s`; returns once it has exited."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    process.wait()
+
+
 @dataclass
 class LocalRedis:
     process: subprocess.Popen
@@ -51,13 +62,7 @@ class LocalRedis:
         self.stop()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        self.process.wait()
+        stop_process(self.process, 10)
 
     def kill(self) -> None:
         """SIGKILL: a crash, no shutdown save."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from varco.tasks.brokers import BROKER_ERRORS
 from varco.tasks.celery_app import queue_depth
 from varco.tasks.fair_queue import FairQueue
 from varco.tasks.tenants import metric_label
@@ -25,18 +27,18 @@ log = logging.getLogger("varco.supervisor")
 
 
 class QueueLengthCollector:
-    """varco_queue_length{queue}: jobs waiting, all priority lanes summed (read from Redis at scrape time)."""
+    """varco_queue_length{queue}: jobs waiting, all priority lanes summed (read from the broker at scrape time)."""
 
-    def __init__(self, client: redis.Redis, queues: Iterable[str]) -> None:
-        self.redis = client
+    def __init__(self, depth: Callable[[str], int], queues: Iterable[str]) -> None:
+        self.depth = depth
         self.queues = list(queues)
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         family = GaugeMetricFamily("varco_queue_length", "Jobs waiting, all priority lanes", labels=["queue"])
         try:
             for queue in self.queues:
-                family.add_metric([queue], queue_depth(self.redis, queue))
-        except redis.RedisError as exc:
+                family.add_metric([queue], self.depth(queue))
+        except (redis.RedisError, OSError, *BROKER_ERRORS) as exc:
             log.warning("queue length not readable: %r", exc)
         yield family
 
@@ -88,12 +90,14 @@ def serve(
     port: int, state_dir: Path, health: NodeHealth, client: redis.Redis, queues: Iterable[str],
     weights: Mapping[str, float] | None = None,
     *, host: str = "0.0.0.0", pids: Callable[[], Mapping[str, int]] | None = None,
+    depth: Callable[[str], int] | None = None,
 ) -> ThreadingHTTPServer:  # fmt: skip
     """Start the endpoint on a daemon thread at `host:port` (VARCO_METRICS_HOST, VARCO_METRICS_PORT); raises
-    OSError if the port is taken. `pids` names the node's living processes for their `process_*` metrics."""
+    OSError if the port is taken. `pids` names the node's living processes for their `process_*` metrics;
+    `depth` reads a queue's length from the broker (default: kombu's lists on `client`)."""
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(state_dir))
-    registry.register(QueueLengthCollector(client, queues))
+    registry.register(QueueLengthCollector(depth or functools.partial(queue_depth, client), queues))
     registry.register(NodeProcessCollector(pids or (lambda: {"supervisor": os.getpid()})))
     registry.register(TenantCollector(client, weights or {}))
 

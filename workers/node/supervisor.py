@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from varco.tasks.celery_app import CALLBACK_QUEUE
+from varco.tasks.celery_app import CALLBACK_QUEUE, create_app, depth_reader
 from varco.tasks.connections import describe, redis_client
 from varco.tasks.settings import Settings
 from varco.workers.logs import configure_logging
@@ -184,7 +184,7 @@ def run(gpus: str, queues: str, callbacks: bool = True, concurrency: int | None 
         log.error("this node cannot start: %s; giving up", exc)
         return 1
     with redis_client(settings, timeout_s=PROBE_TIMEOUT_S, retries=0) as probe:
-        log_broker_persistence(probe, describe(settings.broker_url))
+        log_broker_persistence(probe, describe(settings.status_redis_url))  # the Redis of status records
     state_dir = Path(tempfile.mkdtemp(prefix="varco-node-"))
     try:
         children = plan_children(gpus, queues, callbacks, concurrency, state_dir)
@@ -218,7 +218,8 @@ def _serve_endpoint(
     try:
         client = redis_client(settings, timeout_s=PROBE_TIMEOUT_S, retries=0)
         return node_http.serve(settings.metrics_port, state_dir, health, client, watched, settings.tenant_weights,
-                               host=settings.metrics_host, pids=lambda: node_pids(children))  # fmt: skip
+                               host=settings.metrics_host, pids=lambda: node_pids(children),
+                               depth=depth_reader(create_app(settings), client))  # fmt: skip
     except OSError as exc:  # serving jobs matters more than being scraped
         log.error("cannot serve /metrics, /livez, /readyz on %s:%d (%s); running without them",
                   settings.metrics_host, settings.metrics_port, exc)  # fmt: skip

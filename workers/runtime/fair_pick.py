@@ -21,7 +21,8 @@ from typing import Any
 import redis
 from celery import Celery
 
-from varco.tasks.celery_app import queue_depth
+from varco.tasks.brokers import is_amqp
+from varco.tasks.celery_app import depth_reader
 from varco.tasks.errors import DeadlineExceeded
 from varco.tasks.fair_queue import FairQueue, send_ticket, ticket_queue
 from varco.tasks.job_ids import is_valid_job_id
@@ -136,8 +137,15 @@ class TicketRefill:
     def __init__(self, app: Celery, client: redis.Redis, queues: Iterable[str], interval_s: float) -> None:
         self.app, self.redis, self.queues, self.interval_s = app, client, list(queues), interval_s
         self.fair = FairQueue(client)
+        self.depth = depth_reader(app, client)
         options = app.conf.broker_transport_options or {}
-        self.unacked_key = f"{options.get('global_keyprefix', '')}{options.get('unacked_key', 'unacked')}"
+        # RabbitMQ has no such hash: a ticket is in flight there only between its delivery and its pick (a
+        # task thread takes one message at a time), so none is counted, and a spare ticket costs one pick.
+        self.unacked_key = (
+            None
+            if is_amqp(app.conf.broker_url)
+            else f"{options.get('global_keyprefix', '')}{options.get('unacked_key', 'unacked')}"
+        )
         self._seen: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ticket-refill", daemon=True)
@@ -151,10 +159,10 @@ class TicketRefill:
 
     def check(self) -> int:
         """One round over the queues; how many tickets it published."""
-        in_flight = self.redis.hlen(self.unacked_key)
+        in_flight = self.redis.hlen(self.unacked_key) if self.unacked_key else 0
         published = 0
         for queue in self.queues:
-            deficit = self.fair.queued_in(queue) - queue_depth(self.redis, queue) - in_flight
+            deficit = self.fair.queued_in(queue) - self.depth(queue) - in_flight
             missing = min(deficit, self._seen.get(queue, 0))
             self._seen[queue] = max(deficit, 0)
             if missing > 0:

@@ -20,6 +20,7 @@ import redis
 from celery import Celery
 
 from varco.tasks import keys
+from varco.tasks.brokers import is_amqp
 from varco.tasks.status import StatusStore
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,8 @@ def unacked_index_key(app: Celery) -> str:
 class LeaseKeeper:
     def __init__(self, client: redis.Redis, statuses: StatusStore, app: Celery, visibility_timeout: float) -> None:
         self.redis, self.statuses = client, statuses
-        self.index_key = unacked_index_key(app)
+        # RabbitMQ keeps a message unacked for as long as its consumer's channel lives: nothing to re-score.
+        self.index_key = None if is_amqp(app.conf.broker_url) else unacked_index_key(app)
         # A lease lasts half the visibility timeout and is renewed six times per timeout, so a live job's
         # message and lease never come near expiry, and a dead worker's lease is gone before its message returns.
         self.lease_s = visibility_timeout / 2
@@ -89,7 +91,7 @@ class LeaseKeeper:
         self._touch_messages([h.delivery_tag for h in held.values() if h.delivery_tag])
 
     def _touch_messages(self, tags: list[str]) -> None:
-        if tags:
+        if tags and self.index_key:
             now = time.time()  # kombu scores deliveries with the worker's clock, and its sweep compares with it
             self.redis.zadd(self.index_key, dict.fromkeys(tags, now), xx=True)
 

@@ -19,7 +19,7 @@ from typing import Any
 from celery import Celery
 from pydantic import ValidationError
 
-from varco.tasks.celery_app import INFER_QUEUE, create_app
+from varco.tasks.celery_app import INFER_QUEUE, create_app, prepare_broker
 from varco.tasks.connections import WORKER_RETRIES, redis_client
 from varco.tasks.delta_stream import DeltaStream
 from varco.tasks.results_store import result_store
@@ -96,6 +96,7 @@ def run_inference_worker(hostname: str, queues: list[str], concurrency: int | No
         deltas=DeltaStream(client, settings.status_ttl),
     )
     register_inference_task(app, lambda: runtime)
+    prepare_broker(app)
     refill = TicketRefill(app, client, queues, min(60.0, settings.visibility_timeout / 6)).start()
     # Enough task threads to keep the engine full while others fetch: a batch and the next one for hf,
     # every sequence slot and a few spare for vllm.
@@ -130,6 +131,7 @@ def run_callback_worker(hostname: str, concurrency: int = 8) -> None:
 
     settings = Settings()
     app = create_app(settings)
+    prepare_broker(app)
     delivered = DeliveredLog(redis_client(settings, retries=WORKER_RETRIES), settings.status_ttl)
     register_callback_task(app, settings, delivered)
     # The Batch API's runner lives here too: every node runs one, a batch is leased to one at a time.

@@ -1,0 +1,159 @@
+"""RabbitMQ as the broker (docs/brokers.md): one private node for the module, status records on a private
+Redis, a real `varco worker` node. Quorum queues declared by the first publisher, every task type, a webhook
+sent once, a cancel, a kill -9 of a worker child, a job longer than the node's consumer_timeout, and a
+poison message dead-lettered after the delivery limit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+from conftest import CAT, LONG, MEDIUM, submit_every_task, wait_for_state
+from helpers import VARCO_CLI, WebhookReceiver
+from kombu import Connection, Producer, Queue
+from kombu.message import Message
+from test_crash_recovery import inference_child
+
+from varco.producer import Client
+from varco.tasks.brokers import DELIVERY_LIMIT, dead_letter_queue, quorum_queue
+from varco.tasks.keys import CALLBACK_QUEUE, DEAD_LETTER_QUEUE, INFER_QUEUE
+from varco.tasks.settings import settings_from_env
+from varco.workers.devtools.local_rabbitmq import LocalRabbitMQ, start_rabbitmq
+from varco.workers.devtools.local_redis import LocalRedis, start_redis
+
+# Low enough that a job of a few seconds outlives it; RabbitMQ 3.10 checks it on each channel's tick, so the
+# tick is lowered too (at the default 60 s, the timeout would never fire within the job).
+CONSUMER_TIMEOUT_MS = 2000
+CHANNEL_TICK_MS = 200
+
+
+@pytest.fixture(scope="module")
+def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRabbitMQ]:
+    node = start_rabbitmq(tmp_path_factory.mktemp("rabbitmq"), consumer_timeout_ms=CONSUMER_TIMEOUT_MS,
+                          channel_tick_ms=CHANNEL_TICK_MS)  # fmt: skip
+    with node:
+        yield node
+
+
+@pytest.fixture(scope="module")
+def status_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
+    with start_redis(tmp_path_factory.mktemp("redis-rabbit")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def rabbit_env(worker_env: dict[str, str], rabbit: LocalRabbitMQ, status_redis: LocalRedis) -> dict[str, str]:
+    return {**worker_env, "VARCO_BROKER_URL": rabbit.url, "VARCO_STATUS_URL": status_redis.url,
+            "VARCO_VISIBILITY_TIMEOUT": "10"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def rabbit_client(rabbit_env: dict[str, str]) -> Iterator[Client]:
+    with Client(settings_from_env(rabbit_env)) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def node(rabbit_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen]:
+    """`varco worker` (an inference child and the callback process) on RabbitMQ."""
+    log_path = tmp_path_factory.mktemp("logs") / "rabbit-worker.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([*VARCO_CLI, "worker", "--gpus", "cpu"], env={**os.environ, **rabbit_env},
+                                   stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    yield process
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    if os.environ.get("VARCO_SHOW_WORKER_LOG"):
+        print(log_path.read_text())
+
+
+def test_a_job_submitted_before_any_worker_is_kept_on_quorum_queues(
+    rabbit: LocalRabbitMQ, rabbit_client: Client, http_files, request: pytest.FixtureRequest
+) -> None:
+    job_id = rabbit_client.submit(http_files.add("/rabbit-early.png", CAT), "caption")
+    assert rabbit.queue_types()[INFER_QUEUE] == "quorum"  # declared by the publisher, replicated
+    assert rabbit_client.status(job_id).state.value == "queued"
+    request.getfixturevalue("node")
+    [status] = rabbit_client.wait(job_id, timeout=180)
+    assert status.state.value == "succeeded" and status.attempts == 1
+    assert rabbit.queue_types()[CALLBACK_QUEUE] == "quorum"
+    assert rabbit.queue_types()[DEAD_LETTER_QUEUE] == "quorum"
+
+
+def test_every_task_type_and_its_webhook_once(
+    rabbit_client: Client, node, http_files, receiver: WebhookReceiver
+) -> None:
+    url = http_files.add("/rabbit-cat.png", CAT)
+    jobs = submit_every_task(rabbit_client, url)
+    hook = "/rabbit/hook"
+    hooked = rabbit_client.submit(url, "caption", callback_url=receiver.url(hook))
+    finished = {s.job_id: s for s in rabbit_client.wait([*jobs.values(), hooked], timeout=120)}
+    assert {s.state.value for s in finished.values()} == {"succeeded"}, finished
+    assert rabbit_client.result(jobs["caption"]).output.text == "A red picture."
+    assert rabbit_client.result(jobs["grounding"]).output.objects
+    receiver.wait_for(lambda got: any(r.path == hook and b"job.succeeded" in r.body for r in got), timeout=60)
+    events = [json.loads(r.body)["type"] for r in receiver.received if r.path == hook]
+    assert events.count("job.succeeded") == 1
+
+
+def test_cancel_a_running_job(rabbit_client: Client, node, http_files) -> None:
+    job_id = rabbit_client.submit(http_files.add("/rabbit-long.png", LONG), "caption", max_new_tokens=6500)
+    wait_for_state(rabbit_client, job_id, {"started"}, timeout=120)
+    assert rabbit_client.cancel(job_id) is True
+    [status] = rabbit_client.wait(job_id, timeout=60)
+    assert status.state.value == "cancelled"
+
+
+def test_a_killed_worker_child_s_job_runs_again(rabbit_client: Client, node: subprocess.Popen, http_files) -> None:
+    job_id = rabbit_client.submit(http_files.add("/rabbit-crash.png", MEDIUM), "caption", max_new_tokens=2000)
+    wait_for_state(rabbit_client, job_id, {"started"}, timeout=120)
+    first = inference_child(node)
+    os.kill(first, signal.SIGKILL)  # no ack: RabbitMQ puts the message back when the connection drops
+    # The copy waits out the dead run's lease (a countdown through native delayed delivery), then runs.
+    [status] = rabbit_client.wait(job_id, timeout=120)
+    assert status.state.value == "succeeded" and status.attempts == 2, status
+    assert rabbit_client.result(job_id).output.text == "b" * 1500
+    assert inference_child(node) != first
+
+
+def test_a_job_longer_than_the_consumer_timeout_runs_once(
+    rabbit_client: Client, node, http_files, rabbit: LocalRabbitMQ
+) -> None:
+    job_id = rabbit_client.submit(http_files.add("/rabbit-slow.png", MEDIUM), "caption", max_new_tokens=2000)
+    wait_for_state(rabbit_client, job_id, {"started"}, timeout=120)
+    child = inference_child(node)
+    [status] = rabbit_client.wait(job_id, timeout=180)
+    assert status.state.value == "succeeded" and status.attempts == 1, status
+    assert inference_child(node) == child  # the worker outlived its closed channel too
+    assert rabbit_client.result(job_id).output.text == "b" * 1500
+    # It did outlive the timeout (else this test proves nothing): RabbitMQ closed the channel holding it.
+    assert (status.finished_at - status.started_at).total_seconds() > (CONSUMER_TIMEOUT_MS + CHANNEL_TICK_MS) / 1000
+    after = rabbit_client.submit(http_files.add("/rabbit-after.png", CAT), "caption")
+    assert next(rabbit_client.wait(after, timeout=60)).state.value == "succeeded"
+
+
+def test_a_message_delivered_too_often_is_dead_lettered(rabbit: LocalRabbitMQ, node) -> None:
+    # A queue declared as the job queue is, and a consumer that dies on its message every time (a reject).
+    queue = quorum_queue("varco.poison-test")
+    with Connection(rabbit.url) as connection, connection.channel() as channel:
+        bound = queue(channel)
+        bound.declare()
+        Producer(channel).publish({"poison": True}, exchange=queue.exchange, routing_key=queue.routing_key)
+        for _ in range(DELIVERY_LIMIT + 1):
+            _get(bound).reject(requeue=True)
+        dead = _get(dead_letter_queue()(channel))
+        assert dead.payload == {"poison": True}
+        dead.ack()
+
+
+def _get(queue: Queue, timeout_s: float = 10.0) -> Message:
+    deadline = time.monotonic() + timeout_s
+    while (message := queue.get()) is None:
+        assert time.monotonic() < deadline, f"nothing on {queue.name}"
+        time.sleep(0.05)
+    return message
