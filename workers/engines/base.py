@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from varco.tasks.tag_grammar import OutputShape
+
 FinishReason = Literal["stop", "length", "abort"]
 
 
@@ -30,6 +32,8 @@ class GenerationRequest:
     max_new_tokens: int = 1024
     # A content hash of the image (the fetcher's sha256): engines key their image caches on it.
     image_id: str | None = None
+    # Constrain the answer to this shape's tag grammar (tasks/tag_grammar.py); None: free decoding.
+    constraint: OutputShape | None = None
 
 
 @dataclass(frozen=True)

@@ -41,9 +41,8 @@ class TagGrammars:
     """The tag grammars compiled for one tokenizer, cached for the life of the process (one engine)."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_ids: Sequence[int]) -> None:
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_ids))
+        self._info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_ids))
         self.vocab_size = vocab_size
-        self._compiler = xgr.GrammarCompiler(info, cache_enabled=True)
         self._compiled: dict[OutputShape, xgr.CompiledGrammar] = {}
         self._lock = threading.Lock()
         self.stats = CompileStats()
@@ -54,7 +53,11 @@ class TagGrammars:
                 self.stats.cache_hits += 1
                 return compiled
             started = time.perf_counter()
-            compiled = self._compiler.compile_structural_tag(structural_tag_json(shape))
+            # A compiler per shape, its own cache off: xgrammar 0.2.8's compiler cache conflates the token
+            # formats of different structural tags (after OCR's, grounding's free text allows <char> where
+            # <obj> belongs; pinned by a test). This dict is the per-process cache instead.
+            compiler = xgr.GrammarCompiler(self._info, cache_enabled=False)
+            compiled = compiler.compile_structural_tag(structural_tag_json(shape))
             self.stats.compile_seconds += time.perf_counter() - started
             self.stats.compiles += 1
             self._compiled[shape] = compiled
@@ -84,17 +87,46 @@ class TagGrammarLogits(LogitsProcessor):
         if not self.first:
             last = input_ids[:, -1].tolist()
             for row, matcher in enumerate(self.matchers):
-                if matcher is not None and (matcher.is_terminated() or not matcher.accept_token(last[row])):
+                # A refused token (forced EOS, padding) or an accepted stop token ends the row's constraint.
+                if matcher is not None and (not matcher.accept_token(last[row]) or matcher.is_terminated()):
                     self.matchers[row] = None
         self.first = False
         rows = [row for row, matcher in enumerate(self.matchers) if matcher is not None]
         if not rows:
             return scores
+        self.bitmask.fill_(-1)  # all bits set: free and finished rows keep every token
         for row in rows:
             self.matchers[row].fill_next_token_bitmask(self.bitmask, row)  # type: ignore[union-attr]
         if scores.device.type == "cuda":
-            xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device), indices=rows)
+            xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device, non_blocking=True))
             return scores
         masked = scores.to("cpu")
-        xgr.apply_token_bitmask_inplace(masked, self.bitmask, indices=rows, vocab_size=self.vocab_size)
+        xgr.apply_token_bitmask_inplace(masked, self.bitmask, vocab_size=self.vocab_size)
         return masked.to(scores.device)
+
+
+class RowConstraint:
+    """One request's matcher, fed from the request's output ids (vLLM's per-request logits processors).
+
+    Masks the row's logits in place while the grammar is live; a refused or stop token ends it.
+    """
+
+    def __init__(self, compiled: xgr.CompiledGrammar, vocab_size: int) -> None:
+        self.matcher = xgr.GrammarMatcher(compiled)
+        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        self.vocab_size = vocab_size
+        self.fed = 0
+        self.done = False
+
+    def __call__(self, output_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        while self.fed < len(output_ids) and not self.done:
+            token = int(output_ids[self.fed])
+            self.fed += 1
+            self.done = not self.matcher.accept_token(token) or self.matcher.is_terminated()
+        if self.done:
+            return logits
+        self.matcher.fill_next_token_bitmask(self.bitmask, 0)
+        row = logits.unsqueeze(0)  # a view: masked in place
+        bitmask = self.bitmask.to(logits.device, non_blocking=True) if logits.is_cuda else self.bitmask
+        xgr.apply_token_bitmask_inplace(row, bitmask, vocab_size=min(self.vocab_size, logits.shape[-1]))
+        return logits

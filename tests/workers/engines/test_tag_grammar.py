@@ -142,3 +142,31 @@ def test_each_shape_compiles_once_per_process() -> None:
         for shape in OutputShape:
             grammars.get(shape)
     assert grammars.stats.compiles == 2 and grammars.stats.cache_hits == 4
+
+
+def allowed_tags_after_text(compiled: object) -> set[str]:
+    import xgrammar as xgr
+
+    matcher = xgr.GrammarMatcher(compiled)
+    assert all(matcher.accept_token(t) for t in ids("abc"))
+    bitmask = xgr.allocate_token_bitmask(1, len(TOKENIZER))
+    matcher.fill_next_token_bitmask(bitmask)
+    special = range(256, len(TOKENIZER))
+    return {TOKENIZER.convert_ids_to_tokens(i) for i in special if (int(bitmask[0, i // 32]) >> (i % 32)) & 1}
+
+
+def test_grounding_allows_obj_and_not_char_whichever_shape_compiled_first() -> None:
+    grammars = TagGrammars(TOKENIZER, len(TOKENIZER), STOP_IDS)
+    grammars.get(OutputShape.OCR)
+    assert allowed_tags_after_text(grammars.get(OutputShape.GROUNDED_TEXT)) == {"<obj>", "<|im_end|>", "<|endoftext|>"}
+
+
+def test_xgrammar_compiler_cache_still_conflates_token_formats() -> None:
+    """Why TagGrammars compiles each shape with its own cache-less compiler (xgrammar 0.2.8). When this
+    fails, xgrammar fixed it: one shared compiler, and vLLM's structured outputs, become usable."""
+    import xgrammar as xgr
+
+    compiler = xgr.GrammarCompiler(GRAMMARS._info)
+    compiler.compile_structural_tag(structural_tag_json(OutputShape.OCR))
+    grounding = compiler.compile_structural_tag(structural_tag_json(OutputShape.GROUNDED_TEXT))
+    assert "<char>" in allowed_tags_after_text(grounding)
