@@ -93,6 +93,7 @@ class Client:
         owner: str | None = None,
         tenant: str | None = None,
         deadline_s: float | None = None,
+        constrained: bool | None = None,
     ) -> str:
         """Validate and enqueue one job; returns its id. Same idempotency key -> same id, one run.
         InvalidRequest for a bad request, QueueFull over a queued-jobs limit, BrokerUnavailable when Redis
@@ -106,6 +107,7 @@ class Client:
             image_uri, task, prompt=prompt, region=region, label=label, callback_url=callback_url,
             callback_events=callback_events, idempotency_key=idempotency_key, priority=priority,
             metadata=metadata, max_new_tokens=max_new_tokens, tenant=tenant or self.tenant, deadline_s=deadline_s,
+            constrained=constrained,
         )  # fmt: skip
         with broker_errors(self.settings):
             return self._enqueue([request], owner)[0]

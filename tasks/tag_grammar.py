@@ -28,7 +28,7 @@ from typing import Any
 
 from varco.tasks.prompts import TaskType
 
-__all__ = ["OutputShape", "shape_for_task", "structural_tag", "structural_tag_json"]
+__all__ = ["OutputShape", "constraint_for", "shape_for_task", "structural_tag", "structural_tag_json"]
 
 
 class OutputShape(StrEnum):
@@ -97,3 +97,15 @@ def structural_tag_json(shape: OutputShape) -> str:
 def shape_for_task(task: TaskType) -> OutputShape:
     """OCR answers are OCR items; every other task answers free text with optional grounding spans."""
     return OutputShape.OCR if task is TaskType.OCR else OutputShape.GROUNDED_TEXT
+
+
+# The tasks VARCO_CONSTRAINED_TAGS=on constrains: those whose answers are mostly tags.
+CONSTRAINED_BY_DEFAULT = frozenset({TaskType.GROUNDING, TaskType.OCR})
+
+
+def constraint_for(task: TaskType, constrained: bool | None, default: str = "on") -> OutputShape | None:
+    """The grammar a job decodes under, or None: the job's own `constrained` flag, else the setting's
+    default (`on`: grounding and OCR, `all`: every task, `off`: none)."""
+    if constrained is None:
+        constrained = default == "all" or (default == "on" and task in CONSTRAINED_BY_DEFAULT)
+    return shape_for_task(task) if constrained else None

@@ -201,3 +201,11 @@ def test_ocr_items_carry_both_boxes_and_a_cut_answer_says_length() -> None:
     first = completion.model_extra["varco"]["output"]["ocr"][0]
     assert first == {"text": "백범로", "box": [0.172, 0.266, 0.328, 0.341], "box_px": [110, 128, 210, 164]}
     assert to_chat_completion(result("A cat.", "caption", None)).choices[0].finish_reason == "stop"  # older results
+
+
+def test_varco_constrained_is_the_jobs_flag_and_must_be_a_boolean() -> None:
+    assert to_job(chat(varco_constrained=True), SERVED).request.constrained is True
+    assert to_job(chat(varco_constrained=False), SERVED).request.constrained is False
+    assert to_job(chat(varco_constrained=None), SERVED).request.constrained is None
+    assert to_job(chat(), SERVED).request.constrained is None
+    assert refused(chat(varco_constrained="yes")).param == "varco_constrained"

@@ -654,3 +654,24 @@ def test_the_lifecycle_imports_no_celery() -> None:
     imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert imported and not [name for name in imported if name.split(".")[0] in ("celery", "kombu")]
+
+
+@pytest.mark.parametrize(
+    ("task", "constrained", "default", "shape"),
+    [
+        ("grounding", None, "on", "grounded_text"),
+        ("ocr", None, "on", "ocr"),
+        ("caption", None, "on", None),
+        ("caption", True, "on", "grounded_text"),
+        ("ocr", False, "on", None),
+        ("vqa", None, "all", "grounded_text"),
+        ("grounding", None, "off", None),
+        ("ocr", True, "off", "ocr"),
+    ],
+)
+def test_the_engine_gets_the_constraint_of_the_job_flag_or_the_setting(
+    world: World, task: str, constrained: bool | None, default: str, shape: str | None
+) -> None:
+    world.rt.settings.constrained_tags = default
+    world.deliver(task=task, **({"prompt": "what?"} if task == "vqa" else {}), constrained=constrained)
+    assert world.engine.requests[0].constraint == shape
