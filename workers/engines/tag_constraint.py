@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,7 @@ class TagGrammars:
         self._compiled: dict[OutputShape, xgr.CompiledGrammar] = {}
         self._lock = threading.Lock()
         self.stats = CompileStats()
+        _ALL.add(self)
 
     def get(self, shape: OutputShape) -> xgr.CompiledGrammar:
         with self._lock:
@@ -67,6 +69,20 @@ class TagGrammars:
         """Whether these ids (a whole answer, its stop token last) are a sentence of the grammar."""
         matcher = xgr.GrammarMatcher(self.get(shape))
         return all(matcher.accept_token(int(t)) for t in token_ids) and matcher.is_terminated()
+
+
+_ALL: weakref.WeakSet[TagGrammars] = weakref.WeakSet()
+
+
+def process_stats() -> CompileStats:
+    """The compile cache's figures over every `TagGrammars` of this process (the bench reads them;
+    vLLM's in-process engine core holds its own)."""
+    total = CompileStats()
+    for grammars in list(_ALL):
+        total.compiles += grammars.stats.compiles
+        total.cache_hits += grammars.stats.cache_hits
+        total.compile_seconds += grammars.stats.compile_seconds
+    return total
 
 
 class TagGrammarLogits(LogitsProcessor):
