@@ -55,6 +55,9 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "service_tier": ("auto", "default"),
     "logit_bias": ({},),
 }
+# Our extensions of the body (sent with the SDK's `extra_body`): `varco_constrained`, true/false/null, is a
+# job's `constrained` flag (tag-constrained decoding; null: the server's default).
+VARCO_PARAMS = frozenset({"varco_constrained"})
 # Accepted with any value: greedy decoding is deterministic already (seed); nothing to call in parallel.
 MOOT_PARAMS = frozenset({"seed", "parallel_tool_calls"})
 
@@ -127,6 +130,8 @@ def check_params(body: Mapping[str, Any]) -> None:
     """Refuse every parameter we would otherwise ignore. None counts as absent, as in OpenAI's API."""
     for name, value in body.items():
         if value is None and name not in ("model", "messages"):
+            continue
+        if name in VARCO_PARAMS:
             continue
         if name not in OPENAI_PARAMS:
             raise ChatRequestError(f"Unrecognized request argument supplied: {name}", name, "unknown_parameter")
@@ -330,6 +335,10 @@ def to_job(body: Any, served: Sequence[str]) -> ChatJob:
         job_fields["max_new_tokens"] = max_new_tokens
     if stream:
         job_fields["stream"] = True
+    if (constrained := body.get("varco_constrained")) is not None:
+        if not isinstance(constrained, bool):
+            raise ChatRequestError("varco_constrained must be true, false or null", "varco_constrained")
+        job_fields["constrained"] = constrained
     try:
         request = validate_request(image_uri=turn.image_url, **job_fields)
     except InvalidRequest as exc:

@@ -161,6 +161,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         "task": args.task, "prompt": args.prompt, "region": _region(args.region), "label": args.label,
         "callback_url": args.callback_url, "priority": args.priority, "max_new_tokens": args.max_new_tokens,
         "metadata": _metadata(args.metadata), "tenant": args.tenant, "deadline_s": args.deadline_s,
+        "constrained": args.constrained,
     }.items() if v is not None}  # fmt: skip
     if args.from_file and args.image_uri:
         raise UsageError("give an IMAGE_URI or --from FILE, not both")
@@ -411,6 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metadata", help="JSON object stored with the result")
     p.add_argument("--tenant", help="whom the jobs belong to (fair share, limits; default: default)")
     p.add_argument("--deadline-s", type=float, help="fail a job not started this many seconds after submission")
+    p.add_argument(
+        "--constrained", action=argparse.BooleanOptionalAction, default=None,
+        help="tag-constrained decoding on or off for these jobs (default: VARCO_CONSTRAINED_TAGS)",
+    )  # fmt: skip
     p.add_argument("--from", dest="from_file", help="file with one URI or JSON object per line ('-' = stdin)")
     p.add_argument("--wait", action="store_true", help="wait for the jobs, with a progress bar")
     p.add_argument("--timeout", type=float)

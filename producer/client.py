@@ -111,6 +111,7 @@ class Client:
         tenant: str | None = None,
         deadline_s: float | None = None,
         stream: bool = False,
+        constrained: bool | None = None,
     ) -> str:
         """Validate and enqueue one job; returns its id. Same idempotency key -> same id, one run.
         InvalidRequest for a bad request, QueueFull over a queued-jobs limit, BrokerUnavailable when Redis
@@ -126,6 +127,7 @@ class Client:
             callback_events=callback_events, idempotency_key=idempotency_key, priority=priority,
             metadata=metadata, max_new_tokens=max_new_tokens, tenant=tenant or self.tenant, deadline_s=deadline_s,
             stream=stream or None,
+            constrained=constrained,
         )  # fmt: skip
         with broker_errors(self.settings):
             return self._enqueue([request], owner)[0]

@@ -86,6 +86,8 @@ class JobRequest(BaseModel):
     priority: Integer | None = Field(default=None, ge=0, le=9, description="0..9, higher runs sooner")
     metadata: dict[str, Any] = Field(default_factory=dict)
     max_new_tokens: Integer | None = Field(default=None, ge=1, le=8192)
+    # Tag-constrained decoding for this job: true, false, or None for VARCO_CONSTRAINED_TAGS' default.
+    constrained: bool | None = None
     # Who the job belongs to (fair share, limits) and the seconds after submission it must start within.
     tenant: str = DEFAULT_TENANT
     deadline_s: float | None = Field(default=None, gt=0, le=MAX_DEADLINE_S)

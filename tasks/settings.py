@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(default=None, ge=1)
     vllm_engine_args: dict[str, Any] = Field(default_factory=dict)
     max_new_tokens: int = Field(default=1024, ge=1, le=8192)
+    # Tag-constrained decoding (tasks/tag_grammar.py) for jobs that leave `constrained` unset: "on" for
+    # grounding and OCR, "all" for every task, "off" for none. A job's own `constrained` wins.
+    constrained_tags: Literal["on", "off", "all"] = "on"
     callback_secret: SecretStr | None = None
     allow_private_urls: bool = False
     file_root: Path | None = None

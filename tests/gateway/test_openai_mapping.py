@@ -216,3 +216,11 @@ def test_stream_makes_a_streamed_job_and_include_usage_asks_for_the_usage_chunk(
     streamed = to_job(chat(stream=True, stream_options={"include_usage": True}), SERVED)
     assert streamed.request.stream and streamed.include_usage
     assert not to_job(chat(stream=True, stream_options={"include_obfuscation": False}), SERVED).include_usage
+
+
+def test_varco_constrained_is_the_jobs_flag_and_must_be_a_boolean() -> None:
+    assert to_job(chat(varco_constrained=True), SERVED).request.constrained is True
+    assert to_job(chat(varco_constrained=False), SERVED).request.constrained is False
+    assert to_job(chat(varco_constrained=None), SERVED).request.constrained is None
+    assert to_job(chat(), SERVED).request.constrained is None
+    assert refused(chat(varco_constrained="yes")).param == "varco_constrained"

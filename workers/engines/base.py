@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from varco.tasks.tag_grammar import OutputShape
 from varco.workers.engines.deltas import DeltaDecoder, OnDelta
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -32,6 +33,8 @@ class GenerationRequest:
     max_new_tokens: int = 1024
     # A content hash of the image (the fetcher's sha256): engines key their image caches on it.
     image_id: str | None = None
+    # Constrain the answer to this shape's tag grammar (tasks/tag_grammar.py); None: free decoding.
+    constraint: OutputShape | None = None
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from varco.workers.engines.base import (
     weights_dtype,
 )
 from varco.workers.engines.decode import stop_token_ids, to_output
+from varco.workers.engines.tag_constraint import TagGrammarLogits, TagGrammars
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class HFModel:
         self.processor = None
         self.load_seconds = 0.0
         self.hooks = hooks or EngineHooks()
+        self._grammars: TagGrammars | None = None
 
     def load(self) -> HFModel:
         """Load weights and processor once, the same way for the real and the tiny model."""
@@ -134,7 +136,24 @@ class HFModel:
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=self.stop_ids,
         )
+        self._grammars = None
         return self
+
+    @property
+    def grammars(self) -> TagGrammars:
+        """The tag grammars for this model's tokenizer, built on the first constrained request."""
+        if self._grammars is None:
+            vocab_size = int(self.model.get_output_embeddings().weight.shape[0])  # the logits' width
+            self._grammars = TagGrammars(self.processor.tokenizer, vocab_size, self.stop_ids)
+        return self._grammars
+
+    def tag_constraint(self, requests: Sequence[GenerationRequest]) -> TagGrammarLogits | None:
+        """One xgrammar matcher per constrained row; None when the batch has none."""
+        if all(r.constraint is None for r in requests):
+            return None
+        grammars = self.grammars
+        compiled = [grammars.get(r.constraint) if r.constraint is not None else None for r in requests]
+        return TagGrammarLogits(compiled, grammars.vocab_size)
 
     def chat_text(self, prompt: str) -> str:
         return self.processor.apply_chat_template(user_turn(prompt), add_generation_prompt=True)
@@ -192,6 +211,8 @@ class HFModel:
             processor = factory(requests, self.processor.tokenizer)
             if processor is not None:
                 processors.append(processor)
+        if (constraint := self.tag_constraint(requests)) is not None:
+            processors.append(constraint)  # after the plugins (scripted answers), before the budget's EOS
         processors.append(RowBudget(budgets, prompt_length, self.eos_token_id))
         config = copy.copy(self.generation_config)
         config.max_new_tokens = max(budgets)

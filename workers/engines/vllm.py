@@ -71,6 +71,8 @@ class VLLMEngine(ThreadedEngine):
     def engine_args(self) -> Any:
         from vllm.engine.arg_utils import EngineArgs
 
+        from varco.workers.engines.vllm_tag_constraint import PROCESSOR as TAG_CONSTRAINT_PROCESSOR
+
         args: dict[str, Any] = {
             "model": self.model_name,
             "dtype": weights_dtype(self.dtype),  # as the hf backend's
@@ -78,7 +80,8 @@ class VLLMEngine(ThreadedEngine):
             "max_num_seqs": self.max_num_seqs,
             "enable_prefix_caching": True,
             "limit_mm_per_prompt": {"image": 1, "video": 0},
-            "logits_processors": list(self.hooks.vllm_logits_processors) or None,
+            # The plugins' processors (scripted answers) first, then the tag constraint (issue 22).
+            "logits_processors": [*self.hooks.vllm_logits_processors, TAG_CONSTRAINT_PROCESSOR],
             "disable_log_stats": True,
         }
         if self.max_model_len:
@@ -144,9 +147,13 @@ class VLLMEngine(ThreadedEngine):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        from varco.workers.engines.vllm_tag_constraint import request_args as tag_constraint_args
+
         extra: dict[str, Any] = {}
         for hook in self.hooks.vllm_request_args:
             extra.update(hook(request) or {})
+        if request.constraint is not None:
+            extra.update(tag_constraint_args(request.constraint, self.stop_ids))
         return SamplingParams(
             temperature=0.0,
             max_tokens=request.max_new_tokens,

@@ -24,6 +24,7 @@ from varco.tasks.requests import JobRequest
 from varco.tasks.results_store import ResultStore
 from varco.tasks.schemas import JobResult
 from varco.tasks.settings import Settings
+from varco.tasks.tag_grammar import constraint_for
 from varco.workers import metrics
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class ResultCache:
             "region": list(request.region) if request.region else None,
             "label": request.label,
             "max_new_tokens": request.max_new_tokens or self.settings.max_new_tokens,
+            # A constrained and a free answer to the same question may differ.
+            "constraint": constraint_for(request.task, request.constrained, self.settings.constrained_tags),
         }
         return keys.result_cache(hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest())
 

@@ -30,6 +30,7 @@ from varco.tasks.results_store import ResultStore
 from varco.tasks.schemas import ErrorInfo, ImageInfo, JobResult, JobState, Timings, Usage
 from varco.tasks.settings import Settings
 from varco.tasks.status import StatusStore, now_iso
+from varco.tasks.tag_grammar import constraint_for
 from varco.tasks.tags import parse
 from varco.workers import metrics
 from varco.workers.engines.base import Cancelled, EngineBackend, GenerationOutput, GenerationRequest
@@ -249,6 +250,7 @@ class _Job:
             prompt=request.model_prompt,
             max_new_tokens=request.max_new_tokens or rt.settings.max_new_tokens,
             image_id=fetched.sha256,
+            constraint=constraint_for(request.task, request.constrained, rt.settings.constrained_tags),
         )
         t1 = time.perf_counter()
         try:

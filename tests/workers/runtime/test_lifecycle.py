@@ -695,3 +695,24 @@ def test_a_streamed_repeat_answered_from_the_cache_publishes_the_whole_answer_at
     text, end = world.rt.deltas.read(JOB)
     assert world.engine.requests == [] and text.text == "<obj>cached</obj>"  # type: ignore[union-attr]
     assert isinstance(end, StreamEnd) and end.state == "succeeded"
+
+
+@pytest.mark.parametrize(
+    ("task", "constrained", "default", "shape"),
+    [
+        ("grounding", None, "on", "grounded_text"),
+        ("ocr", None, "on", "ocr"),
+        ("caption", None, "on", None),
+        ("caption", True, "on", "grounded_text"),
+        ("ocr", False, "on", None),
+        ("vqa", None, "all", "grounded_text"),
+        ("grounding", None, "off", None),
+        ("ocr", True, "off", "ocr"),
+    ],
+)
+def test_the_engine_gets_the_constraint_of_the_job_flag_or_the_setting(
+    world: World, task: str, constrained: bool | None, default: str, shape: str | None
+) -> None:
+    world.rt.settings.constrained_tags = default
+    world.deliver(task=task, **({"prompt": "what?"} if task == "vqa" else {}), constrained=constrained)
+    assert world.engine.requests[0].constraint == shape
