@@ -13,6 +13,7 @@ Operation ids are the handlers' names (`submit_job`), set by `operation_id` in a
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -86,6 +87,10 @@ def _request_schemas(schemas: dict[str, Any], max_idempotency_key: int) -> None:
     job = schemas["JobRequest"]
     job["properties"].pop("tenant", None)
     job["properties"] = {name: _not_null(prop) for name, prop in job["properties"].items()}
+    for prop in job["properties"].values():  # a default (`stream: false`) would make the input required too
+        if "default" in prop:
+            default = json.dumps(prop.pop("default"))
+            prop["description"] = (prop.get("description", "") + f" Default: {default}.").strip()
     job["properties"]["image_uri"]["minLength"] = 1
     job["properties"]["idempotency_key"]["maxLength"] = max_idempotency_key
     job["properties"]["callback_events"]["items"] = {"type": "string", "enum": list(CALLBACK_EVENTS)}
