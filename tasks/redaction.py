@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["redact_text"]
+__all__ = ["redact_text", "redact_uri"]
 
 _URL_QUERY = re.compile(r"((?:https?|s3)://[^\s?#\"'<>]+)\?[^\s#\"'<>]*", re.IGNORECASE)
 _SECRET_PARAM = re.compile(r"([?&](?:key|token)=)[^&\s#\"'<>]*", re.IGNORECASE)
@@ -22,3 +22,9 @@ _SECRET_PARAM = re.compile(r"([?&](?:key|token)=)[^&\s#\"'<>]*", re.IGNORECASE)
 def redact_text(text: str) -> str:
     """`text` with every URL's query string and every `key=`/`token=` value replaced by `[redacted]`."""
     return _SECRET_PARAM.sub(r"\1[redacted]", _URL_QUERY.sub(r"\1?[redacted]", text))
+
+
+def redact_uri(uri: str) -> str:
+    """An image URI as a span attribute or a log may show it: a `data:` URI by its header only (never its
+    payload), any other with its query string cut."""
+    return uri.partition(",")[0] + ",…" if uri.startswith("data:") else redact_text(uri)

@@ -19,6 +19,7 @@ from typing import Any
 from celery import Celery
 from pydantic import ValidationError
 
+from varco.tasks import tracing
 from varco.tasks.celery_app import INFER_QUEUE, create_app
 from varco.tasks.connections import WORKER_RETRIES, redis_client
 from varco.tasks.results_store import result_store
@@ -42,6 +43,7 @@ def quiet_transformers() -> None:
 
 def run_inference_worker(hostname: str, queues: list[str], concurrency: int | None = None) -> None:
     configure_logging(hostname)
+    tracing.configure("varco-worker")  # OTEL_* variables; no endpoint, no tracing (docs/tracing.md)
     try:
         quiet_transformers()
         from varco.workers.engines import create_engine
@@ -94,9 +96,7 @@ def run_inference_worker(hostname: str, queues: list[str], concurrency: int | No
         fair=FairPicker(client, statuses, settings.tenant_weights),
     )
     register_inference_task(app, lambda: runtime)
-    refill = TicketRefill(
-        app, client, queues, min(60.0, settings.visibility_timeout / 6)
-    ).start()
+    refill = TicketRefill(app, client, queues, min(60.0, settings.visibility_timeout / 6)).start()
     # Enough task threads to keep the engine full while others fetch: a batch and the next one for hf,
     # every sequence slot and a few spare for vllm.
     threads = concurrency or (
@@ -125,6 +125,7 @@ def _child_state(engine: Any | None) -> dict[str, Any]:
 
 def run_callback_worker(hostname: str, concurrency: int = 8) -> None:
     configure_logging(hostname)
+    tracing.configure("varco-callbacks")
     from varco.tasks.celery_app import CALLBACK_QUEUE
     from varco.workers.output.webhook_delivery import DeliveredLog, register_callback_task
 
