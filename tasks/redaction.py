@@ -19,7 +19,7 @@ import re
 from typing import Any
 from urllib.parse import unquote_plus
 
-__all__ = ["REDACTED", "redact_text", "redact_value"]
+__all__ = ["REDACTED", "redact_text", "redact_uri", "redact_value"]
 
 REDACTED = "[redacted]"
 
@@ -69,3 +69,9 @@ def redact_value(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return type(value)(redact_value(v) for v in value)
     return value
+
+
+def redact_uri(uri: str) -> str:
+    """An image URI as a span attribute or a log may show it: a `data:` URI by its header only (never its
+    payload), any other with its query string cut."""
+    return uri.partition(",")[0] + ",…" if uri.startswith("data:") else redact_text(uri)

@@ -1,9 +1,10 @@
 """Worker logging: text or one JSON object per line (`VARCO_LOG_FORMAT`), job fields, no URL secrets.
 
 A filter adds `job_id`, `task` and `worker` where a job is being handled (a context variable set
-around each delivery), and the formatter strips query strings from every URL in the finished line
-(`tasks/redaction.py`, shared with the gateway's access log), so a presigned URL's signature never
-reaches a log (httpx logs every request's URL at INFO, Celery attaches task arguments to its records).
+around each delivery), and `trace_id`, `span_id` where a span is current (tracing on, tasks/tracing.py);
+the formatter strips query strings from every URL in the finished line (`tasks/redaction.py`, shared
+with the gateway's access log), so a presigned URL's signature never reaches a log (httpx logs every
+request's URL at INFO, Celery attaches task arguments to its records).
 JSON lines come from python-json-logger, which keeps every extra field of a record.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
+from varco.tasks import tracing
 from varco.tasks.redaction import redact_text
 
 _job: ContextVar[dict[str, str]] = ContextVar("varco_job", default={})  # noqa: B039 - never mutated
@@ -45,6 +47,8 @@ class JobFields(logging.Filter):
         record.worker = self.worker
         record.worker_label = self.worker
         for key, value in _job.get().items():
+            setattr(record, key, value)
+        for key, value in tracing.log_ids().items():  # trace_id, span_id: the line links to its trace
             setattr(record, key, value)
         return True
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from varco.tasks import tracing
 from varco.tasks.tag_grammar import OutputShape
 from varco.workers.engines.deltas import DeltaDecoder, OnDelta
 
@@ -139,8 +140,26 @@ class WorkItem:
     is_cancelled: Callable[[], bool]
     deltas: DeltaDecoder | None = None  # streamed requests only
     arrived: float = field(default_factory=time.monotonic)
+    # Tracing: the submitting job's context (its task thread's), so this request's spans join its own trace
+    # whichever job started the batch; and the wall-clock arrival, where its varco.engine_wait span starts.
+    trace: Any = field(default_factory=tracing.current_context)
+    arrived_ns: int = field(default_factory=time.time_ns)
+    waited: bool = False
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: Future = field(default_factory=Future)
+
+
+def end_generation_span(span: Any, output: GenerationOutput | None = None, error: BaseException | None = None) -> None:
+    """End a `generation_span` with the request's token counts, or with its error."""
+    if output is not None:
+        span.set_attributes({
+            "gen_ai.usage.input_tokens": output.prompt_tokens, "gen_ai.usage.output_tokens": output.output_tokens,
+            "gen_ai.response.finish_reasons": [output.finish_reason],
+        })  # fmt: skip
+    if error is not None:
+        span.record_exception(error)
+        span.set_attribute("error.type", type(error).__name__)
+    span.end()
 
 
 class ThreadedEngine(EngineBackend):
@@ -166,6 +185,35 @@ class ThreadedEngine(EngineBackend):
     @abc.abstractmethod
     def _run(self) -> None:
         """The engine thread."""
+
+    def _traced(self, items: list[WorkItem], generate: Callable[[], list[GenerationOutput]]) -> list[GenerationOutput]:
+        """Run `generate` for a batch, with each request's spans (`generation_span`) in its own job's trace."""
+        if not tracing.on():
+            return generate()
+        spans = [self.generation_span(item, len(items)) for item in items]
+        try:
+            outputs = generate()
+        except BaseException as exc:
+            for span in spans:
+                end_generation_span(span, error=exc)
+            raise
+        for span, output in zip(spans, outputs, strict=False):
+            end_generation_span(span, output)
+        return outputs
+
+    def generation_span(self, item: WorkItem, batch_size: int) -> Any:
+        """A request's `varco.engine_wait` span (once) and its open `varco.generate` span (gen_ai semantic
+        conventions), both children of the submitting job's context, whichever job started the batch."""
+        now = time.time_ns()
+        if not item.waited:  # a batch split after an OOM runs its requests again: they waited once
+            tracing.record_span("varco.engine_wait", item.arrived_ns, now, parent=item.trace)
+            item.waited = True
+        attributes = {
+            "gen_ai.operation.name": "chat", "gen_ai.request.model": self.model_name,
+            "gen_ai.request.max_tokens": getattr(getattr(item.prepared, "request", None), "max_new_tokens", None),
+            "varco.engine": self.name, "varco.batch.size": batch_size,
+        }  # fmt: skip
+        return tracing.start_span("varco.generate", attributes, parent=item.trace, start_ns=now)
 
     def _start_thread(self) -> None:
         # The engine thread runs in a copy of the loader's context, so context variables set there

@@ -203,7 +203,8 @@ class HFEngine(ThreadedEngine):
         started = time.perf_counter()
         self.in_flight = len(items)
         try:
-            return self.model.generate([i.prepared for i in items], stopping_criteria=criteria)
+            prepared = [i.prepared for i in items]
+            return self._traced(items, lambda: self.model.generate(prepared, stopping_criteria=criteria))
         finally:
             self.in_flight = 0
             self.note_progress()

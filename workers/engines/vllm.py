@@ -18,13 +18,16 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from varco.tasks import tracing
 from varco.workers import metrics
 from varco.workers.engines.base import (
     Cancelled,
+    GenerationOutput,
     GenerationRequest,
     ThreadedEngine,
     WorkItem,
     cuda_available,
+    end_generation_span,
     never_cancelled,
     user_turn,
     weights_dtype,
@@ -63,6 +66,7 @@ class VLLMEngine(ThreadedEngine):
         self.engine: Any = None
         self.tokenizer: Any = None
         self._running: dict[str, WorkItem] = {}  # request id -> item, engine thread only
+        self._spans: dict[str, Any] = {}  # request id -> its open varco.generate span (tracing on only)
         self._ready = threading.Event()
         self._load_lock = threading.Lock()
         self._load_error: BaseException | None = None
@@ -241,6 +245,8 @@ class VLLMEngine(ThreadedEngine):
             item.future.set_exception(exc)
             return
         self._running[item.request_id] = item
+        if tracing.on():  # continuous batching: the span runs from admission to this request's last token
+            self._spans[item.request_id] = self.generation_span(item, len(self._running))
 
     def _abort_cancelled(self) -> None:
         cancelled = [rid for rid, item in self._running.items() if item.is_cancelled()]
@@ -248,6 +254,7 @@ class VLLMEngine(ThreadedEngine):
             self.engine.abort_request(cancelled)
             for rid in cancelled:
                 self._running.pop(rid).future.set_exception(Cancelled())
+                self._end_span(rid, error=Cancelled())
 
     def _finish(self, output: Any) -> None:
         item = self._running.pop(output.request_id, None)
@@ -256,18 +263,23 @@ class VLLMEngine(ThreadedEngine):
         completion = output.outputs[0]
         if completion.finish_reason == "abort":
             item.future.set_exception(Cancelled())
+            self._end_span(output.request_id, error=Cancelled())
             return
         if item.deltas is not None:  # the last step's text, before the answer is final
             item.deltas.update(completion.token_ids)
-        item.future.set_result(
-            to_output(
-                completion.token_ids,
-                tokenizer=self.tokenizer,
-                stop_ids=self.stop_ids,
-                prompt_tokens=len(output.prompt_token_ids or []),
-                budget=item.prepared.request.max_new_tokens,
-            )
+        result = to_output(
+            completion.token_ids,
+            tokenizer=self.tokenizer,
+            stop_ids=self.stop_ids,
+            prompt_tokens=len(output.prompt_token_ids or []),
+            budget=item.prepared.request.max_new_tokens,
         )
+        self._end_span(output.request_id, result)
+        item.future.set_result(result)
+
+    def _end_span(self, rid: str, output: GenerationOutput | None = None, error: Exception | None = None) -> None:
+        if (span := self._spans.pop(rid, None)) is not None:
+            end_generation_span(span, output, error)
 
 
 def cpu_kv_cache_bytes(share: float, total_ram: int | None = None) -> int:

@@ -14,7 +14,9 @@ from collections.abc import Callable
 
 from tenacity import RetryCallState
 
+from varco.tasks import tracing
 from varco.tasks.errors import ResultStoreError
+from varco.tasks.redaction import redact_text
 from varco.tasks.schemas import JobState
 from varco.tasks.status import StatusStore
 from varco.workers.net.retry import retry_within
@@ -53,6 +55,8 @@ def write_result(
         log.warning("job %s: result write failed (%r); retrying in %.1fs", job_id, exc, state.upcoming_sleep)
         error = ResultStoreError(f"cannot write the result yet, retrying: {exc!r}")
         statuses.transition(job_id, JobState.RETRYING, error=error.info())
+        event = {"exception.type": type(exc).__name__, "exception.message": redact_text(str(exc))[:200]}
+        tracing.event("varco.store_retry", event | {"varco.retry_in_s": state.upcoming_sleep})
 
     retrying = retry_within(
         deadline_s,

@@ -15,9 +15,10 @@ import httpx
 import redis
 from celery import Celery, Task
 
-from varco.tasks import keys
+from varco.tasks import keys, tracing
 from varco.tasks.celery_app import CALLBACK_TASK
 from varco.tasks.errors import ForbiddenURLError
+from varco.tasks.redaction import redact_uri
 from varco.tasks.settings import Settings
 from varco.tasks.signing import sign_headers
 from varco.workers.metrics import CALLBACKS
@@ -84,6 +85,19 @@ def register_callback_task(app: Celery, settings: Settings, delivered: Delivered
             return 0
         body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
         host = host_of(url)
+        # One span per attempt, a child of the job's span (the message's traceparent); its own context goes
+        # on the POST, so the receiver's trace continues the job's.
+        carrier = {k: v for k in tracing.TRACE_HEADERS if isinstance(v := getattr(self.request, k, None), str)}
+        attributes = {
+            "http.request.method": "POST", "url.full": redact_uri(url), "server.address": host,
+            "http.request.resend_count": self.request.retries or None, "varco.job_id": payload.get("job_id"),
+            "varco.task": payload.get("task"), "varco.tenant": payload.get("tenant"),
+            "varco.webhook.event": payload.get("type"), "varco.webhook.id": msg_id,
+        }  # fmt: skip
+        with tracing.span("POST", attributes, kind="client", parent=tracing.context_of(carrier)) as span:
+            return _post(self, url, body, msg_id, host, span)
+
+    def _post(self: Task, url: str, body: bytes, msg_id: str, host: str, span: Any) -> int:
         if not slots.try_acquire(host):
             # The host is at its cap: put the delivery back for later, keeping its retry count.
             log.debug("callback %s: %s is busy; put back", msg_id, host)
@@ -92,7 +106,8 @@ def register_callback_task(app: Celery, settings: Settings, delivered: Delivered
             return 0
         try:
             with total_deadline(timeout_s):
-                response = http.post(url, content=body, headers=sign_headers(secret, msg_id, body))
+                headers = sign_headers(secret, msg_id, body) | tracing.inject()
+                response = http.post(url, content=body, headers=headers)
         except ForbiddenURLError as exc:
             log.error("callback %s to %s refused: %s", msg_id, url, exc)
             CALLBACKS.labels(outcome="refused").inc()
@@ -104,6 +119,7 @@ def register_callback_task(app: Celery, settings: Settings, delivered: Delivered
         finally:
             slots.release(host)
         outcome = delivery_outcome(response.status_code)
+        span.set_attribute("http.response.status_code", response.status_code)
         CALLBACKS.labels(outcome=outcome).inc()
         if outcome == "retry":
             log.info("callback %s got HTTP %d; retry %d", msg_id, response.status_code, self.request.retries + 1)

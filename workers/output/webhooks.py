@@ -11,6 +11,7 @@ from typing import Any
 
 from celery import Celery
 
+from varco.tasks import tracing
 from varco.tasks.celery_app import CALLBACK_QUEUE, CALLBACK_TASK
 from varco.tasks.requests import JobRequest
 from varco.tasks.schemas import ErrorInfo, JobState, WebhookEvent
@@ -63,9 +64,10 @@ def send_event(app: Celery, url: str, payload: dict[str, Any], *, retry_s: float
     used within seconds.
     """
     args = [url, payload, f"{payload['job_id']}.{payload['type']}"]
+    headers = tracing.inject() or None  # the job's span: the delivery continues the job's trace
     try:
         for attempt in retry_within(retry_s):
             with attempt:
-                app.send_task(CALLBACK_TASK, args=args, queue=CALLBACK_QUEUE)
+                app.send_task(CALLBACK_TASK, args=args, queue=CALLBACK_QUEUE, headers=headers)
     except Exception:  # still unreachable: the job's outcome stands, its webhook is lost (logged)
         log.exception("could not queue %s callback for job %s", payload["type"], payload["job_id"])

@@ -21,6 +21,7 @@ from varco.tasks.fair_queue import send_ticket
 from varco.tasks.job_ids import is_valid_job_id
 from varco.tasks.messages import InferMessage
 from varco.tasks.schemas import ErrorInfo, JobState
+from varco.tasks.tracing import TRACE_HEADERS
 from varco.workers.runtime.fair_pick import ticket_of
 from varco.workers.runtime.lifecycle import RetryNotQueued, Runtime, deliver, send_missing_terminal_webhook
 from varco.workers.runtime.undecodable import on_undecodable
@@ -38,20 +39,25 @@ def register_inference_task(app: Celery, get_runtime: Callable[[], Runtime]) -> 
             # A ticket: the fair queue picks which tenant's job runs now (docs/tenants.md).
             if (taken := rt.fair.take(ticket)) is not None:
                 late = rt.fair.deadline_error(taken) if taken.late else None
-                run_message(self, rt, taken.args, taken.kwargs, late)
+                run_message(self, rt, taken.args, taken.kwargs, late, taken.trace)
                 rt.fair.release(ticket, taken)  # the run ended; a Retry raised above keeps the ticket's job
             return  # a ticket that took nothing holds nothing to release
         run_message(self, rt, args, kwargs)  # a job message of the format before tickets
 
     def run_message(
-        self: Task, rt: Runtime, args: tuple[Any, ...], kwargs: dict[str, Any], late: JobError | None = None
-    ) -> None:
+        self: Task, rt: Runtime, args: tuple[Any, ...], kwargs: dict[str, Any], late: JobError | None = None,
+        trace: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
         message = InferMessage.from_task_args(args, kwargs)  # never raises: the message is not trusted yet
         if message.job_id is None:
             log.error("dropped a %s message (task id %.80r): %s", INFER_TASK, self.request.id, message.problem)
             return
         delivery_tag = (getattr(self.request, "properties", None) or {}).get("delivery_tag")
-        deliver(rt, message.job_id, message, celery_retry(self), delivery_tag=delivery_tag, late=late)
+        # The job's spans continue its submitter's trace; the ticket that carried it here is a link (a
+        # ticket may run another job than the one whose submit published it).
+        headers = {k: v for k in TRACE_HEADERS if isinstance(v := getattr(self.request, k, None), str)}
+        deliver(rt, message.job_id, message, celery_retry(self), delivery_tag=delivery_tag, late=late,
+                trace=trace or headers, ticket_trace=headers)  # fmt: skip
 
     def on_revoked(sender: Task | None = None, request: Any = None, **_: Any) -> None:
         # `celery control revoke` of a queued job: Celery drops its message when it arrives here; the

@@ -15,7 +15,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -52,6 +52,7 @@ class Taken:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     late: bool
+    trace: dict[str, str] = field(default_factory=dict)  # the submitter's trace context (tasks/tracing.py)
 
 
 def ticket_of(task_id: object, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Ticket | None:
@@ -84,7 +85,7 @@ class FairPicker:
         if picked.waiting >= 0:  # a new pick, not a ticket delivered again
             metrics.PICKS.labels(tenant=metric_label(picked.tenant, self.weights)).inc()
             self._note(picked.tenant, picked.waiting)
-        return Taken(picked.job_id, picked.tenant, args, kwargs, late)
+        return Taken(picked.job_id, picked.tenant, args, kwargs, late, picked.trace)
 
     def _note(self, tenant: str, waiting: int) -> None:
         """Say in the log, at most once per SHARE_LOG_S, how the picks were shared while tenants competed (a

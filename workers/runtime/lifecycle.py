@@ -15,16 +15,18 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from varco.tasks import tracing
 from varco.tasks.delta_stream import DeltaStream
 from varco.tasks.errors import InferenceError, JobError, error_info
 from varco.tasks.messages import InferMessage
+from varco.tasks.redaction import redact_uri
 from varco.tasks.requests import InvalidRequest, JobRequest
 from varco.tasks.results_store import ResultStore
 from varco.tasks.schemas import ErrorInfo, ImageInfo, JobResult, JobState, Timings, Usage
@@ -32,6 +34,7 @@ from varco.tasks.settings import Settings
 from varco.tasks.status import StatusStore, now_iso
 from varco.tasks.tag_grammar import constraint_for
 from varco.tasks.tags import parse
+from varco.tasks.tenants import DEFAULT_TENANT
 from varco.workers import metrics
 from varco.workers.engines.base import Cancelled, EngineBackend, GenerationOutput, GenerationRequest
 from varco.workers.input.fetch import FetchedImage, ImageFetcher
@@ -95,17 +98,29 @@ class Runtime:
 
 def deliver(
     rt: Runtime, job_id: str, message: InferMessage, retry: RetryFn, *, delivery_tag: str | None,
-    late: JobError | None = None,
+    late: JobError | None = None, trace: Mapping[str, str] | None = None, ticket_trace: dict[str, str] | None = None,
 ) -> None:  # fmt: skip
     """One delivery of a job: claim it (unless a live run holds it), run it, and record how it ended.
 
     The job is watched for cancels before its record says started: a cancel from then on reaches this
-    process on varco:cancel, and one requested earlier is honoured by the claim itself.
+    process on varco:cancel, and one requested earlier is honoured by the claim itself. The delivery is
+    the `varco.job` span, a child of the submit's context `trace` (docs/tracing.md).
     """
     request = message.request
+    fields = request if isinstance(request, dict) else {}
+    task = fields.get("task") if isinstance(fields.get("task"), str) else None
+    attributes = {
+        "varco.job_id": job_id, "varco.task": task, "varco.tenant": fields.get("tenant") or DEFAULT_TENANT,
+        "varco.worker": rt.hostname, "varco.engine": getattr(rt.engine, "name", None),
+        "messaging.system": "celery", "messaging.operation.type": "process",
+    }  # fmt: skip
+    links = [ticket_trace] if ticket_trace and ticket_trace != trace else None
     rt.cancels.watch(job_id)
     try:
-        with job_context(job_id=job_id, task=request.get("task") if isinstance(request, dict) else None):
+        with (
+            tracing.span("varco.job", attributes, kind="consumer", parent=tracing.context_of(trace), links=links),
+            job_context(job_id=job_id, task=task),
+        ):
             if late is not None and _fail_unstarted(rt, job_id, message, late):
                 return  # its deadline passed in the queue: it never reaches the engine
             _deliver(rt, job_id, message, retry, delivery_tag)
@@ -125,6 +140,7 @@ def _deliver(rt: Runtime, job_id: str, message: InferMessage, retry: RetryFn, de
         retry(claim.leased_s + 1.0)
         return
     state, attempts = claim.state, claim.attempts
+    tracing.event("varco.status", {"varco.state": state.value, "varco.attempt": attempts})
     if state is not JobState.STARTED:
         log.info("job %s not run: it is %s (delivery %d)", job_id, state.value, attempts)
         if state.finished:  # a job cancelled while queued ends here too: its job.cancelled goes out now
@@ -139,10 +155,12 @@ def _deliver(rt: Runtime, job_id: str, message: InferMessage, retry: RetryFn, de
         return
     job = _Job(rt, job_id, job_request, enqueued_at)
     if attempts == 1:
+        tracing.record_span("varco.queue_wait", int(job.queued_at * 1e9))  # from enqueued_at to this claim
         job.notify("job.started", JobState.STARTED)
     try:
         job.run()
     except Cancelled:
+        tracing.event("varco.cancel")
         if job.end(JobState.CANCELLED):
             metrics.observe_job(job_request.task.value, JobState.CANCELLED.value)
             job.notify("job.cancelled", JobState.CANCELLED)
@@ -152,6 +170,7 @@ def _deliver(rt: Runtime, job_id: str, message: InferMessage, retry: RetryFn, de
         if exc.transient and attempts < rt.settings.max_attempts:
             log.info("job %s: %s (attempt %d); retrying", job_id, exc, attempts)
             rt.statuses.transition(job_id, JobState.RETRYING, error=exc.info())
+            tracing.event("varco.status", {"varco.state": JobState.RETRYING.value, "error.type": exc.info().type})
             metrics.observe_job(job_request.task.value, JobState.RETRYING.value)
             try:
                 retry(backoff_s(attempts - 1))
@@ -212,6 +231,7 @@ class _Job:
         """This run's terminal transition; a record Redis lost meanwhile is made anew, so it still ends.
         A streamed job's stream ends with it (readers of a job ended elsewhere stop on its status)."""
         ended = self.rt.statuses.transition(self.job_id, state, recreate_task=self.request.task.value, **fields)
+        tracing.event("varco.status", {"varco.state": state.value, "varco.transitioned": ended})
         if ended and self.publisher is not None:
             self.publisher.end(state.value, self.output)
         return ended
@@ -236,14 +256,17 @@ class _Job:
         rt, request = self.rt, self.request
         started = time.time()
         t0 = time.perf_counter()
-        fetched = rt.fetcher.fetch(request.image_uri)
+        with tracing.span("varco.fetch", {"url.full": redact_uri(request.image_uri)}) as span:
+            fetched = rt.fetcher.fetch(request.image_uri)
+            span.set_attributes({"varco.image.bytes": len(fetched.data), "varco.image.sha256": fetched.sha256})
         fetch_s = time.perf_counter() - t0
         cache = rt.cache
         if (source := cache.lookup(request, fetched.sha256)) is not None:  # a repeat: no engine
-            own = self.own_fields(fetched, started, fetch_s, 0.0) | {"usage": Usage(), "cached_from": source.job_id}
-            if self.publisher is not None:  # the whole answer at once: there is nothing to generate
-                self.publisher.publish(source.output.raw)
-            self.finish(JobResult.model_validate(source.model_dump() | own), fetched, fetch_s, None)
+            with tracing.span("varco.result_cache.hit", {"varco.cached_from": source.job_id}):
+                own = self.own_fields(fetched, started, fetch_s, 0.0) | {"usage": Usage(), "cached_from": source.job_id}
+                if self.publisher is not None:  # the whole answer at once: there is nothing to generate
+                    self.publisher.publish(source.output.raw)
+                self.finish(JobResult.model_validate(source.model_dump() | own), fetched, fetch_s, None)
             return
         generation = GenerationRequest(
             image=fetched.image,
@@ -254,7 +277,9 @@ class _Job:
         )
         t1 = time.perf_counter()
         try:
-            prepared = rt.engine.prepare(generation)  # here, in the task thread: the device's thread only generates
+            with tracing.span("varco.prepare"):
+                prepared = rt.engine.prepare(generation)  # here, in the task thread: the device's thread only generates
+            # The engine makes this job's varco.engine_wait and varco.generate spans in its own thread.
             streamed = {"on_delta": self.publisher.put} if self.publisher is not None else {}  # others pay nothing
             future = rt.engine.submit(prepared, is_cancelled=lambda: rt.cancels.is_cancelled(self.job_id), **streamed)
             if self.publisher is not None:
@@ -265,7 +290,9 @@ class _Job:
         except Exception as exc:
             raise InferenceError(f"generation failed: {exc!r}") from exc
         inference_s = time.perf_counter() - t1
-        parsed = parse(output.text, (fetched.width, fetched.height))
+        with tracing.span("varco.parse") as span:
+            parsed = parse(output.text, (fetched.width, fetched.height))
+            span.set_attribute("varco.parse.warnings", len(parsed.warnings))
         if output.finish_reason == "length":
             parsed.warnings.append(f"output stopped at max_new_tokens={generation.max_new_tokens}; it may be cut")
         result = JobResult(
@@ -319,7 +346,8 @@ class _Job:
                 result.image.kept_uri = rt.store.write_image(self.job_id, fetched.data)
             return rt.store.write(self.job_id, result.model_dump_json().encode())
 
-        uri = write_result(write, rt.settings.store_retry_s, job_id=self.job_id, statuses=rt.statuses)
+        with tracing.span("varco.result_write"):  # the store's retries are its events (result_writer.py)
+            uri = write_result(write, rt.settings.store_retry_s, job_id=self.job_id, statuses=rt.statuses)
         if uri is None:
             log.info("job %s ended while its result waited; nothing written", self.job_id)
             self.report_cancel()

@@ -19,6 +19,7 @@ from typing import Any
 from celery import Celery
 from pydantic import ValidationError
 
+from varco.tasks import tracing
 from varco.tasks.celery_app import INFER_QUEUE, create_app, prepare_broker
 from varco.tasks.connections import WORKER_RETRIES, redis_client
 from varco.tasks.delta_stream import DeltaStream
@@ -43,6 +44,7 @@ def quiet_transformers() -> None:
 
 def run_inference_worker(hostname: str, queues: list[str], concurrency: int | None = None) -> None:
     configure_logging(hostname)
+    tracing.configure("varco-worker")  # OTEL_* variables; no endpoint, no tracing (docs/tracing.md)
     try:
         quiet_transformers()
         from varco.workers.engines import create_engine
@@ -126,6 +128,7 @@ def _child_state(engine: Any | None) -> dict[str, Any]:
 
 def run_callback_worker(hostname: str, concurrency: int = 8) -> None:
     configure_logging(hostname)
+    tracing.configure("varco-callbacks")
     from varco.tasks.celery_app import CALLBACK_QUEUE
     from varco.workers.output.webhook_delivery import DeliveredLog, register_callback_task
 

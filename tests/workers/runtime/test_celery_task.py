@@ -53,8 +53,9 @@ def delivered(bound: tuple[Any, Task, StatusStore], monkeypatch: pytest.MonkeyPa
     calls: list[dict[str, Any]] = []
 
     def deliver(
-        rt: Any, job_id: str, message: InferMessage, retry: Any, *, delivery_tag: str | None, late: Any = None
-    ) -> None:
+        rt: Any, job_id: str, message: InferMessage, retry: Any, *, delivery_tag: str | None, late: Any = None,
+        trace: Any = None, ticket_trace: Any = None,
+    ) -> None:  # fmt: skip
         calls.append({"rt": rt, "job_id": job_id, "message": message, "delivery_tag": delivery_tag, "late": late})
         if countdown := getattr(message.request, "get", lambda _: None)("countdown"):
             retry(countdown)
