@@ -77,7 +77,6 @@ def create_app(settings: Settings, keys: list[str] | None, *, client: Client | N
             metrics=metrics,
             statuses=statuses,
             deltas=AsyncDeltaStream(statuses.redis),
-
             overlay_renders=asyncio.Semaphore(settings.gateway_overlay_renders),
         )
         try:
