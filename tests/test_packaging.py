@@ -122,7 +122,7 @@ def test_base_install_tests_pass_without_any_extra(base_install: BaseInstall, tm
     # model-card fixtures they read.
     tests = tmp_path / "tests"
     tests.mkdir()
-    for name in ["conftest.py", "helpers.py", *BASE_INSTALL_TESTS]:
+    for name in ["conftest.py", "helpers.py", "tag_invariants.py", *BASE_INSTALL_TESTS]:
         (tests / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / "tests" / name, tests / name)
     shutil.copytree(FIXTURES, tmp_path / "shared" / "fixtures")
