@@ -70,3 +70,33 @@ def test_a_line_whose_job_was_never_queued_is_submitted_again_once(client: Clien
     assert client.fair.holds(repaired) == [True, True, True] and client.statuses.get(first[1]) is None
     runner.run_once()
     assert store.job_ids(batch_id, 0, 3) == repaired and client.fair.depth() == 3
+
+
+def test_a_batch_past_its_window_ends_expired_with_every_line_in_the_error_file(client: Client, tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(chat_line(f"r{n}") for n in range(4)))
+    batch_id = client.submit_batch(source)
+    runner = BatchRunner(client)
+    runner.run_once()
+    store = BatchStore(client.redis, 60)
+    jobs = store.job_ids(batch_id, 0, 4)
+    assert len(jobs) == 4 and client.fair.depth() == 4
+
+    record = client.batch(batch_id)
+    record.expires_at = int(time.time()) - 1  # the completion window has passed with no worker running
+    assert store.claim(batch_id, "test", 30)
+    store.save(record, "test")
+    store.release(batch_id, "test")
+    for _ in range(5):
+        runner.run_once()
+        if client.batch(batch_id).status.value in ("expired", "completed"):
+            break
+
+    record = client.batch(batch_id)
+    assert record.status is BatchStatus.EXPIRED and record.expired_at is not None
+    assert (record.total, record.completed, record.failed, record.output_file_id) == (4, 0, 4, None)
+    assert [client.status(j).state.value for j in jobs] == ["cancelled"] * 4  # queued lines never start
+    error_file = client.batches.file(record.error_file_id)
+    lines = [json.loads(raw) for raw in b"".join(client.batches.content(error_file)).splitlines()]
+    assert sorted(line["custom_id"] for line in lines) == ["r0", "r1", "r2", "r3"]
+    assert {line["error"]["code"] for line in lines} == {"batch_expired"}
