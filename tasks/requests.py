@@ -8,7 +8,16 @@ import math
 from typing import Annotated, Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from varco.tasks.prompts import TaskType, build_prompt, find_control_token, find_varco_tag
 from varco.tasks.tenants import DEFAULT_TENANT, check_tenant
@@ -93,6 +102,16 @@ class JobRequest(BaseModel):
     deadline_s: float | None = Field(default=None, gt=0, le=MAX_DEADLINE_S)
     # Publish the answer's text as the model writes it (tasks/deltas.py); off, the engine publishes nothing.
     stream: Annotated[bool, Strict()] = False
+
+    @field_validator("*")
+    @classmethod
+    def _unicode_text(cls, value: Any, info: ValidationInfo) -> Any:
+        # JSON's "\ud800" escape decodes to a lone surrogate: valid JSON, not text. Refused here, named, rather
+        # than failing when the request is serialised for the worker (a 500 found by fuzzing).
+        for text in value if isinstance(value, tuple) else (value,):
+            if isinstance(text, str) and not is_unicode_text(text):
+                raise ValueError(f"{info.field_name} holds a lone surrogate (a \\uD800-\\uDFFF escape): not text")
+        return value
 
     @field_validator("tenant")
     @classmethod
@@ -245,6 +264,15 @@ def data_uri_size(uri: str) -> int:
         encoded = payload.strip()
         return len(encoded) * 3 // 4 - encoded[-2:].count("=")  # "=" padding decodes to nothing
     return len(unquote_to_bytes(payload))
+
+
+def is_unicode_text(text: str) -> bool:
+    """Whether `text` encodes as UTF-8: no lone surrogates."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_data_uri_size(image_uri: str, max_bytes: int) -> None:

@@ -9,6 +9,7 @@ tests/integration/test_gateway_limits.py covers what needs a real `varco gateway
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -70,6 +71,20 @@ def requests_total(http: TestClient) -> dict[tuple[str, str, str], float]:
 
 
 # --- parse errors are 4xx, and a 5xx is counted --------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["image_uri", "prompt", "callback_url", "idempotency_key"])
+def test_a_lone_surrogate_escape_is_a_422_naming_its_field(settings: Settings, client: Client, field: str) -> None:
+    """JSON's \\ud800 escape decodes to a lone surrogate, which no broker message can carry (found by fuzzing)."""
+    body = {"image_uri": "https://e.example/a.png", "task": "vqa", "prompt": "what?",
+            "callback_url": "https://e.example/hook", "idempotency_key": "k"}  # fmt: skip
+    body[field] += "\ud800"
+    raw = json.dumps(body).encode()  # ensure_ascii writes the surrogate as the escape a client sends
+    assert b"\\ud800" in raw
+    with gateway(settings, client) as http:
+        answer = problem(http.post("/v1/jobs", content=raw, headers={"content-type": "application/json"}), 422,
+                         "invalid-request")  # fmt: skip
+    assert answer["field"] == field
 
 
 @pytest.mark.parametrize("path", ["/v1/jobs", "/v1/jobs/batch"])
