@@ -53,6 +53,8 @@ class Route:
     # False: no Content-Length, the body ends when the connection closes (the reader must count bytes).
     send_length: bool = True
     error_body: bytes = b"error"  # the body of an answer >= 300 (an S3 error document, say)
+    # Seconds to wait before answering: a job held this long in its fetch, however fast the machine.
+    delay_s: float = 0.0
 
 
 class ServedFiles:
@@ -75,6 +77,7 @@ class ServedFiles:
                     return
                 route.hits += 1
                 route.hit_times.append(time.monotonic())
+                time.sleep(route.delay_s)
                 status = route.failures.pop(0) if route.failures else route.status
                 self.send_response(status)
                 for name, value in route.headers.items():

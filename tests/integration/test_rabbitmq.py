@@ -124,7 +124,11 @@ def test_a_killed_worker_child_s_job_runs_again(rabbit_client: Client, node: sub
 def test_a_job_longer_than_the_consumer_timeout_runs_once(
     rabbit_client: Client, node, http_files, rabbit: LocalRabbitMQ
 ) -> None:
-    job_id = rabbit_client.submit(http_files.add("/rabbit-slow.png", MEDIUM), "caption", max_new_tokens=2000)
+    # The image answers only after the consumer timeout and two channel ticks, so the delivery stays unacked
+    # past it on any machine (the model's speed alone made it 1.7 s in CI, under the 2.2 s).
+    slow = (CONSUMER_TIMEOUT_MS + 2 * CHANNEL_TICK_MS) / 1000 + 1.0
+    job_id = rabbit_client.submit(http_files.add("/rabbit-slow.png", MEDIUM, delay_s=slow), "caption",
+                                  max_new_tokens=2000)  # fmt: skip
     wait_for_state(rabbit_client, job_id, {"started"}, timeout=120)
     child = inference_child(node)
     [status] = rabbit_client.wait(job_id, timeout=180)
