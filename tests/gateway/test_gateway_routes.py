@@ -692,7 +692,12 @@ def test_the_api_description_says_what_the_server_takes_and_sends(base: str) -> 
     assert paths["/v1/jobs"]["post"]["operationId"] == "submit_job"
     assert paths["/v1/jobs/{job_id}"]["get"]["operationId"] == "get_job"
     stream = paths["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]["text/event-stream"]
-    assert stream["itemSchema"]["properties"]["data"]["contentSchema"] == {"$ref": "#/components/schemas/JobStatus"}
+    kinds = {e["properties"].get("event", {}).get("const"): e for e in stream["itemSchema"]["oneOf"]}
+    assert set(kinds) == {None, "status", "delta", "end", "interrupted"}  # None: the `retry: 5000` line
+    assert kinds["status"]["properties"]["data"]["contentSchema"] == {"$ref": "#/components/schemas/JobStatus"}
+    events = paths["/v1/jobs/{job_id}/events"]["get"]
+    assert {"204", "429"} <= set(events["responses"])
+    assert {p["name"] for p in events["parameters"]} >= {"Last-Event-ID"}
 
 
 # --- metrics ---------------------------------------------------------------------------------------
