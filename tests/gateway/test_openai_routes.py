@@ -270,6 +270,22 @@ def test_a_tenant_over_its_queued_limit_gets_a_rate_limit_error(settings: Settin
     assert len(records(client)) == 1  # nothing more was enqueued
 
 
+def test_a_streamed_completion_over_the_keys_stream_cap_is_a_rate_limit_error(
+    settings: Settings, client: Client
+) -> None:
+    capped = settings.model_copy(update={"gateway_max_streams_per_key": 1})
+    auth = {"Authorization": f"Bearer {ALICE}"}
+    with serve(capped, [ALICE, BOB], client) as base, httpx.Client(base_url=base, headers=auth, timeout=30) as http:
+        job_id = http.post("/v1/jobs", json={"image_uri": IMAGE, "task": "caption"}).json()["job_id"]
+        with http.stream("GET", f"/v1/jobs/{job_id}/events") as open_one, sdk(base) as api:
+            assert open_one.status_code == 200
+            with pytest.raises(openai.RateLimitError) as over:
+                api.chat.completions.create(**CHAT, stream=True)
+    assert over.value.code == "too_many_streams" and int(over.value.response.headers["retry-after"]) > 0
+    assert "VARCO_GATEWAY_MAX_STREAMS_PER_KEY" in over.value.message
+    assert records(client) == [job_id]  # the refused completion submitted nothing
+
+
 def test_redis_down_is_a_503_in_openais_shape(settings: Settings, client: Client) -> None:
     down = settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{free_port()}/0", "redis_timeout_s": 1.0})
     with Client(down) as unreachable, serve(down, [ALICE], unreachable) as base, sdk(base) as api, \
