@@ -18,6 +18,7 @@ from varco.gateway import openai_batches, openai_files, openai_routes, openapi_d
 from varco.gateway.auth import KeyRing
 from varco.gateway.limits import BodyLimits
 from varco.gateway.metrics import HttpMetrics
+from varco.gateway.open_streams import OpenStreams
 from varco.gateway.ratelimit import RateLimiter
 from varco.gateway.state import GatewayState
 from varco.producer import Client
@@ -65,6 +66,7 @@ def _instrument(app: FastAPI) -> None:
 def create_app(settings: Settings, keys: list[str] | None, *, client: Client | None = None) -> FastAPI:
     """`keys=None` serves without authentication (`varco gateway --no-auth`)."""
     metrics = HttpMetrics()
+    streams = OpenStreams(settings.gateway_max_streams_per_key)  # server.py ends them at SIGTERM
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -78,6 +80,7 @@ def create_app(settings: Settings, keys: list[str] | None, *, client: Client | N
             statuses=statuses,
             deltas=AsyncDeltaStream(statuses.redis),
             overlay_renders=asyncio.Semaphore(settings.gateway_overlay_renders),
+            streams=streams,
         )
         try:
             yield
@@ -93,6 +96,7 @@ def create_app(settings: Settings, keys: list[str] | None, *, client: Client | N
         lifespan=lifespan,
         generate_unique_id_function=lambda route: route.name,  # operation ids: submit_job, get_job…
     )
+    app.state.streams = streams
     problems.install(app)
     app.add_exception_handler(BrokerUnavailable, _broker_unavailable)
     app.add_exception_handler(redis.exceptions.RedisError, _broker_unavailable)  # the asyncio client's own errors

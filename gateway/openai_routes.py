@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from openai.types import CompletionUsage, Model
 from openai.types.chat import ChatCompletion
 from pydantic import BaseModel
@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from varco.gateway.access import caller, tenant_of
 from varco.gateway.job_deltas import follow
+from varco.gateway.open_streams import SHUTDOWN, HeldStream
 from varco.gateway.openai_errors import OpenAIError, OpenAIRoute, bad_request, error_responses, model_not_found
 from varco.gateway.openai_mapping import (
     ChatJob,
@@ -107,25 +108,29 @@ async def _finished(state: GatewayState, job_id: str) -> JobStatus | None:
     return None
 
 
-HUNG_UP = "hung up"
+HUNG_UP, SHUTTING_DOWN = "hung up", "shutting down"
 T = TypeVar("T")
 
 
 async def _unless_hung_up(request: Request, waiting: Awaitable[T]) -> T | str:
-    """What `waiting` returns, or HUNG_UP if the caller disconnects first (`waiting` is then stopped)."""
+    """What `waiting` returns, or HUNG_UP if the caller disconnects first, or SHUTTING_DOWN if the gateway
+    begins to (`waiting` is then stopped)."""
     answer = asyncio.ensure_future(waiting)
     hung_up = asyncio.ensure_future(_hung_up(request))
+    closing = asyncio.ensure_future(gateway(request).streams.closing.wait())
     try:
-        await asyncio.wait({answer, hung_up}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:  # this request itself was cancelled (the server shuts down)
+        await asyncio.wait({answer, hung_up, closing}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this request itself was cancelled
         answer.cancel()
         hung_up.cancel()
+        closing.cancel()
         raise
     await _stop(hung_up)
+    await _stop(closing)
     if answer.done():
         return answer.result()
     await _stop(answer)
-    return HUNG_UP
+    return HUNG_UP if hung_up.done() and not hung_up.cancelled() else SHUTTING_DOWN
 
 
 async def _stop(task: asyncio.Future[Any]) -> None:
@@ -155,10 +160,15 @@ def _refusal(status: JobStatus | None, job: ChatJob, job_id: str) -> OpenAIError
     return None
 
 
-async def _cancel_for_hang_up(state: GatewayState, job_id: str) -> JSONResponse:
-    log.info("chat completion %s: the caller disconnected; cancelling its job", job_id)
+async def _cancel_for_hang_up(state: GatewayState, job_id: str, why: str) -> JSONResponse:
+    """The job of a caller who left, or of one the gateway leaves as it shuts down, is cancelled: its answer
+    would reach nobody (an SDK retries a 503 as a new request)."""
+    log.info("chat completion %s: %s before the answer; cancelling its job", job_id, why)
     with contextlib.suppress(JobNotFound):
         await run_in_threadpool(state.client.cancel, job_id)
+    if why == SHUTTING_DOWN:
+        raise OpenAIError(503, f"the gateway is shutting down; job {job_id} was cancelled: send the request again",
+                          code="gateway_shutdown", headers={"Retry-After": "1"})  # fmt: skip
     return JSONResponse({}, status_code=499)  # never sent: there is no one to send it to
 
 
@@ -191,6 +201,26 @@ def _failed(status: JobStatus, job: ChatJob) -> OpenAIError:
 )  # fmt: skip
 async def chat_completions(request: Request, state: State, who: Caller) -> Response:
     job = _job(await _body(request), state)
+    # A stream's slot is taken before the job is submitted: over VARCO_GATEWAY_MAX_STREAMS_PER_KEY, 429 and
+    # nothing enqueued. The response gives it back when it ends; an error or a plain answer, at once.
+    release = state.streams.reserve(who) if job.request.stream else _nothing
+    try:
+        response = await _answer(request, state, who, job)
+    except BaseException:
+        release()
+        raise
+    if isinstance(response, HeldStream):
+        response.release = release
+    else:
+        release()
+    return response
+
+
+def _nothing() -> None:
+    return None
+
+
+async def _answer(request: Request, state: GatewayState, who: str, job: ChatJob) -> Response:
     fields = job.request.model_dump(exclude_none=True) | {"tenant": tenant_of(state, who)}
     try:
         [job_id] = await run_in_threadpool(state.client.submit_many, [fields], owner=who)
@@ -204,8 +234,8 @@ async def chat_completions(request: Request, state: State, who: Caller) -> Respo
     if job.request.stream:
         return await _streamed(request, state, job, job_id)
     status = await _unless_hung_up(request, _finished(state, job_id))
-    if isinstance(status, str):  # HUNG_UP: the caller left, its answer would reach nobody
-        return await _cancel_for_hang_up(state, job_id)
+    if isinstance(status, str):  # HUNG_UP: the caller left, its answer would reach nobody; or SHUTDOWN
+        return await _cancel_for_hang_up(state, job_id, status)
     if (refusal := _refusal(status, job, job_id)) is not None:
         raise refusal
     completion = to_chat_completion(await _result(state, job_id))
@@ -218,7 +248,7 @@ async def _streamed(request: Request, state: GatewayState, job: ChatJob, job_id:
     entries = follow(state.deltas, state.statuses, job_id)
     first = await _unless_hung_up(request, anext(entries))
     if isinstance(first, str):
-        return await _cancel_for_hang_up(state, job_id)
+        return await _cancel_for_hang_up(state, job_id, first)
 
     async def failed(end: StreamEnd) -> OpenAIError:
         status = await state.statuses.get(job_id)
@@ -232,8 +262,20 @@ async def _streamed(request: Request, state: GatewayState, job: ChatJob, job_id:
         return result.finish_reason or "stop", completion_usage(result)
 
     chunks = ChunkStream(job_id, state.client.settings.model, int(time.time()), job.include_usage)
-    return StreamingResponse(
-        _cancel_on_hang_up(state, job_id, chunks.events(first, entries, failed, usage)),
+
+    def interrupted(reason: str, detail: str) -> bytes:
+        """The stream cut short after its first chunk: an error event, which the SDK raises (no [DONE], as
+        for a job that fails mid-stream). The job is cancelled (`_cancel_on_hang_up`): a chat completion
+        cannot be resumed, and a retried request is a new job."""
+        message = f"{detail}; job {job_id} was cancelled: send the request again"
+        code = "gateway_shutdown" if reason == SHUTDOWN else "service_unavailable"
+        return b"data: " + json.dumps(OpenAIError(503, message, code=code).body()).encode() + b"\n\n"
+
+    return HeldStream(
+        state.streams.guarded(
+            _cancel_on_hang_up(state, job_id, chunks.events(first, entries, failed, usage)), interrupted
+        ),
+        _nothing,  # the handler sets the stream's release
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no", "x-request-id": job_id},
     )
@@ -249,7 +291,8 @@ async def _cancel_on_hang_up(state: GatewayState, job_id: str, events: AsyncIter
         finished = True
     finally:
         if not finished:
-            log.info("streamed chat completion %s: the caller disconnected; cancelling its job", job_id)
+            log.info("streamed chat completion %s ended early (hang-up, shutdown, Redis lost): cancelling its job",
+                     job_id)  # fmt: skip
             # Not awaited: this runs while the response is being cancelled or closed.
             asyncio.get_running_loop().run_in_executor(None, _cancel_quietly, state.client, job_id)
 

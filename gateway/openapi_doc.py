@@ -25,20 +25,33 @@ from varco.tasks.requests import CALLBACK_EVENTS
 REF = "#/components/schemas/"
 # Response models the jobs API serialises whole (FastAPI's response_model: every field, null when unset).
 WHOLE_RESPONSES = ("Submitted", "BatchSubmitted", "JobStatus", "JobResult", "Health")
+_JSON = {"type": "string", "contentMediaType": "application/json"}
 _SSE_EVENT = {
-    "type": "object",
-    "description": "one Server-Sent Event: `event: status`, `id` the status's updated_at, JSON `data`",
-    "properties": {
-        "event": {"const": "status"},
-        "id": {"type": "string"},
-        "data": {
-            "type": "string",
-            "contentMediaType": "application/json",
-            "contentSchema": {"$ref": REF + "JobStatus"},
-        },
-    },
-    "required": ["data"],
-}
+    "description": "one Server-Sent Event. `retry: 5000` first; `id` (status and delta events) is what a "
+                   "reconnect sends back as `Last-Event-ID`; `end` closes a finished job's stream, `interrupted` "
+                   "one cut short (reconnect)",
+    "oneOf": [
+        {"type": "object", "properties": {"retry": {"const": 5000}}, "required": ["retry"]},
+        {"type": "object", "required": ["event", "id", "data"], "properties": {
+            "event": {"const": "status"}, "id": {"type": "string"},
+            "data": _JSON | {"contentSchema": {"$ref": REF + "JobStatus"}}}},
+        {"type": "object", "required": ["event", "id", "data"], "properties": {
+            "event": {"const": "delta"}, "id": {"type": "string"},
+            "data": _JSON | {"contentSchema": {"type": "object", "required": ["text"],
+                                               "properties": {"text": {"type": "string"}}}}}},
+        {"type": "object", "required": ["event", "data"], "properties": {
+            "event": {"const": "end"},
+            "data": _JSON | {"contentSchema": {"type": "object", "required": ["job_id", "state"], "properties": {
+                "job_id": {"type": "string"},
+                "state": {"anyOf": [{"$ref": REF + "JobState"}, {"type": "null"}],
+                          "description": "the final state; null when the record expired first"}}}}}},
+        {"type": "object", "required": ["event", "data"], "properties": {
+            "event": {"const": "interrupted"},
+            "data": _JSON | {"contentSchema": {"type": "object", "required": ["reason", "detail"], "properties": {
+                "reason": {"type": "string", "enum": ["shutdown", "broker-unavailable"]},
+                "detail": {"type": "string"}}}}}},
+    ],
+}  # fmt: skip
 
 
 def _walk(node: Any) -> Iterator[dict[str, Any]]:
@@ -104,7 +117,7 @@ def _problem_schema(schemas: dict[str, Any]) -> None:
         "error": {"$ref": REF + "ErrorInfo", "description": "why the job failed (job-failed)"},
         "enqueued": {"type": "array", "items": {"type": "string"},
                      "description": "jobs a batch enqueued before Redis went away (broker-unavailable)"},
-        "limit": {"type": "integer", "description": "the queue limit reached (queue-full)"},
+        "limit": {"type": "integer", "description": "the limit reached (queue-full, too-many-streams)"},
         "depth": {"type": "integer", "description": "the queue's depth then (queue-full)"},
     }  # fmt: skip
     problem["properties"] = props
@@ -134,7 +147,7 @@ def _parameters(paths: dict[str, Any], max_idempotency_key: int) -> None:
 
 def _event_stream(paths: dict[str, Any]) -> None:
     stream = paths["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]["text/event-stream"]
-    stream["schema"] = {"type": "string", "description": "a text/event-stream: `status` events, then the end"}
+    stream["schema"] = {"type": "string", "description": "a text/event-stream: `status` events, then `end`"}
     stream["itemSchema"] = _SSE_EVENT  # OpenAPI 3.2's way to type each event; older readers ignore it
 
 

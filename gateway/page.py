@@ -108,9 +108,11 @@ events.addEventListener("status", (e) => {
   show(JSON.parse(e.data));
   if (done) events.close();
 });
+events.addEventListener("end", () => events.close());  // the job is finished: no reconnect
 events.onerror = () => {
   if (done) { events.close(); return; }
-  // The stream ends when the job does; otherwise EventSource reconnects by itself. Read the state once.
+  // Cut short (`interrupted`, a lost connection): EventSource reconnects by itself with Last-Event-ID,
+  // and gets the events after it. Meanwhile read the state once.
   fetch(base + q).then((r) => r.ok ? r.json() : null).then((s) => { if (s) show(s); if (done) events.close(); });
 };
 </script></body></html>

@@ -18,9 +18,10 @@ from starlette.concurrency import run_in_threadpool
 
 from varco.gateway import overlay
 from varco.gateway.access import JobId, caller, job_caller, not_found, owned_status, tenant_of
+from varco.gateway.open_streams import HeldStream
 from varco.gateway.problems import Problem, responses
 from varco.gateway.public_view import public_result, public_status
-from varco.gateway.sse import event_stream, watch
+from varco.gateway.sse import Cursor, event_stream, interrupted_frame, watch
 from varco.gateway.state import GatewayState, gateway
 from varco.producer.client import Client, JobCancelled, JobFailed, JobNotFound
 from varco.tasks import tracing
@@ -201,15 +202,34 @@ async def cancel_job(job_id: JobId, state: State, who: Caller) -> JobStatus:
 
 @router.get(
     "/jobs/{job_id}/events", response_class=StreamingResponse, summary="Server-Sent Events: each status change",
-    responses={200: {"description": "`event: status` frames, JSON status in `data`, until the job is finished; "
-                                    "a job submitted with `stream: true` has `event: delta` frames too "
-                                    "(`{\"text\": ...}`: the answer as the model writes it)",
-                     "content": {"text/event-stream": {"schema": {"type": "string"}}}}, **responses(404)},
+    responses={200: {"description": "`retry: 5000`, then `event: status` frames (JSON status in `data`) until "
+                                    "the job is finished, then `event: end`; a job submitted with "
+                                    "`stream: true` has `event: delta` frames too (`{\"text\": ...}`: the "
+                                    "answer as the model writes it). A stream cut short (the gateway shuts "
+                                    "down, Redis is lost) ends with `event: interrupted` instead: reconnect "
+                                    "with `Last-Event-ID`",
+                     "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+               204: {"description": "`Last-Event-ID` names the job's final status: the stream had ended "
+                                    "(EventSource stops reconnecting)"},
+               **responses(404)},
 )  # fmt: skip
-async def job_events(job_id: JobId, state: State, who: JobCaller) -> StreamingResponse:
-    await owned_status(state, job_id, who)
-    return StreamingResponse(
-        event_stream(state.statuses, job_id, state.deltas),
+async def job_events(
+    job_id: JobId, state: State, who: JobCaller,
+    last_event_id: Annotated[
+        str | None,
+        Header(alias="Last-Event-ID", max_length=200, description="resume after this event (EventSource sends it)"),
+    ] = None,
+) -> Response:  # fmt: skip
+    status = await owned_status(state, job_id, who)
+    cursor = Cursor.parse(last_event_id)
+    if status.state.finished and cursor.has_seen(status):
+        return Response(status_code=204)  # a reconnect after `end`
+    release = state.streams.reserve(who)  # 429 too-many-streams
+    events = event_stream(state.statuses, job_id, state.deltas, cursor=cursor,
+                          outage_grace_s=state.client.settings.gateway_stream_outage_s)  # fmt: skip
+    return HeldStream(
+        state.streams.guarded(events, interrupted_frame),
+        release,
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},  # nginx: do not buffer the stream
     )

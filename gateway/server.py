@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 
 import uvicorn
@@ -10,6 +11,7 @@ import uvicorn
 from varco.gateway.app import create_app
 from varco.gateway.auth import load_keys
 from varco.gateway.http_protocol import MAX_REQUEST_HEAD_BYTES, CappedH11Protocol
+from varco.gateway.open_streams import OpenStreams
 from varco.tasks.redaction import redact_text
 from varco.tasks.settings import Settings, get_settings
 
@@ -23,6 +25,20 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, whose shutdown (SIGTERM, SIGINT) first ends the open event streams, each with
+    `event: interrupted` and a proper end of its chunked body: they would otherwise hold the graceful
+    shutdown for its whole timeout and then be cut off mid-transfer."""
+
+    def __init__(self, config: uvicorn.Config, streams: OpenStreams) -> None:
+        super().__init__(config)
+        self.streams = streams
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.streams.close_all()  # before uvicorn waits for the connections to finish their responses
+        await super().shutdown(sockets)
+
+
 def uvicorn_config(app: object, settings: Settings, host: str, port: int) -> uvicorn.Config:
     return uvicorn.Config(
         app,
@@ -32,7 +48,7 @@ def uvicorn_config(app: object, settings: Settings, host: str, port: int) -> uvi
         limit_concurrency=settings.gateway_max_connections,  # beyond: 503 at once, instead of piling up
         http=CappedH11Protocol,  # h11 even where httptools is installed: only h11 caps the request head
         h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES,  # request line + headers; over it: 431
-        timeout_graceful_shutdown=10,  # open SSE streams do not hold a shutdown
+        timeout_graceful_shutdown=10,  # for requests in progress; open event streams end at once (GatewayServer)
         server_header=False,
     )
 
@@ -50,5 +66,5 @@ def serve(host: str, port: int | None, *, no_auth: bool = False) -> int:
     app = create_app(settings, None if no_auth else keys)
     config = uvicorn_config(app, settings, host, port or settings.gateway_port)
     logging.getLogger("uvicorn.access").addFilter(RedactSecrets())
-    uvicorn.Server(config).run()
+    GatewayServer(config, app.state.streams).run()
     return 0

@@ -9,6 +9,7 @@ from fastapi import Request
 
 from varco.gateway.auth import KeyRing
 from varco.gateway.metrics import HttpMetrics
+from varco.gateway.open_streams import OpenStreams
 from varco.gateway.ratelimit import RateLimiter
 from varco.producer import Client
 from varco.tasks.async_status import AsyncStatusStore
@@ -25,6 +26,7 @@ class GatewayState:
     deltas: AsyncDeltaStream  # streamed jobs' text as generated (SSE `delta` events, streamed chat completions)
 
     overlay_renders: asyncio.Semaphore  # overlays drawn at once (VARCO_GATEWAY_OVERLAY_RENDERS)
+    streams: OpenStreams  # open event streams: the cap per key, and their end at shutdown
 
 
 def gateway(request: Request) -> GatewayState:

@@ -114,6 +114,12 @@ class Settings(BaseSettings):
     # Overlays the gateway draws at once (each holds its image decoded at full size, up to ~200 MB at the
     # pixel limit); more requests wait, holding no thread, and most then find the overlay in the store.
     gateway_overlay_renders: int = Field(default=1, ge=1)
+    # Event streams (job events, streamed chat completions) one API key may hold open at once, per gateway
+    # process: each holds a Redis connection; beyond it 429 `too-many-streams`.
+    gateway_max_streams_per_key: int = Field(default=20, ge=1)
+    # How long an open event stream rides out a Redis outage (a restart, a failover) before it ends with
+    # `event: interrupted` (reason `broker-unavailable`); the client reconnects with Last-Event-ID.
+    gateway_stream_outage_s: float = Field(default=60.0, ge=0)
 
     # Tenants (docs/tenants.md): GPU share weights as `teamA=3,teamB=1` (unlisted tenants weigh 1), queued-job
     # limits per tenant and in all (0: none), and the seconds a job may wait to start (None: forever).

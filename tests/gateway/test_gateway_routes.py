@@ -539,6 +539,53 @@ def test_result_wait_is_bounded(base: str) -> None:
         problem(http.get(f"/v1/jobs/{job_id}/result", params={"wait": 0.2}), 409, "job-not-finished")
 
 
+def event_frames(http: httpx.Client, job_id: str, last_event_id: str | None = None) -> list[str]:
+    headers = {"Last-Event-ID": last_event_id} if last_event_id is not None else {}
+    with http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as stream:
+        assert stream.status_code == 200, stream.read()
+        return [f for f in stream.read().decode().split("\n\n") if f]
+
+
+def test_events_resume_after_their_last_event_id_and_a_reconnect_after_the_end_is_204(
+    base: str, client: Client
+) -> None:
+    with api(base) as http:
+        job_id = http.post("/v1/jobs", json=JOB).json()["job_id"]
+        before = http.get(f"/v1/jobs/{job_id}").json()["updated_at"]
+        finish(client, job_id, JobState.SUCCEEDED)
+        frames = event_frames(http, job_id)
+        assert [f.splitlines()[0] for f in frames] == ["retry: 5000", "event: status", "event: end"]
+        final_id = frames[1].splitlines()[1].removeprefix("id: ")
+        assert final_id == client.status(job_id).updated_at.isoformat()  # type: ignore[union-attr]
+        assert json.loads(frames[2].splitlines()[1].removeprefix("data: ")) == {"job_id": job_id, "state": "succeeded"}
+        # EventSource reconnects with the last id it saw: after the end, 204 tells it to stop.
+        ended = http.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": final_id})
+        assert ended.status_code == 204 and ended.content == b""
+        # An id before the final status: the events after it; an id that is not ours: the whole stream.
+        assert event_frames(http, job_id, before)[1:] == frames[1:]
+        assert event_frames(http, job_id, "not-an-id") == frames
+
+
+def test_event_streams_over_the_per_key_cap_are_refused(settings: Settings, client: Client) -> None:
+    capped = settings.model_copy(update={"gateway_max_streams_per_key": 1})
+    with serve(capped, [ALICE, BOB], client) as url, api(url) as alice, api(url, BOB) as bob:
+        job_id = alice.post("/v1/jobs", json=JOB).json()["job_id"]
+        bobs = bob.post("/v1/jobs", json=JOB).json()["job_id"]
+        with alice.stream("GET", f"/v1/jobs/{job_id}/events") as open_one:
+            assert open_one.status_code == 200
+            refused = alice.get(f"/v1/jobs/{job_id}/events")
+            body = problem(refused, 429, "too-many-streams")
+            assert int(refused.headers["retry-after"]) > 0 and body["limit"] == 1
+            with bob.stream("GET", f"/v1/jobs/{bobs}/events") as other_key:
+                assert other_key.status_code == 200  # the cap is per key
+        finish(client, job_id, JobState.SUCCEEDED)
+        deadline = time.monotonic() + 30
+        while (again := alice.get(f"/v1/jobs/{job_id}/events")).status_code == 429:  # the slot comes back
+            assert time.monotonic() < deadline, "the closed stream's slot never came back"
+            time.sleep(0.05)
+        assert again.status_code == 200 and "event: end" in again.text
+
+
 def test_cancel_a_queued_job_then_again(base: str, client: Client) -> None:
     with api(base) as http:
         job_id = http.post("/v1/jobs", json=JOB).json()["job_id"]
@@ -645,7 +692,12 @@ def test_the_api_description_says_what_the_server_takes_and_sends(base: str) -> 
     assert paths["/v1/jobs"]["post"]["operationId"] == "submit_job"
     assert paths["/v1/jobs/{job_id}"]["get"]["operationId"] == "get_job"
     stream = paths["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]["text/event-stream"]
-    assert stream["itemSchema"]["properties"]["data"]["contentSchema"] == {"$ref": "#/components/schemas/JobStatus"}
+    kinds = {e["properties"].get("event", {}).get("const"): e for e in stream["itemSchema"]["oneOf"]}
+    assert set(kinds) == {None, "status", "delta", "end", "interrupted"}  # None: the `retry: 5000` line
+    assert kinds["status"]["properties"]["data"]["contentSchema"] == {"$ref": "#/components/schemas/JobStatus"}
+    events = paths["/v1/jobs/{job_id}/events"]["get"]
+    assert {"204", "429"} <= set(events["responses"])
+    assert {p["name"] for p in events["parameters"]} >= {"Last-Event-ID"}
 
 
 # --- metrics ---------------------------------------------------------------------------------------

@@ -270,6 +270,22 @@ def test_a_tenant_over_its_queued_limit_gets_a_rate_limit_error(settings: Settin
     assert len(records(client)) == 1  # nothing more was enqueued
 
 
+def test_a_streamed_completion_over_the_keys_stream_cap_is_a_rate_limit_error(
+    settings: Settings, client: Client
+) -> None:
+    capped = settings.model_copy(update={"gateway_max_streams_per_key": 1})
+    auth = {"Authorization": f"Bearer {ALICE}"}
+    with serve(capped, [ALICE, BOB], client) as base, httpx.Client(base_url=base, headers=auth, timeout=30) as http:
+        job_id = http.post("/v1/jobs", json={"image_uri": IMAGE, "task": "caption"}).json()["job_id"]
+        with http.stream("GET", f"/v1/jobs/{job_id}/events") as open_one, sdk(base) as api:
+            assert open_one.status_code == 200
+            with pytest.raises(openai.RateLimitError) as over:
+                api.chat.completions.create(**CHAT, stream=True)
+    assert over.value.code == "too_many_streams" and int(over.value.response.headers["retry-after"]) > 0
+    assert "VARCO_GATEWAY_MAX_STREAMS_PER_KEY" in over.value.message
+    assert records(client) == [job_id]  # the refused completion submitted nothing
+
+
 def test_redis_down_is_a_503_in_openais_shape(settings: Settings, client: Client) -> None:
     down = settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{free_port()}/0", "redis_timeout_s": 1.0})
     with Client(down) as unreachable, serve(down, [ALICE], unreachable) as base, sdk(base) as api, \
@@ -375,7 +391,11 @@ def test_a_caller_that_hangs_up_mid_stream_cancels_its_job(base: str, client: Cl
         job_id = await_job(client)
         client.statuses.begin_attempt(job_id, "gpu0@test", max_attempts=3)
         client.deltas.append(job_id, "The")
-        assert b"chat.completion.chunk" in conn.recv(65536)  # the stream has begun
+        received = b""
+        while b"chat.completion.chunk" not in received:  # the stream has begun (the head may come alone)
+            more = conn.recv(65536)
+            assert more, "the connection closed before the first chunk"
+            received += more
     until(lambda: client.statuses.cancel_requested(job_id), "the running job's cancel was never requested")
 
 
@@ -387,10 +407,22 @@ def test_job_events_carry_the_text_of_a_job_submitted_with_streaming(base: str, 
     client.deltas.append(job_id, "백범")
     client.deltas.append(job_id, "로")
     client.statuses.transition(job_id, JobState.CANCELLED)
-    with httpx.stream("GET", f"{base}/v1/jobs/{job_id}/events", headers=auth, timeout=30) as events:
-        frames = [f for f in events.read().decode().split("\n\n") if f]
-    kinds = [f.splitlines()[0] for f in frames]
-    assert kinds == ["event: delta", "event: delta", "event: status"]  # the final status after the last text
-    assert [json.loads(f.splitlines()[2].removeprefix("data: ")) for f in frames[:2]] == [{"text": "백범"},
+
+    def frames(last_event_id: str | None = None) -> list[str]:
+        headers = auth | ({"Last-Event-ID": last_event_id} if last_event_id else {})
+        with httpx.stream("GET", f"{base}/v1/jobs/{job_id}/events", headers=headers, timeout=30) as events:
+            return [f for f in events.read().decode().split("\n\n") if f]
+
+    whole = frames()
+    kinds = [f.splitlines()[0] for f in whole]
+    assert kinds == ["retry: 5000", "event: delta", "event: delta", "event: status", "event: end"]  # final after text
+    assert [json.loads(f.splitlines()[2].removeprefix("data: ")) for f in whole[1:3]] == [{"text": "백범"},
                                                                                            {"text": "로"}]  # fmt: skip
-    assert '"cancelled"' in frames[2]
+    assert '"cancelled"' in whole[3]
+    # Each id carries both cursors: a reconnect after the first piece of text gets the rest, and only it.
+    ids = [f.splitlines()[1].removeprefix("id: ") for f in whole[1:4]]
+    assert ids[0].startswith("/") and ids[1].startswith("/") and "/" in ids[2] and not ids[2].startswith("/")
+    resumed = frames(ids[0])
+    assert [f.splitlines()[0] for f in resumed] == ["retry: 5000", "event: delta", "event: status", "event: end"]
+    assert resumed[1] == whole[2] and resumed[2] == whole[3]
+    assert httpx.get(f"{base}/v1/jobs/{job_id}/events", headers=auth | {"Last-Event-ID": ids[2]}).status_code == 204

@@ -7,6 +7,7 @@ answers at once, so the loop's timing never matters here.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import deque
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -100,3 +101,56 @@ def test_an_outage_past_the_timeout_is_raised() -> None:
     with pytest.raises(redis.TimeoutError):
         run(store, timeout=0.0)
     assert store.feeds[0].closed
+
+
+# --- the frames: retry first, end last, ids that resume -------------------------------------------
+
+
+def frames_of(store: Store, **kwargs: Any) -> list[str]:
+    async def collect() -> list[str]:
+        return [f.decode() async for f in sse.event_stream(store, "j", **kwargs)]  # type: ignore[arg-type]
+
+    return asyncio.run(collect())
+
+
+def at(seconds: float) -> str:
+    return (T0 + timedelta(seconds=seconds)).isoformat()
+
+
+def test_a_stream_begins_with_retry_and_ends_with_end_and_each_status_has_its_id() -> None:
+    store = Store([status(JobState.QUEUED, 0)], [status(JobState.STARTED, 1), status(JobState.SUCCEEDED, 2)])
+    frames = frames_of(store)
+    assert frames[0] == "retry: 5000\n\n"
+    assert [f.splitlines()[:2] for f in frames[1:4]] == [["event: status", f"id: {at(s)}"] for s in (0, 1, 2)]
+    assert frames[4].splitlines()[0] == "event: end" and "id:" not in frames[4]  # the last id stays the status's
+    assert json.loads(frames[4].splitlines()[1].removeprefix("data: ")) == {"job_id": "j", "state": "succeeded"}
+    assert len(frames) == 5
+
+
+def test_a_reconnect_gets_only_the_events_after_its_last_event_id() -> None:
+    store = Store([status(JobState.STARTED, 1)], [status(JobState.SUCCEEDED, 2)])
+    frames = frames_of(store, cursor=sse.Cursor.parse(at(1)))
+    assert [f.splitlines()[0] for f in frames] == ["retry: 5000", "event: status", "event: end"]
+    assert '"succeeded"' in frames[1] and f"id: {at(2)}" in frames[1]
+
+
+def test_an_expired_record_ends_the_stream_with_no_state() -> None:
+    frames = frames_of(Store([None], []))
+    assert frames == ["retry: 5000\n\n", 'event: end\ndata: {"job_id": "j", "state": null}\n\n']
+
+
+@pytest.mark.parametrize(
+    "last_event_id",
+    [None, "", "garbage", "2026-01-01T00:00:00", f"{T0.isoformat()}/x", "/1-0x", "1764542822812-0"],
+)
+def test_an_id_that_is_not_ours_resumes_from_the_start(last_event_id: str | None) -> None:
+    assert sse.Cursor.parse(last_event_id) == sse.Cursor()
+
+
+def test_an_id_names_the_last_status_and_the_last_text_sent() -> None:
+    for cursor, event_id in [(sse.Cursor(T0), T0.isoformat()), (sse.Cursor(T0, "17-3"), f"{T0.isoformat()}/17-3"),
+                             (sse.Cursor(None, "17-3"), "/17-3")]:  # fmt: skip
+        assert cursor.event_id == event_id and sse.Cursor.parse(event_id) == cursor
+    final = status(JobState.SUCCEEDED, 2)
+    assert sse.Cursor(T0 + timedelta(seconds=2)).has_seen(final) and not sse.Cursor(T0).has_seen(final)
+    assert not sse.Cursor(None, "17-3").has_seen(final)

@@ -86,8 +86,12 @@ export async function* events(jobId: string): AsyncGenerator<JobStatus> {
     while ((end = buffered.indexOf("\n\n")) >= 0) {
       const frame = buffered.slice(0, end);
       buffered = buffered.slice(end + 2);
-      const data = frame.split("\n").find((line) => line.startsWith("data: "));
-      if (data !== undefined) yield JSON.parse(data.slice(6)) as JobStatus;
+      const lines = frame.split("\n");
+      const event = lines.find((line) => line.startsWith("event: "))?.slice(7);
+      const data = lines.find((line) => line.startsWith("data: "))?.slice(6);
+      if (event === "end") return; // the job is finished: do not reconnect
+      if (event === "interrupted") throw new Error(`events interrupted: ${data}`); // reconnect with Last-Event-ID
+      if (event === "status" && data !== undefined) yield JSON.parse(data) as JobStatus;
     }
   }
 }
