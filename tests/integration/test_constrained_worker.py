@@ -9,7 +9,7 @@ the same text as the special token, so it is not visible here: tests/workers/eng
 checks that at the token level. Budgets are small (48 tokens) to bound the time.
 
 `make test` runs the hf worker (~25 s on the 2-core machine). The vllm worker is the same test with
-`VARCO_CONSTRAINED_WORKER_ENGINES=hf,vllm`: it passes, but costs ~190-250 s there (a minute of start-up,
+`VARCO_CONSTRAINED_WORKER_ENGINES=hf,vllm`: it passes, but costs 105-250 s there (up to a minute of start-up,
 then ~80 tokens/s through the worker on shared cores), more than the CI budget has room for; in the suite,
 vLLM's logits processor gets the same 100 + 100 jobs at the engine level
 (tests/workers/engines/test_tag_constraint_engines.py, ~4 s), and the worker path in front of it
@@ -102,28 +102,29 @@ def in_grammar(result: JobResult, grammars: tuple[object, TagGrammars]) -> bool:
     )
 
 
-def run(client: Client, constrained: bool) -> dict[str, list[JobResult]]:
+def run_all(client: Client) -> dict[tuple[bool, str], list[JobResult]]:
+    """Every job, constrained and free, submitted at once (the worker batches across both): results by
+    (constrained, task), in image order."""
+    keys = [(constrained, task) for constrained in (True, False) for task in TASKS]
     requests = [
         {"image_uri": image, "task": task, "max_new_tokens": BUDGET, "constrained": constrained}
-        for task in TASKS
+        for constrained, task in keys
         for image in IMAGES
     ]
-    job_ids = client.submit_many(requests)
-    results = [client.result(job_id, timeout=900) for job_id in job_ids]
-    return {task: results[i * JOBS : (i + 1) * JOBS] for i, task in enumerate(TASKS)}
+    results = [client.result(job_id, timeout=900) for job_id in client.submit_many(requests)]
+    return {key: results[i * JOBS : (i + 1) * JOBS] for i, key in enumerate(keys)}
 
 
 @pytest.mark.timeout(900)  # vllm on shared cores: past the suite's 300 s
 def test_constrained_answers_always_parse_and_free_ones_show_repairs(free_client: Client, grammars) -> None:
-    constrained = run(free_client, True)
-    for task, results in constrained.items():
-        for result in results:
+    results = run_all(free_client)
+    for task in TASKS:
+        for result in results[True, task]:
             assert broken_rules(result.output, result.finish_reason) == [], (task, result.output)
             assert in_grammar(result, grammars), (task, result.output.raw)
-        assert any(r.finish_reason == "stop" for r in results), task  # the EOS rule is exercised too
-    assert any(r.output.ocr for r in constrained["ocr"])  # OCR items do appear, with their boxes
+        assert any(r.finish_reason == "stop" for r in results[True, task]), task  # the EOS rule is exercised too
+    assert any(r.output.ocr for r in results[True, "ocr"])  # OCR items do appear, with their boxes
 
-    free = run(free_client, False)
-    for task, results in free.items():
-        repaired = [r for r in results if broken_rules(r.output, r.finish_reason)]
+    for task in TASKS:
+        repaired = [r for r in results[False, task] if broken_rules(r.output, r.finish_reason)]
         assert len(repaired) > JOBS // 4, (task, len(repaired))
