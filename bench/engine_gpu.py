@@ -7,19 +7,25 @@ with every request scripted to generate exactly its budget:
 
 - N images of 640x480 with a fixed number of new tokens, one at a time versus all submitted at once
   (hf: batches of up to `--batch`; vllm: continuous batching up to `--max-num-seqs`);
-- the mixed workload of `engine_compare.py` (task types, budgets 8-512, several image sizes).
+- the mixed workload of `engine_compare.py` (task types, budgets 8-512, several image sizes);
+- with `--constrained`, the same N images again all at once, decoded under the grounding tag grammar
+  (issue 22), beside the free run: ms per step (wall / new tokens) with and without the mask, which is
+  computed on the CPU. The forced answer (`a` repeated) is valid grounded text, so both runs generate
+  the same tokens and the difference is the mask alone.
 
 hf: the model is built in memory on the GPU and wrapped in `HFModel`, as `HFModel.load()` would leave it.
 vllm: vLLM makes the random weights itself (`load_format="dummy"`) from a directory holding only the
 config, tokenizer and processor files.
 
 Run on a GPU machine:   python bench/engine_gpu.py --engine hf|vllm [--images 16] [--new-tokens 128] [--batch 16]
+                        [--constrained]
 Smoke-test on a CPU:    python bench/engine_gpu.py --engine hf|vllm --shrink
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -50,6 +56,7 @@ from workload import (
 )
 
 from varco.tasks.prompts import TaskType
+from varco.tasks.tag_grammar import OutputShape
 from varco.workers.devtools.scripted import ScriptBook, install
 from varco.workers.devtools.tiny_model import build_tokenizer
 from varco.workers.engines.base import EngineBackend
@@ -166,6 +173,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=None, help="same-size images (default 16; --shrink: 4)")
     parser.add_argument("--new-tokens", type=int, default=None, help="per image (default 128; --shrink: 8)")
     parser.add_argument("--batch", type=int, default=16, help="hf: the largest batch")
+    parser.add_argument("--constrained", action="store_true", help="also time the batch under the tag grammar")
     parser.add_argument("--mixed-jobs", type=int, default=None, help="mixed workload jobs (default 48; --shrink: 8)")
     parser.add_argument("--mixed-max-budget", type=int, default=None, help="(default 512; --shrink: 32)")
     parser.add_argument("--max-wait-ms", type=int, default=20)
@@ -233,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"  {label}: {batched:.2f}s  {args.images / batched:.2f} img/s  {peak_batched}")
             if not exact:
                 print("  (!) some requests did not generate exactly their budget")
+            if args.constrained:
+                constrained_run(engine, same, batched, args)
 
             memory.reset()
             summary = summarise(*run_jobs(engine, mixed))
@@ -247,6 +257,29 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print(f"  {count} generate calls / engine steps over the whole run, {total / count:.1f} rows each")
         finally:
             engine.stop()
+
+
+def constrained_run(engine: EngineBackend, same: Sequence[Job], free_s: float, args: argparse.Namespace) -> None:
+    """The same images all at once under the grounding grammar, beside the free run just timed."""
+    from varco.workers.engines.tag_constraint import process_stats
+
+    jobs = [
+        dataclasses.replace(job, request=dataclasses.replace(job.request, constraint=OutputShape.GROUNDED_TEXT))
+        for job in same
+    ]
+    reset_caches(engine)
+    results, constrained_s = run_jobs(engine, jobs)
+    exact = all(r.output.output_tokens == args.new_tokens for r in results)
+    stats = process_stats()  # hf, and vllm's in-process core; a vllm core in its own process is not counted
+    rate = len(jobs) / constrained_s
+    print(f"  constrained (grounding grammar), all at once: {constrained_s:.2f}s  {rate:.2f} img/s")
+    print(
+        f"  ms per step (wall / {args.new_tokens} new tokens): free {1000 * free_s / args.new_tokens:.1f}  "
+        f"constrained {1000 * constrained_s / args.new_tokens:.1f}  ratio {constrained_s / free_s:.2f}; "
+        f"the mask adds {1000 * (constrained_s - free_s) / args.new_tokens:.1f} ms per step  "
+        f"(grammar compiles {stats.compiles}, {1000 * stats.compile_seconds:.1f} ms)"
+        + ("" if exact else "  (!) not every constrained job generated exactly its budget")
+    )
 
 
 def batch_size_totals() -> tuple[float, float]:

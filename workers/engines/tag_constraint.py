@@ -4,8 +4,9 @@ The hf backend masks each constrained row of a batch with `TagGrammarLogits`, an
 `GrammarMatcher` per row; free rows in the same batch are left alone. (xgrammar's own
 `contrib.hf.LogitsProcessor` constrains every row and asserts that each sampled token is accepted,
 which the batch's per-row budget breaks: `RowBudget` forces EOS wherever a row's budget ends.) The
-vllm backend passes the same grammar as a per-request structured output; vLLM compiles and caches it
-with its own xgrammar backend.
+vllm backend masks with the same matchers through a per-request logits processor
+(`vllm_tag_constraint.py`, over `RowConstraint`); vLLM's own structured outputs were tried and left
+(their shared compiler cache conflates token formats: see `TagGrammars.get`).
 
 Tags are `token` formats in the grammar, matched by the special token's id, so the constrained
 output holds the tag tokens themselves; the engines decode with `skip_special_tokens=False`.

@@ -110,10 +110,55 @@ def test_malformed_grounding_is_refused(text: str) -> None:
     assert not accepted(text, OutputShape.GROUNDED_TEXT)
 
 
-def test_a_tag_spelled_out_of_text_tokens_is_refused_but_a_comparison_is_not() -> None:
-    spelled = [*ids("x "), *ids("<"), *ids("obj>"), *ids("a"), TOKENIZER.convert_tokens_to_ids("</obj>")]
-    assert len(spelled) == 9  # "<", "o", "b", "j", ">" are five byte tokens here, not the special one
-    assert not any(GRAMMARS.accepts([*spelled, STOP_IDS[0]], shape) for shape in OutputShape)
+SPECIAL = list(range(256, len(TOKENIZER)))  # the tiny tokenizer: 256 byte tokens, then the special ones
+TAGS = TOKENIZER.convert_ids_to_tokens(SPECIAL)
+
+
+def spelled(text: str) -> list[int]:
+    """`text` in ordinary text tokens only: each character on its own, so every tag is spelled out."""
+    return [t for char in text for t in ids(char)]
+
+
+def allowed_after(tokens: list[int], shape: OutputShape) -> set[int]:
+    import xgrammar as xgr
+
+    matcher = xgr.GrammarMatcher(GRAMMARS.get(shape))
+    assert all(matcher.accept_token(t) for t in tokens)
+    bitmask = xgr.allocate_token_bitmask(1, len(TOKENIZER))
+    matcher.fill_next_token_bitmask(bitmask)
+    return {i for i in range(len(TOKENIZER)) if (int(bitmask[0, i // 32]) >> (i % 32)) & 1}
+
+
+@pytest.mark.parametrize(("name", "shape"), [("grounding", OutputShape.GROUNDED_TEXT), ("ocr", OutputShape.OCR)])
+def test_a_card_answer_with_its_tags_spelled_out_of_text_tokens_is_refused(name: str, shape: OutputShape) -> None:
+    text = card_output(name)
+    assert accepted(text, shape)  # with the tags' own tokens
+    tokens = spelled(text)
+    assert TOKENIZER.decode(tokens) == text and not set(tokens) & set(SPECIAL)  # the same text, no tag token
+    assert not any(GRAMMARS.accepts([*tokens, STOP_IDS[0]], s) for s in OutputShape)
+
+
+@pytest.mark.parametrize(
+    ("before", "shape"),
+    [
+        ("x <", OutputShape.GROUNDED_TEXT),  # free text
+        ("<obj>a <", OutputShape.GROUNDED_TEXT),  # a grounding label
+        ("<char>a <", OutputShape.OCR),  # an OCR item's text
+    ],
+)
+def test_after_a_text_lt_no_token_can_go_on_to_spell_a_tag(before: str, shape: OutputShape) -> None:
+    """The step where a spelled-out tag would begin: after `<` as text, the mask keeps a digit and `=`
+    (`x <3`, `a<=b`) and refuses the next character of every tag the tokenizer knows (`o` of `<obj>`, `/`
+    of `</bbox>`, `|` of `<|im_end|>` …)."""
+    tokens = ids(before)
+    assert tokens[-1] not in SPECIAL  # the `<` is a text token
+    allowed = allowed_after(tokens, shape)
+    assert {*ids("3"), *ids("=")} <= allowed
+    tag_continuations = {ids(tag[1])[0] for tag in TAGS}
+    assert len(tag_continuations) >= 5 and not allowed & tag_continuations
+
+
+def test_a_comparison_in_free_text_is_accepted() -> None:
     assert accepted("x <3 and a<=b", OutputShape.GROUNDED_TEXT)
 
 
