@@ -6,8 +6,9 @@ or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (where to send), `OTEL_EXPORTER_OTLP_[TR
 
 - No endpoint (or the `otel` extra not installed): nothing is imported and every call here is a no-op
   returning shared constants, so an untraced process pays a dictionary lookup per call.
-- A producer inside a host application that set OpenTelemetry up itself (no endpoint of ours): the host's
-  provider is used, so `Client.submit` joins the caller's current span and propagates it.
+- A producer inside a host application that set a tracer provider up itself (no endpoint of ours): the
+  host's provider is used, so `Client.submit` joins the caller's current span and propagates it. The API
+  merely being imported (redis-py imports it) is not tracing: until a real provider is set, nothing is joined.
 - With an endpoint: spans are exported by the SDK's BatchSpanProcessor, from its own thread, in batches;
   a full queue drops spans and an unreachable collector costs the export thread its retries, never a job.
 
@@ -84,6 +85,9 @@ class _Tracing:
 
 _tracing: _Tracing | None = None
 _configured = False
+_join_host = False  # a producer with no endpoint: join the host's tracer provider once it sets one (_joined)
+_JOIN_RECHECK_S = 1.0  # how often a producer asks whether its host has set a tracer provider since
+_join_next_check = 0.0
 
 
 def _endpoint_set() -> bool:
@@ -108,7 +112,7 @@ def configure(service_name: str, *, join_host: bool = False) -> bool:
     """Set tracing up for this process (once; later calls return the first answer). `service_name` is the
     default for `OTEL_SERVICE_NAME`; `join_host` (producers): without an endpoint, use the tracer provider of
     a host application that imported OpenTelemetry already. True when spans are made."""
-    global _tracing, _configured
+    global _tracing, _configured, _join_host
     if _configured:
         return _tracing is not None
     _configured = True
@@ -130,11 +134,30 @@ def configure(service_name: str, *, join_host: bool = False) -> bool:
         provider.add_span_processor(BatchSpanProcessor(_exporter()))
         trace.set_tracer_provider(provider)
         _tracing = _Tracing(provider.get_tracer("varco"), provider)
-    elif join_host and "opentelemetry.trace" in sys.modules:  # the host traces: join its spans, import nothing
-        from opentelemetry import trace
-
-        _tracing = _Tracing(trace.get_tracer("varco"), None)
+    elif join_host:
+        _join_host = True
+        _joined()
     return _tracing is not None
+
+
+def _joined() -> bool:
+    """A producer without an endpoint of its own: join the host application's tracing once the host has set a
+    real tracer provider. The API being imported proves nothing (redis-py imports it), and joining its default
+    proxy made every submit pay ~13 us for spans that record nothing (bench/tracing_off_path.py). Asked at
+    most once a second, so a host that sets its provider after creating the Client is joined within one."""
+    global _tracing, _join_host, _join_next_check
+    now = time.monotonic()
+    if now < _join_next_check:
+        return False
+    _join_next_check = now + _JOIN_RECHECK_S
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is None:  # not imported: nothing in this process traces, and we import nothing
+        return False
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
+        return False  # the API's default: nothing set (yet)
+    _tracing, _join_host = _Tracing(provider.get_tracer("varco"), None), False
+    return True
 
 
 def on() -> bool:
@@ -157,8 +180,8 @@ def shutdown() -> None:
 def inject() -> Carrier:
     """The current context as a W3C carrier ({} when off or no span is current)."""
     carrier: Carrier = {}
-    if _tracing is not None:
-        _tracing.propagate.inject(carrier)
+    if _tracing is not None or (_join_host and _joined()):
+        _tracing.propagate.inject(carrier)  # type: ignore[union-attr]
     return carrier
 
 
@@ -211,8 +234,9 @@ def span(
 ) -> contextlib.AbstractContextManager[Any]:
     """A span around a block, current inside it (a child of `parent`, a context, else of the current span).
     An exception leaving the block is recorded and marks the span an error."""
-    if _tracing is None:
+    if _tracing is None and not (_join_host and _joined()):
         return _NO_SPAN_CM
+    assert _tracing is not None
     return _tracing.tracer.start_as_current_span(
         name, context=parent, kind=_tracing.kinds[kind], attributes=_clean(attributes), links=_links(links)
     )
