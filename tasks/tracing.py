@@ -33,9 +33,11 @@ __all__ = [
     "context_of",
     "current_context",
     "event",
+    "fail_current",
     "inject",
     "log_ids",
     "on",
+    "record_error",
     "record_span",
     "shutdown",
     "span",
@@ -66,6 +68,9 @@ class _NoSpan:
 
     def end(self, end_time: int | None = None) -> None:
         pass
+
+    def is_recording(self) -> bool:
+        return False
 
 
 NO_SPAN: Any = _NoSpan()
@@ -233,13 +238,46 @@ def span(
     links: Sequence[Carrier] | None = None,
 ) -> contextlib.AbstractContextManager[Any]:
     """A span around a block, current inside it (a child of `parent`, a context, else of the current span).
-    An exception leaving the block is recorded and marks the span an error."""
+    An exception leaving the block marks the span an error (`record_error`)."""
     if _tracing is None and not (_join_host and _joined()):
         return _NO_SPAN_CM
     assert _tracing is not None
-    return _tracing.tracer.start_as_current_span(
-        name, context=parent, kind=_tracing.kinds[kind], attributes=_clean(attributes), links=_links(links)
-    )
+    return _erring(_tracing.tracer.start_as_current_span(
+        name, context=parent, kind=_tracing.kinds[kind], attributes=_clean(attributes), links=_links(links),
+        record_exception=False, set_status_on_exception=False,  # the SDK's would export the message unredacted
+    ))  # fmt: skip
+
+
+@contextlib.contextmanager
+def _erring(current: contextlib.AbstractContextManager[Any]) -> Iterator[Any]:
+    with current as opened:
+        try:
+            yield opened
+        except Exception as exc:
+            record_error(opened, exc)
+            raise
+
+
+def record_error(span: Any, exc: BaseException | None = None, *, error_type: str | None = None,
+                 message: str = "") -> None:  # fmt: skip
+    """Mark `span` failed: error status, `error.type` and an `exception` event, the message redacted as in the
+    logs (an image URL's query string, a credential; tasks/redaction.py). No stack trace: it repeats the
+    message. Either an exception, or an `error_type` and `message` (a job's ErrorInfo)."""
+    if _tracing is None or not span.is_recording():
+        return
+    from varco.tasks.redaction import redact_text
+
+    error_type = error_type or type(exc).__name__
+    message = redact_text(str(exc) if exc is not None else message)[:1000]
+    span.set_attribute("error.type", error_type)
+    span.add_event("exception", {"exception.type": error_type, "exception.message": message})
+    span.set_status(_tracing.trace.Status(_tracing.trace.StatusCode.ERROR, f"{error_type}: {message}"[:1000]))
+
+
+def fail_current(error_type: str, message: str) -> None:
+    """Mark the current span failed (a job that ends failed: its error was caught, not raised through it)."""
+    if _tracing is not None:
+        record_error(_tracing.trace.get_current_span(), error_type=error_type, message=message)
 
 
 def start_span(name: str, attributes: Attributes | None = None, *, kind: str = "internal", parent: Any = None,
