@@ -8,12 +8,18 @@ Celery configuration (JSON, late acks, prefetch 1, the same number of threads):
   `Client.wait`: what is left is the queue's per-job work (status records, fetch, preprocessing,
   engine hand-off, parsing, result write, events), not inference.
 
-Run: .venv/bin/python bench/queue_overhead.py [--jobs 500] [--profile out.txt] [--tracing]
+Run: .venv/bin/python bench/queue_overhead.py [--jobs 500] [--profile out.txt] [--tracing] [--baseline REV]
 `--profile` records the worker with py-spy (if installed) and prints where its time went.
 `--tracing` times the varco side four times in the same run (issue 23): tracing off (no OTLP endpoint),
 on at 100% sampling and at 1% (`parentbased_traceidratio`), exporting OTLP/HTTP to a local sink that
 answers 200, and on at 100% towards a collector that refuses connections. The producer (this process) is
 not traced: each job's spans are rooted in the worker, where the sampler decides.
+`--baseline REV` adds a first varco run on the code of git revision REV (e.g. 588ecbf, main before tracing:
+"the figure must not drop"): `git archive REV` is unpacked in a temporary folder and put first on the
+PYTHONPATH of that run's producer and worker. Each varco run is its own process (producer and worker),
+so every run, the baseline's included, gets the same treatment.
+`--rounds R` runs the varco sides R times, interleaved (baseline, off, 100%, … then again), and reports each
+side's median: on a shared machine a single run of a side moves by tens of percent.
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -129,6 +137,41 @@ def time_varco(env: dict[str, str], jobs: int, profile: Path | None, threads: in
         worker.wait(timeout=60)
 
 
+def time_varco_apart(env: dict[str, str], jobs: int, profile: Path | None, threads: int,
+                     pythonpath: Path | None = None) -> tuple[float, int, float]:  # fmt: skip
+    """`time_varco` in a process of its own: the producer and the worker import the code on `pythonpath`
+    (a baseline revision) or this checkout's."""
+    extra = {"PYTHONPATH": str(pythonpath)} if pythonpath else {}
+    argv = [sys.executable, __file__, "--varco-side", json.dumps(env), "--jobs", str(jobs), "--threads", str(threads)]
+    argv += ["--profile", str(profile)] if profile else []
+    out = subprocess.run(argv, env={**os.environ, **extra}, stdout=subprocess.PIPE, text=True, check=True).stdout
+    for line in out.splitlines():
+        if not line.startswith("{"):
+            print(line)
+    elapsed, ok, cpu = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])["run"]
+    return elapsed, ok, cpu
+
+
+def _median_run(done: list[tuple[float, int, float]]) -> tuple[float, int, float]:
+    """The median elapsed time and the median worker CPU of a side's rounds; succeeded jobs: the fewest."""
+    return statistics.median(d[0] for d in done), min(d[1] for d in done), statistics.median(d[2] for d in done)
+
+
+def baseline_tree(rev: str, root: Path) -> Path:
+    """The code of `rev` importable as `varco` from the returned folder (put first on PYTHONPATH)."""
+    tree = root / "baseline"
+    tree.mkdir()
+    repo = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "-C", str(repo), "archive", rev], stdout=subprocess.PIPE, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    package = root / "path" / "varco"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")  # a regular package: found before the editable install's mapping
+    for folder in ("tasks", "producer", "workers", "gateway"):
+        (package / folder).symlink_to(tree / folder)
+    return package.parent
+
+
 def otlp_sink() -> ThreadingHTTPServer:
     """A collector that reads each export and answers 200 (what a healthy collector costs the worker)."""
 
@@ -211,10 +254,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="worker threads (default: as varco worker)")
     parser.add_argument("--profile", type=Path, default=None)
     parser.add_argument("--tracing", action="store_true", help="the varco side with tracing off, on at 100%%, at 1%%")
+    parser.add_argument("--rounds", type=int, default=1, help="run every varco side this many times, interleaved")
+    parser.add_argument("--baseline", default=None, metavar="REV", help="a first varco run on git revision REV")
     parser.add_argument("--bare-worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--varco-side", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_worker:
         run_bare_worker(args.bare_worker, args.threads)
+        return
+    if args.varco_side:
+        import varco.producer
+
+        print(f"  (code: {Path(varco.producer.__file__).resolve().parents[1]})")
+        print(json.dumps({"run": time_varco(json.loads(args.varco_side), args.jobs, args.profile, args.threads)}))
         return
     threads = args.threads or max(4, 2 * args.batch)  # by default what `varco worker` runs for the hf engine
     with tempfile.TemporaryDirectory() as tmp:
@@ -231,17 +283,24 @@ def main() -> None:
             bare_s = time_bare(server.url, args.jobs, threads)
             sink = otlp_sink()
             modes = tracing_modes(f"http://127.0.0.1:{sink.server_port}") if args.tracing else {"": {}}
-            runs = {}
-            for mode, extra in modes.items():
-                if mode:
-                    print(mode)
-                redis.Redis.from_url(server.url).flushdb()
-                runs[mode] = time_varco(env | extra, args.jobs, args.profile, threads)
+            sides: dict[str, tuple[dict[str, str], Path | None]] = {}
+            if args.baseline:
+                sides[f"code of {args.baseline} (baseline)"] = (env, baseline_tree(args.baseline, root))
+            sides |= {mode: (env | extra, None) for mode, extra in modes.items()}
+            rounds: dict[str, list[tuple[float, int, float]]] = {mode: [] for mode in sides}
+            for round_no in range(args.rounds):
+                for mode, (side_env, tree) in sides.items():
+                    if mode or args.rounds > 1:
+                        print(f"{mode} (round {round_no + 1} of {args.rounds})")
+                    redis.Redis.from_url(server.url).flushdb()
+                    rounds[mode].append(time_varco_apart(side_env, args.jobs, args.profile, threads, tree))
+            runs = {mode: _median_run(done) for mode, done in rounds.items()}
             sink.shutdown()
         finally:
             server.stop()
     bare_rate = args.jobs / bare_s
-    print(f"{args.jobs} jobs, one worker process, {threads} threads, one private redis-server")
+    print(f"{args.jobs} jobs, one worker process, {threads} threads, one private redis-server"
+          + (f"; medians of {args.rounds} interleaved rounds" if args.rounds > 1 else ""))  # fmt: skip
     print(f"  bare Celery (count-only task): {bare_s:6.2f}s  {bare_rate:7.1f} jobs/s")
     for mode, (varco_s, ok, cpu) in runs.items():
         varco_rate = args.jobs / varco_s

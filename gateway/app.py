@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -52,7 +53,10 @@ async def _broker_unavailable(_: Request, exc: Exception) -> JSONResponse:
 
 def _instrument(app: FastAPI) -> None:
     """A server span per request (HTTP semantic conventions), a child of the caller's `traceparent`; the
-    per-message `http send`/`receive` spans are left out (an SSE stream would make one per frame)."""
+    per-message `http send`/`receive` spans are left out (an SSE stream would make one per frame). The stable
+    HTTP semantic conventions (`http.response.status_code`, `url.path`), as our own spans use, unless the
+    operator chose otherwise: the instrumentation's default is still the old names (`http.status_code`)."""
+    os.environ.setdefault("OTEL_SEMCONV_STABILITY_OPT_IN", "http")  # read once, when first instrumenting
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
     FastAPIInstrumentor.instrument_app(

@@ -1,14 +1,15 @@
 """One redaction for URL secrets in any text that leaves a process: log lines (worker, callback process,
 gateway access log), job error messages (kept in status records, sent in webhooks), Celery's task repr.
 
-Three things are cut:
+Four things are cut:
 - the userinfo of every absolute URL, whatever its scheme (`http://[redacted]@host/…`): a password in an
   image or callback URL;
 - the query string of every absolute URL, whole: a presigned URL's signature is in it
   (`https://bucket.s3…/a.png?[redacted]`); httpx logs every request's URL, Celery a task's arguments;
 - the value of a secret query parameter (`key`, `token`, …) wherever it stands, for paths without a
   scheme such as the gateway's access log (`/ui/jobs/…?key=[redacted]`). The name is compared
-  percent-decoded: Starlette reads `?%6Bey=…` as `key`, so the log must too.
+  percent-decoded: Starlette reads `?%6Bey=…` as `key`, so the log must too;
+- the payload of an inline `data:` URI (`data:image/png;base64,…`): an image is no log line's business.
 
 A value ends at whitespace, a quote or a bracket as well, so a JSON log line stays JSON.
 """
@@ -34,6 +35,8 @@ _SCHEME = r"[a-z][a-z0-9+.-]*://"
 _USERINFO = re.compile(rf"({_SCHEME})[^/?#@{_STOP}]*(?:@[^/?#@{_STOP}]*)*@", re.IGNORECASE)
 _URL_QUERY = re.compile(rf"({_SCHEME}[^?#{_STOP}]+)\?[^#{_STOP}]*", re.IGNORECASE)
 _PARAM = re.compile(rf"([?&;])([^=&#{_STOP}]+)=([^&#{_STOP}]*)")
+# An inline image's payload (`data:image/png;base64,iVBOR…`): its header stays, as in a result's image.uri.
+_DATA_PAYLOAD = re.compile(rf"\b(data:[^,{_STOP}]{{0,200}}),[^{_STOP}]+", re.IGNORECASE)
 
 
 def _param_name(raw: str) -> str:
@@ -53,7 +56,8 @@ def _redact_param(match: re.Match[str]) -> str:
 
 def redact_text(text: str) -> str:
     """`text` with every URL's userinfo and query string, and every secret parameter's value, replaced by
-    `[redacted]`."""
+    `[redacted]`, and every `data:` URI's payload by `…`."""
+    text = _DATA_PAYLOAD.sub("\\1,…", text)
     text = _USERINFO.sub(rf"\1{REDACTED}@", text)
     text = _URL_QUERY.sub(rf"\1?{REDACTED}", text)
     return _PARAM.sub(_redact_param, text)

@@ -6,8 +6,9 @@ or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (where to send), `OTEL_EXPORTER_OTLP_[TR
 
 - No endpoint (or the `otel` extra not installed): nothing is imported and every call here is a no-op
   returning shared constants, so an untraced process pays a dictionary lookup per call.
-- A producer inside a host application that set OpenTelemetry up itself (no endpoint of ours): the host's
-  provider is used, so `Client.submit` joins the caller's current span and propagates it.
+- A producer inside a host application that set a tracer provider up itself (no endpoint of ours): the
+  host's provider is used, so `Client.submit` joins the caller's current span and propagates it. The API
+  merely being imported (redis-py imports it) is not tracing: until a real provider is set, nothing is joined.
 - With an endpoint: spans are exported by the SDK's BatchSpanProcessor, from its own thread, in batches;
   a full queue drops spans and an unreachable collector costs the export thread its retries, never a job.
 
@@ -32,9 +33,11 @@ __all__ = [
     "context_of",
     "current_context",
     "event",
+    "fail_current",
     "inject",
     "log_ids",
     "on",
+    "record_error",
     "record_span",
     "shutdown",
     "span",
@@ -66,6 +69,9 @@ class _NoSpan:
     def end(self, end_time: int | None = None) -> None:
         pass
 
+    def is_recording(self) -> bool:
+        return False
+
 
 NO_SPAN: Any = _NoSpan()
 _NO_SPAN_CM: contextlib.AbstractContextManager[Any] = contextlib.nullcontext(NO_SPAN)
@@ -84,6 +90,9 @@ class _Tracing:
 
 _tracing: _Tracing | None = None
 _configured = False
+_join_host = False  # a producer with no endpoint: join the host's tracer provider once it sets one (_joined)
+_JOIN_RECHECK_S = 1.0  # how often a producer asks whether its host has set a tracer provider since
+_join_next_check = 0.0
 
 
 def _endpoint_set() -> bool:
@@ -108,7 +117,7 @@ def configure(service_name: str, *, join_host: bool = False) -> bool:
     """Set tracing up for this process (once; later calls return the first answer). `service_name` is the
     default for `OTEL_SERVICE_NAME`; `join_host` (producers): without an endpoint, use the tracer provider of
     a host application that imported OpenTelemetry already. True when spans are made."""
-    global _tracing, _configured
+    global _tracing, _configured, _join_host
     if _configured:
         return _tracing is not None
     _configured = True
@@ -130,11 +139,30 @@ def configure(service_name: str, *, join_host: bool = False) -> bool:
         provider.add_span_processor(BatchSpanProcessor(_exporter()))
         trace.set_tracer_provider(provider)
         _tracing = _Tracing(provider.get_tracer("varco"), provider)
-    elif join_host and "opentelemetry.trace" in sys.modules:  # the host traces: join its spans, import nothing
-        from opentelemetry import trace
-
-        _tracing = _Tracing(trace.get_tracer("varco"), None)
+    elif join_host:
+        _join_host = True
+        _joined()
     return _tracing is not None
+
+
+def _joined() -> bool:
+    """A producer without an endpoint of its own: join the host application's tracing once the host has set a
+    real tracer provider. The API being imported proves nothing (redis-py imports it), and joining its default
+    proxy made every submit pay ~13 us for spans that record nothing (bench/tracing_off_path.py). Asked at
+    most once a second, so a host that sets its provider after creating the Client is joined within one."""
+    global _tracing, _join_host, _join_next_check
+    now = time.monotonic()
+    if now < _join_next_check:
+        return False
+    _join_next_check = now + _JOIN_RECHECK_S
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is None:  # not imported: nothing in this process traces, and we import nothing
+        return False
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
+        return False  # the API's default: nothing set (yet)
+    _tracing, _join_host = _Tracing(provider.get_tracer("varco"), None), False
+    return True
 
 
 def on() -> bool:
@@ -157,8 +185,8 @@ def shutdown() -> None:
 def inject() -> Carrier:
     """The current context as a W3C carrier ({} when off or no span is current)."""
     carrier: Carrier = {}
-    if _tracing is not None:
-        _tracing.propagate.inject(carrier)
+    if _tracing is not None or (_join_host and _joined()):
+        _tracing.propagate.inject(carrier)  # type: ignore[union-attr]
     return carrier
 
 
@@ -210,12 +238,46 @@ def span(
     links: Sequence[Carrier] | None = None,
 ) -> contextlib.AbstractContextManager[Any]:
     """A span around a block, current inside it (a child of `parent`, a context, else of the current span).
-    An exception leaving the block is recorded and marks the span an error."""
-    if _tracing is None:
+    An exception leaving the block marks the span an error (`record_error`)."""
+    if _tracing is None and not (_join_host and _joined()):
         return _NO_SPAN_CM
-    return _tracing.tracer.start_as_current_span(
-        name, context=parent, kind=_tracing.kinds[kind], attributes=_clean(attributes), links=_links(links)
-    )
+    assert _tracing is not None
+    return _erring(_tracing.tracer.start_as_current_span(
+        name, context=parent, kind=_tracing.kinds[kind], attributes=_clean(attributes), links=_links(links),
+        record_exception=False, set_status_on_exception=False,  # the SDK's would export the message unredacted
+    ))  # fmt: skip
+
+
+@contextlib.contextmanager
+def _erring(current: contextlib.AbstractContextManager[Any]) -> Iterator[Any]:
+    with current as opened:
+        try:
+            yield opened
+        except Exception as exc:
+            record_error(opened, exc)
+            raise
+
+
+def record_error(span: Any, exc: BaseException | None = None, *, error_type: str | None = None,
+                 message: str = "") -> None:  # fmt: skip
+    """Mark `span` failed: error status, `error.type` and an `exception` event, the message redacted as in the
+    logs (an image URL's query string, a credential; tasks/redaction.py). No stack trace: it repeats the
+    message. Either an exception, or an `error_type` and `message` (a job's ErrorInfo)."""
+    if _tracing is None or not span.is_recording():
+        return
+    from varco.tasks.redaction import redact_text
+
+    error_type = error_type or type(exc).__name__
+    message = redact_text(str(exc) if exc is not None else message)[:1000]
+    span.set_attribute("error.type", error_type)
+    span.add_event("exception", {"exception.type": error_type, "exception.message": message})
+    span.set_status(_tracing.trace.Status(_tracing.trace.StatusCode.ERROR, f"{error_type}: {message}"[:1000]))
+
+
+def fail_current(error_type: str, message: str) -> None:
+    """Mark the current span failed (a job that ends failed: its error was caught, not raised through it)."""
+    if _tracing is not None:
+        record_error(_tracing.trace.get_current_span(), error_type=error_type, message=message)
 
 
 def start_span(name: str, attributes: Attributes | None = None, *, kind: str = "internal", parent: Any = None,

@@ -157,3 +157,23 @@ def flushed_redis(module_redis):
     client = redis.Redis.from_url(module_redis.url, decode_responses=True)
     client.flushdb()
     return client
+
+
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch):
+    """Tracing on in this process, each finished span kept in memory (`spans.get_finished_spans()`).
+
+    For unit tests of what a span holds; tests/integration/test_tracing.py checks what crosses processes
+    over OTLP. Without the `otel` extra these tests skip."""
+    sdk = pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from varco.tasks import tracing
+
+    exporter = InMemorySpanExporter()
+    provider = sdk.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(tracing, "_tracing", tracing._Tracing(provider.get_tracer("test"), provider))
+    monkeypatch.setattr(tracing, "_configured", True)
+    return exporter

@@ -114,9 +114,9 @@ def _spans(request: ExportTraceServiceRequest) -> list[Span]:
     return found
 
 
-_SHOWN = ("varco.job_id", "varco.task", "varco.worker", "varco.batch.size", "gen_ai.usage.input_tokens",
-          "gen_ai.usage.output_tokens", "url.full", "http.route", "http.response.status_code",
-          "varco.webhook.event")  # fmt: skip
+_SHOWN = ("varco.job_id", "varco.task", "varco.tenant", "varco.engine", "varco.worker", "error.type",
+          "varco.batch.size", "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens", "url.full", "http.route",
+          "http.response.status_code", "varco.webhook.event")  # fmt: skip
 
 
 def render(spans: list[Span], outside_parent: str = "") -> str:
@@ -132,7 +132,8 @@ def render(spans: list[Span], outside_parent: str = "") -> str:
         for s in sorted(by_parent.get(parent, []), key=lambda x: x.start_ns):
             shown = " ".join(f"{k}={s.attributes[k]}" for k in _SHOWN if k in s.attributes)
             offset, took = (s.start_ns - t0) / 1e6, (s.end_ns - s.start_ns) / 1e6
-            lines.append(f"{'  ' * depth}└ [{s.service}] {s.name} ({s.kind}) +{offset:.1f}ms {took:.1f}ms  {shown}")
+            head = f"{'  ' * depth}└ [{s.service}] {s.name} ({s.kind}) +{offset:.1f}ms {took:.1f}ms"
+            lines.append(f"{head}  {shown}".rstrip())
             for name, attributes in s.events:
                 detail = " ".join(f"{k}={v}" for k, v in attributes.items())
                 lines.append(f"{'  ' * (depth + 1)}· event {name} {detail}".rstrip())

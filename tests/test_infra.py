@@ -5,6 +5,8 @@ from __future__ import annotations
 import configparser
 import itertools
 import math
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -27,9 +29,41 @@ def test_compose_runs_redis_storage_and_gpu_workers() -> None:
     assert worker["command"][:2] == ["varco", "worker"]
     assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert "--appendonly" in services["redis"]["command"]
-    assert set(worker["environment"]) - {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_HOME"} <= {
-        "VARCO_" + name.upper() for name in Settings.model_fields
-    }
+    names = set(worker["environment"]) - {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_HOME"} - OTEL_VARIABLES
+    assert names <= {"VARCO_" + name.upper() for name in Settings.model_fields}
+
+
+# The standard OpenTelemetry variables the deployment files may pass (tasks/tracing.py reads no others).
+OTEL_VARIABLES = {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL",
+                  "OTEL_EXPORTER_OTLP_HEADERS", "OTEL_SERVICE_NAME", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG",
+                  "OTEL_RESOURCE_ATTRIBUTES", "OTEL_SDK_DISABLED"}  # fmt: skip
+
+
+def pip_extras(dockerfile: Path) -> set[str]:
+    """The extras a Dockerfile's `pip install '.[a,b]'` installs."""
+    [extras] = re.findall(r"pip install [^\n]*'\.\[([a-z,-]+)\]'", dockerfile.read_text())
+    return set(extras.split(","))
+
+
+def test_the_worker_gateway_and_producer_images_install_the_otel_extra() -> None:
+    """Issue 23: tracing is one variable away in every image; the gateway and producer images carry no torch."""
+    extras = tomllib.loads((INFRA.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    images = {name: pip_extras(INFRA / name) for name in ("Dockerfile", "gateway.Dockerfile", "producer.Dockerfile")}
+    assert images == {"Dockerfile": {"worker", "vllm", "otel"}, "gateway.Dockerfile": {"gateway", "otel"},
+                      "producer.Dockerfile": {"otel"}}  # fmt: skip
+    assert set().union(*images.values()) <= set(extras)
+    assert not any(dep.startswith("torch") for dep in extras["gateway"] + extras["otel"])
+
+
+def test_compose_passes_the_opentelemetry_variables_off_by_default() -> None:
+    services = yaml.safe_load((INFRA / "compose.yaml").read_text())["services"]
+    for name in ("worker", "gateway"):
+        env = services[name]["environment"]
+        assert {k for k in env if k.startswith("OTEL_")} <= OTEL_VARIABLES
+        # Passed through from the host's environment; unset there, the endpoint is empty: no tracing.
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "${OTEL_EXPORTER_OTLP_ENDPOINT:-}"
+    assert services["gateway"]["build"]["dockerfile"] == "infra/gateway.Dockerfile"
+    assert services["gateway"]["environment"]["OTEL_SERVICE_NAME"] == "varco-gateway"
 
 
 def option_values(argv: list[str]) -> dict[str, str]:
@@ -179,9 +213,10 @@ def test_keda_resources_validate_against_keda_crd_models() -> None:
 def test_compose_file_follows_the_compose_specification() -> None:
     from compose_spec import PyCompose
 
-    text = (INFRA / "compose.yaml").read_text()
+    # The gateway merges the shared environment (`<<: *varco-env`): the parser reads merged services.
+    text = yaml.safe_dump(yaml.safe_load((INFRA / "compose.yaml").read_text()), sort_keys=False)
     compose = PyCompose.from_yaml(text)  # raises on unknown keys, wrong types, unknown enum values
-    assert compose.service_names() == ["redis", "minio", "minio-init", "worker"]
+    assert compose.service_names() == ["redis", "minio", "minio-init", "worker", "gateway"]
     with pytest.raises(Exception, match="stop_grace_perod"):  # it does catch a typo
         PyCompose.from_yaml(text.replace("stop_grace_period", "stop_grace_perod"))
 

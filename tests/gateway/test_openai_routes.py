@@ -426,3 +426,39 @@ def test_job_events_carry_the_text_of_a_job_submitted_with_streaming(base: str, 
     assert [f.splitlines()[0] for f in resumed] == ["retry: 5000", "event: delta", "event: status", "event: end"]
     assert resumed[1] == whole[2] and resumed[2] == whole[3]
     assert httpx.get(f"{base}/v1/jobs/{job_id}/events", headers=auth | {"Last-Event-ID": ids[2]}).status_code == 204
+
+
+# --- tracing (issue 23): the OpenAI routes and their streams are server spans in the caller's trace ---
+def test_completions_and_their_streams_are_server_spans_in_the_callers_trace(
+    spans: Any, settings: Settings, client: Client
+) -> None:
+    trace_id, caller = "ab" * 16, "cd" * 8
+    headers = {"Authorization": f"Bearer {ALICE}", "traceparent": f"00-{trace_id}-{caller}-01"}
+    with serve(settings, [ALICE], client) as traced:  # made while tracing is on: instrumented
+        pending = in_background(lambda: httpx.post(f"{traced}/v1/chat/completions", json=CHAT, headers=headers,
+                                                   timeout=30))  # fmt: skip
+        job_id = await_job(client)
+        succeed(client, settings, job_id)
+        assert pending.result(timeout=30).status_code == 200
+        client.redis.flushdb()
+        stream = in_background(lambda: httpx.post(f"{traced}/v1/chat/completions", json=CHAT | {"stream": True},
+                                                  headers=headers, timeout=30))  # fmt: skip
+        streamed = await_job(client)
+        client.statuses.begin_attempt(streamed, "gpu0@test", max_attempts=3)
+        client.deltas.append(streamed, RAW)
+        time.sleep(0.2)  # (not a timing assert: the stream's first chunk goes out before the job ends)
+        ended_job_ns = time.time_ns()  # the stream cannot end before this: its job has not ended yet
+        succeed(client, settings, streamed)
+        client.deltas.end(streamed, "succeeded", finish_reason="stop", prompt_tokens=9, output_tokens=2)
+        assert b"[DONE]" in stream.result(timeout=30).content
+    found = spans.get_finished_spans()
+    servers = [s for s in found if s.kind.name == "SERVER"]
+    assert [s.name for s in servers] == ["POST /v1/chat/completions"] * 2
+    for server in servers:
+        assert server.context.trace_id == int(trace_id, 16) and server.parent.span_id == int(caller, 16)
+        assert server.attributes["http.route"] == "/v1/chat/completions"
+        assert server.attributes["http.response.status_code"] == 200  # stable HTTP semantic conventions
+        [submit] = [s for s in found if s.name == "varco.submit" and s.parent.span_id == server.context.span_id]
+        assert submit.kind.name == "PRODUCER" and submit.attributes["messaging.system"] == "celery"
+    assert servers[1].end_time > ended_job_ns  # the stream's span lasts as long as the stream
+    assert [s.name for s in found if s.name.endswith(("http send", "http receive"))] == []  # none per SSE frame

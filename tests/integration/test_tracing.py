@@ -9,8 +9,9 @@ import json
 import os
 import secrets
 import socket
+import statistics
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -224,17 +225,40 @@ def blackhole() -> Iterator[str]:
     server.close()
 
 
+def run_times(client: Client, image: str, jobs: int) -> list[float]:
+    """Submit `jobs` jobs one after another, each waited for; each one's run, claim to result (seconds)."""
+    times = []
+    for _ in range(jobs):
+        [done] = client.wait([job_id := client.submit(image, "grounding", max_new_tokens=1024)], timeout=120)
+        assert done.state.value == "succeeded", done
+        timings = client.result(job_id).timings
+        times.append(timings.total_s - timings.queued_s)
+    return times
+
+
 def test_an_unreachable_collector_never_slows_or_fails_a_job(
-    worker_env: dict[str, str], blackhole: str, http_files, tmp_path: Path
-) -> None:
-    # Each export hangs for 30 s: a job that waited on one would take that long.
-    env = own_db(worker_env, 8) | {"OTEL_EXPORTER_OTLP_ENDPOINT": blackhole, "OTEL_EXPORTER_OTLP_TIMEOUT": "30",
+    worker_env: dict[str, str], client: Client, blackhole: str, http_files, tmp_path: Path,
+    record_property: Callable[[str, object], None],
+) -> None:  # fmt: skip
+    """Jobs on a worker exporting to a collector that never answers, against the same jobs on the session's
+    untraced worker (same settings, another Redis database), in turns, in the same run."""
+    # Each export hangs for 10 s (its timeout; the worker's exit waits for one too): a job that waited on one
+    # would take that long.
+    env = own_db(worker_env, 8) | {"OTEL_EXPORTER_OTLP_ENDPOINT": blackhole, "OTEL_EXPORTER_OTLP_TIMEOUT": "10",
                                    "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "4"}  # fmt: skip
     image = http_files.add("/trace-blackhole.png", CAT)
-    with running_worker(env, tmp_path / "worker.log"), Client(settings_from_env(env)) as client:
-        job_ids = [client.submit(image, "grounding", max_new_tokens=1024) for _ in range(6)]
-        finished = list(client.wait(job_ids, timeout=120))
-        assert {s.state.value for s in finished} == {"succeeded"}
-        for job_id in job_ids:  # its run, from its claim to its result (the queue wait includes the model's load)
-            timings = client.result(job_id).timings
-            assert timings.total_s - timings.queued_s < 20, "a job waited on the collector"
+    traced_runs: list[float] = []
+    untraced_runs: list[float] = []
+    with running_worker(env, tmp_path / "worker.log"), Client(settings_from_env(env)) as traced:
+        run_times(traced, image, 1)  # the first job waits for the model to load: not compared
+        run_times(client, image, 1)
+        for _ in range(3):  # in turns, so both sides see the same load on this machine
+            traced_runs += run_times(traced, image, 2)
+            untraced_runs += run_times(client, image, 2)
+    medians = {"dead collector": statistics.median(traced_runs), "untraced": statistics.median(untraced_runs)}
+    record_property("run_s_medians", medians)
+    print(f"claim-to-result medians over 6 jobs each: {medians}")
+    # Every job succeeded (above). Latency: reported, and bounded only where a loaded 2-core machine cannot
+    # reach (medians of jobs in turns, ~1.5 s each here): a job that waited on the collector even once would
+    # take its 10 s timeout more.
+    assert medians["dead collector"] < medians["untraced"] + 8, medians

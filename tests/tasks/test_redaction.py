@@ -31,6 +31,9 @@ PRESIGNED = "https://bucket.s3.amazonaws.com/a.png?X-Amz-Credential=AKIA&X-Amz-S
         ("callback to https://bob@hooks.example/in refused", "callback to https://[redacted]@hooks.example/in refused"),
         ("redis://:pw@redis:6379/0 and ftp://u:p@w@h/f", "redis://[redacted]@redis:6379/0 and ftp://[redacted]@h/f"),
         ("mail ops@example.com about http://h/a@b", "mail ops@example.com about http://h/a@b"),  # no userinfo
+        # an inline image by its header only: never its payload (in a span's error, a log line)
+        ("HTTP 503 fetching data:image/png;base64,iVBORw0KGgo= now", "HTTP 503 fetching data:image/png;base64,… now"),
+        ("'data:,hello' and metadata:a,b", "'data:,…' and metadata:a,b"),
     ],
 )  # fmt: skip
 def test_query_strings_of_urls_and_key_or_token_values_are_redacted(text: str, redacted: str) -> None:

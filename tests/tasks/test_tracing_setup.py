@@ -68,3 +68,74 @@ def test_the_job_body_carries_the_trace_context_only_when_there_is_one() -> None
     plain = json.loads(job_body("j", {"task": "ocr"}, "2026-01-01T00:00:00+00:00"))
     assert "trace" not in plain and Picked("j", "t", plain, False).trace == {}
     assert Picked("j", "t", {**plain, "trace": ["not", "a", "dict"]}, False).trace == {}  # untrusted: ignored
+
+
+# --- a producer's submit: what it carries, with and without OpenTelemetry ---------------------------
+SUBMIT = """
+import importlib.abc, json, logging, sys, tempfile
+from pathlib import Path
+if {block}:  # the otel packages not installed: every opentelemetry import fails, as it would
+    class Absent(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "opentelemetry" or name.startswith("opentelemetry."):
+                raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+    sys.meta_path.insert(0, Absent())
+logging.basicConfig(level=logging.WARNING)
+from varco.producer import Client
+from varco.tasks import tracing
+from varco.tasks.settings import Settings
+from varco.workers.devtools.local_redis import start_redis
+
+def carried(client):
+    found = []
+    for key in client.redis.keys("*"):
+        kind = client.redis.type(key)
+        values = (client.redis.lrange(key, 0, -1) if kind == "list" else client.redis.hvals(key) if kind == "hash"
+                  else [client.redis.get(key)] if kind == "string" else [])
+        found += [key for v in values if "traceparent" in (v or "")]
+    return sorted(set(found))
+
+with tempfile.TemporaryDirectory() as tmp, start_redis(Path(tmp)) as server:
+    client = Client(Settings(broker_url=server.url, _env_file=None))
+    first = client.submit("https://cdn.example.com/cat.jpg", "caption")
+    untraced, on_before = carried(client), tracing.on()
+    host = None
+    if {host}:  # the host application sets its tracer provider after making the Client
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        trace.set_tracer_provider(TracerProvider())
+        tracing._join_next_check = 0.0  # (asked once a second: do not wait for it)
+        with trace.get_tracer("host").start_as_current_span("request") as span:
+            host = format(span.get_span_context().trace_id, "032x")
+            second = client.submit("https://cdn.example.com/dog.jpg", "caption")
+        body = client.fair.pick("varco", "ticket-2")  # FIFO within the tenant: the first job, then the second
+        body = client.fair.pick("varco", "ticket-3")
+        host = [host, body.job_id == second, body.trace.get("traceparent", "").split("-")[1:2]]
+    print(json.dumps({{"status": client.status(first).state.value, "untraced": untraced, "on": on_before,
+                      "otel": sorted(m for m in sys.modules if m.startswith("opentelemetry")), "host": host}}))
+"""
+
+
+def submit_probe(block: bool = False, host: bool = False, **env: str) -> tuple[dict, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "VARCO_"))}
+    code = SUBMIT.format(block=block, host=host)
+    out = subprocess.run([sys.executable, "-c", code], env=clean | env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1]), out.stderr
+
+
+def test_a_producer_without_the_otel_packages_submits_and_carries_nothing() -> None:
+    # Even told to export (an endpoint set): it says the extra is missing, and submits as before.
+    found, stderr = submit_probe(block=True, OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9")
+    assert found == {"status": "queued", "untraced": [], "on": False, "otel": [], "host": None}
+    assert "OpenTelemetry is not installed" in stderr
+
+
+def test_a_producer_joins_its_host_only_once_the_host_sets_a_tracer_provider() -> None:
+    pytest.importorskip("opentelemetry.sdk")
+    found, _ = submit_probe(host=True)
+    # redis-py imported the API, yet before the host set a provider tracing stayed off: nothing carried, and
+    # no span made through the API's proxy (which cost every submit ~13 us: bench/tracing_off_path.py).
+    assert found["untraced"] == [] and found["on"] is False and "opentelemetry.trace" in found["otel"]
+    host_trace, picked_second, [carried_trace] = found["host"]
+    assert picked_second and carried_trace == host_trace  # then the submit joined the host's current span

@@ -157,8 +157,7 @@ def end_generation_span(span: Any, output: GenerationOutput | None = None, error
             "gen_ai.response.finish_reasons": [output.finish_reason],
         })  # fmt: skip
     if error is not None:
-        span.record_exception(error)
-        span.set_attribute("error.type", type(error).__name__)
+        tracing.record_error(span, error)  # its message redacted as in the logs
     span.end()
 
 

@@ -87,7 +87,11 @@ def register_callback_task(app: Celery, settings: Settings, delivered: Delivered
         host = host_of(url)
         # One span per attempt, a child of the job's span (the message's traceparent); its own context goes
         # on the POST, so the receiver's trace continues the job's.
-        carrier = {k: v for k in tracing.TRACE_HEADERS if isinstance(v := getattr(self.request, k, None), str)}
+        # Celery keeps a message's custom headers in request.headers (a retry republishes them: same trace),
+        # and as request attributes too.
+        given = self.request.headers if isinstance(self.request.headers, dict) else {}
+        carrier = {k: v for k in tracing.TRACE_HEADERS
+                   if isinstance(v := given.get(k, getattr(self.request, k, None)), str)}  # fmt: skip
         attributes = {
             "http.request.method": "POST", "url.full": redact_uri(url), "server.address": host,
             "http.request.resend_count": self.request.retries or None, "varco.job_id": payload.get("job_id"),

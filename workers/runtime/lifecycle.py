@@ -238,6 +238,7 @@ class _Job:
 
     def fail(self, error: ErrorInfo) -> None:
         log.info("job %s failed: %s: %s", self.job_id, error.type, error.message)
+        tracing.fail_current(error.type, error.message)  # the job's span: an error, for the trace viewer
         if self.end(JobState.FAILED, error=error):
             metrics.observe_job(self.request.task.value, JobState.FAILED.value)
             self.notify("job.failed", JobState.FAILED, error=error)

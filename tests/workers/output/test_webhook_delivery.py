@@ -265,3 +265,28 @@ def test_a_cancelled_job_has_its_own_terminal_event() -> None:
     assert [terminal_event(s) for s in JobState] == [
         None, None, None, "job.succeeded", "job.failed", "job.cancelled"
     ]  # fmt: skip
+
+
+def test_each_attempt_is_a_new_span_in_the_jobs_trace_and_its_post_carries_it(receiver: WebhookReceiver, spans) -> None:
+    """The callback message carries the job span's traceparent; a retried delivery is one more span, a
+    sibling in the same trace, and each POST names its own attempt's span."""
+    from varco.tasks import tracing
+
+    path = "/traced"
+    answers = iter([503, 204])
+    receiver.status_for = lambda p: next(answers) if p == path else 204
+    settings = Settings(broker_url="memory://", allow_private_urls=True, callback_max_retries=RETRIES, _env_file=None)
+    task = register_callback_task(create_app(settings), settings)
+    with tracing.span("varco.job", kind="consumer") as job:
+        headers = tracing.inject()  # what webhooks.py puts on the callback message
+    task.apply(args=[receiver.url(path), PAYLOAD, "abc.job.succeeded"], headers=headers)
+    posts = [s for s in spans.get_finished_spans() if s.name == "POST"]
+    trace_id = job.get_span_context().trace_id
+    assert len(posts) == 2 and len({s.context.span_id for s in posts}) == 2
+    job_span = job.get_span_context().span_id
+    assert [(s.context.trace_id, s.parent.span_id) for s in posts] == [(trace_id, job_span)] * 2
+    assert [s.attributes.get("http.request.resend_count") for s in posts] == [None, 1]
+    assert [s.attributes["http.response.status_code"] for s in posts] == [503, 204]
+    assert all(s.kind.name == "CLIENT" and s.attributes["url.full"] == receiver.url(path) for s in posts)
+    sent = [r.headers["traceparent"].split("-")[1:3] for r in receiver.received if r.path == path]
+    assert sent == [[format(trace_id, "032x"), format(s.context.span_id, "016x")] for s in posts]

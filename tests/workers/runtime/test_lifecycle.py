@@ -716,3 +716,96 @@ def test_the_engine_gets_the_constraint_of_the_job_flag_or_the_setting(
     world.rt.settings.constrained_tags = default
     world.deliver(task=task, **({"prompt": "what?"} if task == "vqa" else {}), constrained=constrained)
     assert world.engine.requests[0].constraint == shape
+
+
+# --- its spans (issue 23; docs/tracing.md) -------------------------------------------------------------
+def named(spans: Any, name: str) -> Any:
+    [span] = [s for s in spans.get_finished_spans() if s.name == name]
+    return span
+
+
+def test_a_job_is_a_consumer_span_with_semantic_convention_attributes(world: World, spans: Any) -> None:
+    world.deliver(callback_url=HOOK)
+    job = named(spans, "varco.job")
+    assert job.kind.name == "CONSUMER"
+    assert dict(job.attributes) == {
+        "varco.job_id": JOB,
+        "varco.task": "caption",
+        "varco.tenant": "default",
+        "varco.worker": "gpu0@test",
+        "messaging.system": "celery",
+        "messaging.operation.type": "process",
+    }  # the fake engine has no name: no varco.engine
+    assert [(e.name, dict(e.attributes)) for e in job.events] == [
+        ("varco.status", {"varco.state": "started", "varco.attempt": 1}),
+        ("varco.status", {"varco.state": "succeeded", "varco.transitioned": True}),
+    ]
+    children = [s for s in spans.get_finished_spans() if s.parent and s.parent.span_id == job.context.span_id]
+    assert sorted(s.name for s in children) == ["varco.fetch", "varco.parse", "varco.prepare", "varco.queue_wait",
+                                                "varco.result_write"]  # fmt: skip
+    assert named(spans, "varco.fetch").attributes["url.full"] == "https://img.example/cat.png"
+
+
+@pytest.mark.parametrize(
+    ("uri", "secret", "shown"),
+    [
+        ("https://img.example/cat.png?X-Amz-Signature=s3cr3t&token=t0k", "s3cr3t", "https://img.example/cat.png?[redacted]"),
+        ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUg==", "iVBORw0KGgo", "data:image/png;base64,…"),
+    ],
+)  # fmt: skip
+def test_image_urls_in_spans_are_redacted_as_in_the_logs(world: World, spans: Any, uri: str, secret: str,
+                                                         shown: str) -> None:  # fmt: skip
+    # The first attempt's fetch fails with the URL in its message (as the fetcher's errors say it); the
+    # second succeeds. Neither the span's attributes nor the recorded error hold the secret.
+    world.fetcher.errors = [ImageFetchError(f"HTTP 503 fetching {uri}", transient=True)]
+    world.deliver(image_uri=uri)
+    world.deliver(image_uri=uri)
+    assert world.status().state is JobState.SUCCEEDED
+    recorded = [(s.name, dict(s.attributes), s.status.description, [(e.name, dict(e.attributes)) for e in s.events])
+                for s in spans.get_finished_spans()]  # fmt: skip
+    assert secret not in repr(recorded) and "t0k" not in repr(recorded)  # never a query string nor a payload
+    failed, fetched = [s for s in spans.get_finished_spans() if s.name == "varco.fetch"]
+    assert failed.status.status_code.name == "ERROR" and failed.attributes["error.type"] == "ImageFetchError"
+    assert [e.attributes["exception.message"] for e in failed.events] == [f"HTTP 503 fetching {shown}"]
+    assert failed.attributes["url.full"] == fetched.attributes["url.full"] == shown
+
+
+def test_a_cache_hit_is_a_span_naming_its_source_job(world: World, spans: Any) -> None:
+    world.cache.hit = JobResult(
+        job_id="job-0", task="caption", state=JobState.SUCCEEDED, model="test/model", prompt="p",
+        image=ImageInfo(uri="https://img.example/old.png", width=1, height=1, sha256=SHA),
+        output=ParsedOutput(raw="cached", text="cached"), usage=Usage(), worker="gpu9@elsewhere",
+    )  # fmt: skip
+    world.deliver()
+    hit, job = named(spans, "varco.result_cache.hit"), named(spans, "varco.job")
+    assert hit.attributes["varco.cached_from"] == "job-0" and hit.parent.span_id == job.context.span_id
+    names = {s.name for s in spans.get_finished_spans()}
+    assert "varco.prepare" not in names and "varco.parse" not in names  # no engine ran
+    assert named(spans, "varco.result_write").parent.span_id == hit.context.span_id
+
+
+def test_a_cancel_is_an_event_on_the_job_span(world: World, spans: Any) -> None:
+    world.cancels.watch(JOB)
+    world.cancels.mark(JOB)
+    world.deliver()
+    job = named(spans, "varco.job")
+    assert [(e.name, e.attributes.get("varco.state")) for e in job.events] == [
+        ("varco.status", "started"), ("varco.cancel", None), ("varco.status", "cancelled")]  # fmt: skip
+    assert job.status.status_code.name == "UNSET"  # a cancel is no error
+
+
+def test_the_stores_retries_are_events_on_the_result_write_span(world: World, spans: Any) -> None:
+    world.store.failures = 2
+    world.deliver()
+    write = named(spans, "varco.result_write")
+    retries = [e for e in write.events if e.name == "varco.store_retry"]
+    assert len(retries) == 2 and all("varco.retry_in_s" in e.attributes for e in retries)
+    assert world.status().state is JobState.SUCCEEDED
+
+
+def test_a_failed_job_is_an_error_span_with_its_error_type(world: World, spans: Any) -> None:
+    world.engine.error = RuntimeError("CUDA error")
+    world.deliver()
+    job = named(spans, "varco.job")
+    assert job.status.status_code.name == "ERROR" and job.attributes["error.type"] == "InferenceError"
+    assert job.status.description.startswith("InferenceError: generation failed")
