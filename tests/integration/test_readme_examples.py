@@ -19,7 +19,6 @@ A block without a marker fails `test_every_readme_code_block_is_marked`, so no e
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
@@ -33,10 +32,10 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from conftest import CAT, SCRIPTS, sha
+from conftest import CAT, write_scripts
 
 from varco.workers.devtools.local_redis import free_port
-from varco.workers.devtools.scripted import SCRIPTED_PLUGIN, SCRIPTS_FILE
+from varco.workers.devtools.scripted import SCRIPTED_PLUGIN
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 ROOT = README.parent
@@ -207,9 +206,7 @@ def stack(
     tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, stopped: list[Callable[[], None]]
 ) -> Iterator[Stack]:
     """The README's by-hand recipe, run: its Redis, worker and gateway serve every example below."""
-    (tiny_model_dir / SCRIPTS_FILE).write_text(  # the scripted answers the worker fixtures use, the same file
-        json.dumps({f"{sha(data)}:{task}": text for (data, task), text in SCRIPTS.items()}), encoding="utf-8"
-    )
+    write_scripts(tiny_model_dir)  # the scripted answers the worker fixture uses (the same file)
     home = tmp_path_factory.mktemp("readme")
     (home / "images").mkdir()
     (home / "images" / "cat.png").write_bytes(CAT)
