@@ -57,6 +57,12 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def write_scripts(model_dir: Path) -> None:
+    """SCRIPTS where the scripted engine plugin reads them: a file beside the model."""
+    scripts = {f"{sha(data)}:{task}": text for (data, task), text in SCRIPTS.items()}
+    (model_dir / SCRIPTS_FILE).write_text(json.dumps(scripts), encoding="utf-8")
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
     with start_redis(tmp_path_factory.mktemp("redis")) as server:
@@ -112,8 +118,7 @@ def file_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def worker_env(redis_server: LocalRedis, s3_server: str, s3, tiny_model_dir: Path, file_root: Path) -> dict[str, str]:
-    scripts = {f"{sha(data)}:{task}": text for (data, task), text in SCRIPTS.items()}
-    (tiny_model_dir / SCRIPTS_FILE).write_text(json.dumps(scripts), encoding="utf-8")
+    write_scripts(tiny_model_dir)
     s3.put_object(Bucket=IMAGES_BUCKET, Key="in/sign.png", Body=SIGN)
     s3.put_object(Bucket=IMAGES_BUCKET, Key="in/cat.png", Body=CAT)
     return {
