@@ -14,6 +14,8 @@ import threading
 from typing import Any
 
 import amqp.exceptions
+from celery.app.events import Events
+from celery.events.dispatcher import EventDispatcher
 from kombu import Exchange, Queue
 from kombu.connection import Connection
 from kombu.exceptions import OperationalError
@@ -99,6 +101,32 @@ class AmqpQueueDepth:
             self.connection.close()  # the next call connects again
             raise
         return int(ready)
+
+
+class UnconfirmedEventDispatcher(EventDispatcher):
+    """Task events published without publisher confirms; jobs and webhooks keep them (`amqp_conf`).
+
+    Why: a confirmed publish waits for the broker's ack by reading the connection, and a worker's event
+    connection is also read by its consumer thread (Celery registers it with the event loop for heartbeats)
+    while task threads flush events on it: two threads reading one socket. One took the other's ack, or half
+    a frame, and the worker stalled (its consumer blocked on the dispatcher's lock for a minute and more:
+    seen on RabbitMQ with task events watched, many revoked queued jobs and jobs running). Events are
+    best-effort telemetry for Flower and `celery events`; without confirms their publish only writes.
+    Only a connection given to the dispatcher is changed (the worker's own event connection): the task-sent
+    event goes through the task's producer, whose confirm stays."""
+
+    def __init__(self, connection: Connection | None = None, *args: Any, **kwargs: Any) -> None:
+        if connection is not None:
+            connection.transport_options = {**connection.transport_options, "confirm_publish": False}
+            if connection.connected:  # already open (the worker's is): channels made from now on
+                connection.connection.confirm_publish = False
+        super().__init__(connection, *args, **kwargs)
+
+
+class UnconfirmedEvents(Events):
+    """`app.events` on RabbitMQ: its Dispatcher publishes without confirms (UnconfirmedEventDispatcher)."""
+
+    dispatcher_cls = UnconfirmedEventDispatcher
 
 
 def amqp_conf(queues: list[str]) -> dict[str, Any]:

@@ -18,7 +18,14 @@ from celery.app.amqp import AMQP
 from celery.utils.saferepr import saferepr
 from kombu import Queue
 
-from varco.tasks.brokers import BROKER_ERRORS, AmqpQueueDepth, amqp_conf, declare_queues, is_amqp
+from varco.tasks.brokers import (
+    BROKER_ERRORS,
+    AmqpQueueDepth,
+    UnconfirmedEvents,
+    amqp_conf,
+    declare_queues,
+    is_amqp,
+)
 from varco.tasks.connections import PUBLISH_RETRY_POLICY, broker_transport_options
 from varco.tasks.keys import CALLBACK_QUEUE, DEAD_LETTER_QUEUE, INFER_QUEUE, queue_lane
 from varco.tasks.prompts import TaskType
@@ -64,7 +71,10 @@ class RedactingAMQP(AMQP):
 
 
 def create_app(settings: Settings) -> Celery:
-    app = Celery("varco", broker=settings.broker_url, set_as_current=False, amqp=RedactingAMQP)
+    amqp = is_amqp(settings.broker_url)
+    # On RabbitMQ, task events go without the publisher confirms jobs and webhooks have (UnconfirmedEvents).
+    events = UnconfirmedEvents if amqp else None
+    app = Celery("varco", broker=settings.broker_url, set_as_current=False, amqp=RedactingAMQP, events=events)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -104,7 +114,7 @@ def create_app(settings: Settings) -> Celery:
         worker_send_task_events=settings.task_events,
         task_send_sent_event=settings.task_events,
     )
-    if is_amqp(settings.broker_url):  # RabbitMQ: quorum queues in place of kombu's Redis lists (docs/brokers.md)
+    if amqp:  # RabbitMQ: quorum queues in place of kombu's Redis lists (docs/brokers.md)
         app.conf.update(amqp_conf(app_queues(settings)))
     return app
 

@@ -1,7 +1,8 @@
 """RabbitMQ as the broker (docs/brokers.md): one private node for the module, status records on a private
 Redis, a real `varco worker` node. Quorum queues declared by the first publisher, every task type, a webhook
-sent once, a cancel, a kill -9 of a worker child, a job longer than the node's consumer_timeout, and a
-poison message dead-lettered after the delivery limit."""
+sent once, a cancel, a `celery control revoke` of queued jobs with task events watched, a kill -9 of a
+worker child, a job longer than the node's consumer_timeout, and a poison message dead-lettered after the
+delivery limit."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
@@ -21,6 +23,7 @@ from test_crash_recovery import inference_child
 
 from varco.producer import Client
 from varco.tasks.brokers import DELIVERY_LIMIT, dead_letter_queue, quorum_queue
+from varco.tasks.celery_app import create_app
 from varco.tasks.keys import CALLBACK_QUEUE, DEAD_LETTER_QUEUE, INFER_QUEUE
 from varco.tasks.settings import settings_from_env
 from varco.workers.devtools.local_rabbitmq import LocalRabbitMQ, start_rabbitmq
@@ -139,6 +142,60 @@ def test_a_job_longer_than_the_consumer_timeout_runs_once(
     assert (status.finished_at - status.started_at).total_seconds() > (CONSUMER_TIMEOUT_MS + CHANNEL_TICK_MS) / 1000
     after = rabbit_client.submit(http_files.add("/rabbit-after.png", CAT), "caption")
     assert next(rabbit_client.wait(after, timeout=60)).state.value == "succeeded"
+
+
+@pytest.fixture
+def task_events(rabbit_env: dict[str, str]) -> Iterator[list[dict]]:
+    """A Flower-style consumer of the workers' task events (`celery events`), in a thread: the events seen."""
+    app = create_app(settings_from_env(rabbit_env))
+    seen: list[dict] = []
+    with app.connection_for_read() as connection:
+        receiver = app.events.Receiver(connection, handlers={"*": seen.append})
+        thread = threading.Thread(target=receiver.capture, kwargs={"limit": None, "wakeup": True}, daemon=True)
+        thread.start()
+        yield seen
+        receiver.should_stop = True
+        thread.join(timeout=10)
+
+
+def test_a_celery_revoke_of_queued_jobs_with_task_events_watched(
+    rabbit_env: dict[str, str], rabbit_client: Client, node, http_files, task_events: list[dict]
+) -> None:
+    # Flower's case: task events on and watched, `celery control revoke` of queued jobs while others run. A
+    # worker that published its events with confirms read its event connection from two threads and could
+    # stall (tasks/brokers.UnconfirmedEventDispatcher); the jobs after the revokes must all run.
+    url = http_files.add("/rabbit-events.png", CAT)
+    deadline = time.monotonic() + 60
+    while not any(e.get("type") == "task-succeeded" for e in task_events):  # the receiver listens
+        assert time.monotonic() < deadline, "no task events reached the receiver"
+        next(rabbit_client.wait(rabbit_client.submit(url, "caption"), timeout=60))
+    # The jobs wait on a queue no worker reads yet, so the revokes land before their delivery (queued jobs).
+    settings = settings_from_env({**rabbit_env, "VARCO_TASK_ROUTES": json.dumps({"caption": "varco.revoke-rabbit"})})
+    app = create_app(settings)
+    parking = quorum_queue("varco.revoke-rabbit")
+    with Client(settings) as parked:
+        revoked = [parked.submit(url, "caption") for _ in range(20)]
+        app.control.revoke(revoked)
+        running = [rabbit_client.submit(url, "caption") for _ in range(32)]  # task threads send events meanwhile
+        inference = [name for reply in app.control.ping(timeout=2) for name in reply if name.startswith("cpu0@")]
+        # Declared as its publisher did (a plain add_consumer would declare it otherwise and be refused).
+        app.control.add_consumer(parking.name, exchange=parking.name, exchange_type="topic",
+                                 routing_key=parking.routing_key, options={"queue_arguments": parking.queue_arguments},
+                                 destination=inference, reply=True)  # fmt: skip
+        try:
+            for job_id in revoked:
+                wait_for_state(parked, job_id, {"cancelled"}, timeout=60)
+        finally:
+            app.control.cancel_consumer(parking.name, destination=inference, reply=True)
+        assert {parked.status(job_id).attempts for job_id in revoked} == {0}  # never run
+    after = [rabbit_client.submit(url, "caption") for _ in range(16)]
+    finished = {s.job_id: s.state.value for s in rabbit_client.wait([*running, *after], timeout=60)}
+    assert set(finished.values()) == {"succeeded"}, finished
+    # The events, published without confirms, still reach the receiver: the revokes among them.
+    deadline = time.monotonic() + 30
+    while not set(revoked) <= {e.get("uuid") for e in task_events if e.get("type") == "task-revoked"}:
+        assert time.monotonic() < deadline, "the receiver missed task-revoked events"
+        time.sleep(0.1)
 
 
 def test_a_message_delivered_too_often_is_dead_lettered(rabbit: LocalRabbitMQ, node) -> None:

@@ -61,3 +61,18 @@ def test_a_redis_broker_keeps_its_lists() -> None:
     conf = create_app(Settings(broker_url=STATUS)).conf
     assert all(not q.queue_arguments for q in conf.task_queues)
     assert conf.broker_transport_options["visibility_timeout"] == Settings().visibility_timeout
+
+
+def test_on_rabbitmq_task_events_go_without_the_confirms_jobs_keep() -> None:
+    # A confirmed event publish reads the worker's event connection, which its consumer thread reads too
+    # (tasks/brokers.UnconfirmedEventDispatcher): the worker's event connection must publish without confirms.
+    app = create_app(Settings(broker_url=RABBIT, status_url=STATUS))
+    events_connection = app.connection_for_write()
+    app.events.Dispatcher(events_connection, enabled=False)  # as the worker's Events step builds it
+    assert events_connection.transport_options["confirm_publish"] is False
+    assert app.connection_for_write().transport_options["confirm_publish"] is True  # jobs and webhooks
+    assert app.pool.connection.transport_options["confirm_publish"] is True  # the task-sent event's producer
+    redis_app = create_app(Settings(broker_url=STATUS))
+    redis_connection = redis_app.connection_for_write()
+    redis_app.events.Dispatcher(redis_connection, enabled=False)
+    assert "confirm_publish" not in redis_connection.transport_options
