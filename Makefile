@@ -37,9 +37,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/varco demo
 
+# Two pytest processes (pytest-xdist): whole test files, and the groups in tests/xdist_scheduling.py, are the
+# units they share. PYTEST_PROCESSES=0 runs every test in the one pytest process, as before.
+PYTEST_PROCESSES ?= 2
+
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_PROCESSES) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -60,6 +60,17 @@ def _serve_mutants() -> None:
 _serve_mutants()
 
 
+# --- parallel runs (`make test`: pytest -n 2 --dist loadfile, with pytest-xdist) ------------------------
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """Whole files, and groups of files that must share a process, as units of work (tests/xdist_scheduling.py)."""
+    if config.getvalue("dist") != "loadfile":
+        return None  # another --dist, asked for by hand: xdist's own
+    from xdist_scheduling import FileOrGroupScheduling
+
+    return FileOrGroupScheduling(config, log)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from varco.workers.devtools.tiny_model import make_tiny_model

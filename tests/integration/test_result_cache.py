@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +45,19 @@ def settled(env: dict, name: str, expected: float, **labels: str) -> dict:
         time.sleep(0.1)
 
 
+def wait_indexed(client: Client, *job_ids: str) -> None:
+    """Until the cache names these jobs: a worker indexes a result just after its job reads succeeded, so a
+    repeat sent the moment the source finished may find nothing yet (and rightly run inference)."""
+    deadline = time.monotonic() + 30
+    while True:
+        entries = [client.redis.get(key) for key in client.redis.scan_iter(RESULT_CACHE_PREFIX + "*")]
+        named = {json.loads(entry)["job_id"] for entry in entries if entry is not None}
+        if set(job_ids) <= named:
+            return
+        assert time.monotonic() < deadline, f"{job_ids} never indexed; the cache names {named}"
+        time.sleep(0.05)
+
+
 def test_a_repeat_is_answered_from_the_cache_without_inference(
     cache_node: dict, cache_client: Client, http_files, file_root: Path
 ) -> None:
@@ -52,6 +66,7 @@ def test_a_repeat_is_answered_from_the_cache_without_inference(
     assert source.cached_from is None and source.timings.inference_s > 0 and source.usage.output_tokens > 0
     before = settled(cache_node, "varco_jobs_total", 1, task="grounding", state="succeeded")
     assert value(before, "varco_tokens_total", kind="output") == source.usage.output_tokens
+    wait_indexed(cache_client, source.job_id)
 
     # The same bytes from another URI, with other metadata: still the same question.
     repeats = [
@@ -88,6 +103,7 @@ def test_a_different_prompt_budget_region_or_task_is_not_answered_from_the_cache
         cache_client.submit(url, "referring", region=[0.1, 0.1, 0.5, 0.5], label="a"),
     ]
     assert {s.state.value for s in cache_client.wait(first, timeout=120)} == {"succeeded"}
+    wait_indexed(cache_client, *first)
     variants = [
         cache_client.submit(url, "caption", prompt="What is blue?"),
         cache_client.submit(url, "caption", prompt="What is red?", max_new_tokens=8),
@@ -105,6 +121,7 @@ def test_a_different_prompt_budget_region_or_task_is_not_answered_from_the_cache
 def test_an_expired_entry_is_not_used(cache_client: Client, http_files) -> None:
     url = http_files.base + "/cat.png"
     source = cache_client.result(cache_client.submit(url, "vqa", prompt="Expiring?"), timeout=120)
+    wait_indexed(cache_client, source.job_id)
     index = redis.Redis.from_url(cache_client.settings.broker_url)
     keys = list(index.scan_iter(RESULT_CACHE_PREFIX + "*"))
     assert keys
@@ -115,6 +132,7 @@ def test_an_expired_entry_is_not_used(cache_client: Client, http_files) -> None:
         time.sleep(0.05)
     again = cache_client.result(cache_client.submit(url, "vqa", prompt="Expiring?"), timeout=120)
     assert again.cached_from is None and again.usage.output_tokens > 0
+    wait_indexed(cache_client, again.job_id)
     # That run indexed its own result: the next repeat names it, not the expired source.
     third = cache_client.result(cache_client.submit(url, "vqa", prompt="Expiring?"), timeout=120)
     assert third.cached_from == again.job_id != source.job_id

@@ -124,6 +124,8 @@ def serve(
             pass
 
     server = ThreadingHTTPServer((host, port), Handler)
-    threading.Thread(target=server.serve_forever, name="node-http", daemon=True).start()
+    # A short poll: the supervisor's `shutdown()` waits up to one interval, and every node stop pays it.
+    serve = functools.partial(server.serve_forever, poll_interval=0.1)
+    threading.Thread(target=serve, name="node-http", daemon=True).start()
     log.info("serving /metrics, /livez and /readyz on %s:%d", host, port)
     return server

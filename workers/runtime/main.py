@@ -3,7 +3,8 @@
 Started by the supervisor with CUDA_VISIBLE_DEVICES already set, so torch sees exactly one GPU.
 Loads the model before consuming the first message, starts the engine thread, then runs a Celery
 worker with a thread pool: threads fetch and preprocess images concurrently and feed the engine. SIGTERM is a
-Celery warm shutdown: in-flight jobs finish, then the process exits.
+Celery warm shutdown: in-flight jobs finish, then the process exits (without the interpreter's teardown,
+`fast_exit.py`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from varco.workers import metrics
 from varco.workers.logs import configure_logging
 from varco.workers.node import exit_codes
 from varco.workers.node.health import NODE_STATE_ENV
+from varco.workers.runtime.fast_exit import exit_without_teardown
 from varco.workers.runtime.heartbeat import Heartbeat, engine_state
 
 log = logging.getLogger("varco.worker")
@@ -181,10 +183,19 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=None)
     parser.add_argument("--callbacks", action="store_true", help="run the webhook delivery worker instead")
     args = parser.parse_args()
-    if args.callbacks:
-        run_callback_worker(args.hostname, args.concurrency or 8)
+    try:
+        if args.callbacks:
+            run_callback_worker(args.hostname, args.concurrency or 8)
+        else:
+            run_inference_worker(args.hostname, args.queues.split(","), args.concurrency)
+    except SystemExit as exc:  # the usual way out: Celery's worker has stopped, or the child cannot start
+        code: object = exc.code
     else:
-        run_inference_worker(args.hostname, args.queues.split(","), args.concurrency)
+        code = 0
+    # The orderly shutdown is over (run_*_worker's `finally` has stopped the engine and the runtime's
+    # threads): skip torch's and vLLM's interpreter teardown, seconds that every node stop waits for.
+    # An unexpected exception is not caught above and takes the normal way out, with its traceback.
+    exit_without_teardown(code)
 
 
 if __name__ == "__main__":
