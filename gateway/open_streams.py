@@ -76,7 +76,7 @@ class OpenStreams:
                 step = asyncio.ensure_future(anext(events))
                 await asyncio.wait({step, closing}, return_when=asyncio.FIRST_COMPLETED)
                 if not step.done():  # shutdown: end the events inside their own task first (their finally runs)
-                    await _stop(step)
+                    await stop_future(step)
                     yield interrupted(SHUTDOWN, "the gateway is shutting down")
                     return
                 try:
@@ -92,7 +92,7 @@ class OpenStreams:
             closing.cancel()
             # The caller hung up (this generator is cancelled or closed): the events end in a task of their
             # own, since the hang-up's cancellation would cut their cleanup short here.
-            stopping = _stop(step) if step is not None and not step.done() else _aclose(events)
+            stopping = stop_future(step) if step is not None and not step.done() else _aclose(events)
             _closing.add(task := asyncio.ensure_future(stopping))
             task.add_done_callback(_closing.discard)
 
@@ -100,14 +100,14 @@ class OpenStreams:
 _closing: set[asyncio.Future[Any]] = set()  # streams being ended (a reference, so they are not collected)
 
 
-async def _stop(step: asyncio.Future[Any]) -> None:
+async def stop_future(step: asyncio.Future[Any]) -> None:
     """Cancel `step` and wait until it ends; asked again while it runs on: redis.asyncio's reads under a
     timeout can swallow one cancellation (it meets their own timeout and reads as "no message yet")."""
     while not step.done():
         step.cancel()
         await asyncio.wait({step}, timeout=0.5)
     if not step.cancelled():
-        step.exception()  # retrieved: a failure of events nobody reads is not logged as unhandled
+        step.exception()  # retrieved: a failure nobody waits for any more is not logged as unhandled
 
 
 async def _aclose(events: AsyncIterator[bytes]) -> None:

@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from varco.gateway.access import caller, tenant_of
 from varco.gateway.job_deltas import follow
-from varco.gateway.open_streams import SHUTDOWN, HeldStream
+from varco.gateway.open_streams import SHUTDOWN, HeldStream, stop_future
 from varco.gateway.openai_errors import OpenAIError, OpenAIRoute, bad_request, error_responses, model_not_found
 from varco.gateway.openai_mapping import (
     ChatJob,
@@ -125,22 +125,12 @@ async def _unless_hung_up(request: Request, waiting: Awaitable[T]) -> T | str:
         hung_up.cancel()
         closing.cancel()
         raise
-    await _stop(hung_up)
-    await _stop(closing)
+    await stop_future(hung_up)
+    await stop_future(closing)
     if answer.done():
         return answer.result()
-    await _stop(answer)
+    await stop_future(answer)
     return HUNG_UP if hung_up.done() and not hung_up.cancelled() else SHUTTING_DOWN
-
-
-async def _stop(task: asyncio.Future[Any]) -> None:
-    """Cancel `task` and wait until it ends. Asked again while it runs on: redis.asyncio's reads under a
-    timeout can swallow one cancellation (it meets their own timeout and reads as "no message yet")."""
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=0.5)
-    if not task.cancelled():
-        task.exception()  # retrieved: a failure of a task we no longer need is not logged as unhandled
 
 
 async def _hung_up(request: Request) -> None:
