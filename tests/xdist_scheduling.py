@@ -19,6 +19,7 @@ GROUPS = {
     "tests/workers/engines/test_engines.py": "vllm",
     "tests/workers/engines/test_tag_constraint_engines.py": "vllm",
     "tests/integration/test_vllm_worker.py": "vllm",
+    "tests/integration/test_constrained_worker.py": "vllm",  # a vLLM node among its workers
     # RabbitMQ nodes: Erlang, CPU-hungry while they start, a cluster of three in one of them.
     "tests/integration/test_rabbitmq.py": "rabbitmq",
     "tests/integration/test_rabbitmq_cluster.py": "rabbitmq",

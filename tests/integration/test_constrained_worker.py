@@ -8,12 +8,9 @@ grammar; without it the repairs show, which is what proves the check can fail. A
 the same text as the special token, so it is not visible here: tests/workers/engines/test_tag_grammar.py
 checks that at the token level. Budgets are small (48 tokens) to bound the time.
 
-`make test` runs the hf worker (~25 s on the 2-core machine). The vllm worker is the same test with
-`VARCO_CONSTRAINED_WORKER_ENGINES=hf,vllm`: it passes, but costs 105-250 s there (up to a minute of start-up,
-then ~80 tokens/s through the worker on shared cores), more than the CI budget has room for; in the suite,
-vLLM's logits processor gets the same 100 + 100 jobs at the engine level
-(tests/workers/engines/test_tag_constraint_engines.py, ~4 s), and the worker path in front of it
-(`constraint_for` in the job lifecycle) is the one the hf worker runs.
+`make test` runs both workers, hf (~25 s on the 2-core machine) and vllm (105-250 s there: up to a minute of
+start-up, then ~80 tokens/s through the worker on shared cores); `VARCO_CONSTRAINED_WORKER_ENGINES=hf` runs
+one. The file is in the vLLM group of tests/xdist_scheduling.py, so no other vLLM loads beside it.
 """
 
 from __future__ import annotations
@@ -43,7 +40,7 @@ from varco.workers.engines.tag_constraint import TagGrammars
 JOBS = 100
 BUDGET = 48
 TASKS = ("ocr", "grounding")
-ENGINES = os.environ.get("VARCO_CONSTRAINED_WORKER_ENGINES", "hf").split(",")
+ENGINES = os.environ.get("VARCO_CONSTRAINED_WORKER_ENGINES", "hf,vllm").split(",")
 DBS = {"hf": 13, "vllm": 14}  # a Redis database each: no other test worker takes these jobs
 VLLM_ENV = {
     "VARCO_GPU_MEMORY_UTILIZATION": "0.1",  # of RAM, on CPU
