@@ -11,12 +11,16 @@ file://. Three ways in, each `--jobs` jobs, one after another on the same worker
 
 Before each, `CONFIG RESETSTAT`; after the last job has ended, `INFO commandstats` (commands Lua scripts
 run count too, as Redis counts them) and `INFO cpu` (used_cpu_user + used_cpu_sys: the whole server, idle
-housekeeping included). Every process's idle polling (BRPOP timeouts, lease beats) lands in the figures
-too, so a shorter run per job would read slightly lower.
+housekeeping and socket I/O included); "of it in commands" is the time Redis spent executing the commands
+themselves (commandstats `usec`). Before the three, 5 s with nothing to do measure what Redis costs idle (the
+worker's BRPOP polls, heartbeats, Redis's own cron): "net of idle" takes that rate off over each column's
+wall time. Idle cost is per second, not per job: at production rates it vanishes into the jobs. The command
+counts keep it (every process's idle polling, BRPOP timeouts and lease beats, lands in them), so a faster
+run per job would read slightly lower.
 
 `--configs` runs the three again on a worker and clients started with other settings, in the same run:
-`default` (the settings as shipped, Celery task events on for Flower) and `no-events`
-(VARCO_TASK_EVENTS=false).
+`default` (the settings as shipped: Celery task events off until Flower or `celery control enable_events`
+turns them on) and `events` (VARCO_TASK_EVENTS=true: task events from the first job).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from varco.workers.devtools.local_worker import local_worker
 from varco.workers.devtools.tiny_model import make_tiny_model
 
 KEY = "bench-key-0123456789abcdef"
-CONFIGS = {"default": {}, "no-events": {"VARCO_TASK_EVENTS": "false"}}
+CONFIGS = {"default": {}, "events": {"VARCO_TASK_EVENTS": "true"}}
 
 
 class Receiver:
@@ -81,19 +85,23 @@ class Measured:
     def __init__(self, r: redis.Redis) -> None:
         self.r = r
         self.calls: Counter[str] = Counter()
+        self.usec: Counter[str] = Counter()  # Redis's own time in each command (commandstats), no I/O
         self.cpu = 0.0
+        self.wall_s = 0.0
 
     def __enter__(self) -> Measured:
         self.r.config_resetstat()
-        self._cpu0 = cpu_s(self.r)
+        self._cpu0, self._t0 = cpu_s(self.r), time.monotonic()
         return self
 
     def __exit__(self, *_: object) -> None:
         self.cpu = cpu_s(self.r) - self._cpu0
+        self.wall_s = time.monotonic() - self._t0
         for name, stat in self.r.info("commandstats").items():
             command = name.removeprefix("cmdstat_").upper()
             if command not in ("INFO", "CONFIG|RESETSTAT", "CONFIG"):
                 self.calls[command] = int(stat["calls"])
+                self.usec[command] = int(stat["usec"])
 
 
 def wait_for_http(url: str) -> None:
@@ -126,6 +134,9 @@ def run_config(root: Path, base_env: dict[str, str], extra: dict[str, str], uri:
             http = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {KEY}"})
             http.post("/v1/jobs", json={"image_uri": uri, "task": "caption"}).raise_for_status()
             time.sleep(2)  # the warm-up's tail (webhook process idle, leases released)
+            with Measured(r) as idle:  # what Redis costs with nothing to do: polls, heartbeats, its own cron
+                time.sleep(5)
+            results["idle"] = idle
 
             for name, callback in (("submit+wait", None), ("webhook", receiver.url)):
                 with Measured(r) as measured:
@@ -158,7 +169,7 @@ def run_config(root: Path, base_env: dict[str, str], extra: dict[str, str], uri:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=200)
-    parser.add_argument("--configs", default="default,no-events", help=f"comma-separated, of {', '.join(CONFIGS)}")
+    parser.add_argument("--configs", default="default,events", help=f"comma-separated, of {', '.join(CONFIGS)}")
     parser.add_argument("--top", type=int, default=14, help="commands listed by name")
     args = parser.parse_args()
     configs = args.configs.split(",")
@@ -193,15 +204,29 @@ def main() -> None:
     print("| --- " * (len(columns) + 1) + "|")
     print("| commands | " + " | ".join(f"{sum(measured[c][w].calls.values()) / n:.1f}" for c, w in columns) + " |")
     print("| Redis CPU ms | " + " | ".join(f"{measured[c][w].cpu * 1000 / n:.3f}" for c, w in columns) + " |")
+    print("| of it in commands ms | " + " | ".join(f"{sum(measured[c][w].usec.values()) / 1000 / n:.3f}"
+                                               for c, w in columns) + " |")  # fmt: skip
+
+    def net_ms(c: str, w: str) -> float:  # the idle rate over the same wall time taken off
+        idle = measured[c]["idle"]
+        return max(0.0, measured[c][w].cpu - idle.cpu / idle.wall_s * measured[c][w].wall_s) * 1000 / n
+
+    print("| Redis CPU ms net of idle | " + " | ".join(f"{net_ms(c, w):.3f}" for c, w in columns) + " |")
     totals: Counter[str] = Counter()
     for c, w in columns:
         totals.update(measured[c][w].calls)
     for command, _ in totals.most_common(args.top):
         cells = " | ".join(f"{measured[c][w].calls[command] / n:.2f}" for c, w in columns)
         print(f"| {command} | {cells} |")
+    idle_lines = ", ".join(
+        f"{c}: {sum(m['idle'].calls.values()) / m['idle'].wall_s:.1f} commands/s, "
+        f"{m['idle'].cpu / m['idle'].wall_s * 1000:.2f} ms CPU/s"
+        for c, m in measured.items()
+    )
     rest = [sum(v for k, v in measured[c][w].calls.items() if k not in dict(totals.most_common(args.top)))
             for c, w in columns]  # fmt: skip
     print("| others | " + " | ".join(f"{x / n:.2f}" for x in rest) + " |")
+    print(f"Idle (5 s with the worker, its webhook process and the gateway up, no jobs): {idle_lines}")
 
 
 if __name__ == "__main__":

@@ -162,8 +162,11 @@ async def _cancel_for_hang_up(state: GatewayState, job_id: str, why: str) -> JSO
     return JSONResponse({}, status_code=499)  # never sent: there is no one to send it to
 
 
-async def _result(state: GatewayState, job_id: str) -> JobResult:
+async def _result(state: GatewayState, job_id: str, status: JobStatus | None = None) -> JobResult:
+    """The job's result; with its final `status` in hand, straight from the store (no second wait on Redis)."""
     try:
+        if status is not None:
+            return await run_in_threadpool(state.client.stored_result, status)
         return await run_in_threadpool(state.client.result, job_id, 5.0)
     except Exception as exc:  # the store is down or the object is gone: say so, never a bare 500
         raise OpenAIError(503, f"result could not be read: {type(exc).__name__}: {exc}",
@@ -228,7 +231,7 @@ async def _answer(request: Request, state: GatewayState, who: str, job: ChatJob)
         return await _cancel_for_hang_up(state, job_id, status)
     if (refusal := _refusal(status, job, job_id)) is not None:
         raise refusal
-    completion = to_chat_completion(await _result(state, job_id))
+    completion = to_chat_completion(await _result(state, job_id, status))
     return JSONResponse(completion.model_dump(mode="json"), headers={"x-request-id": job_id})
 
 

@@ -180,7 +180,7 @@ async def get_result(
                 status = update or status
     _finished_or_409(status)
     try:
-        return public_result(await run_in_threadpool(state.client.result, job_id, 5.0))
+        return public_result(await run_in_threadpool(state.client.stored_result, status))
     except JobNotFound:
         raise not_found(job_id) from None
     except Exception as exc:  # the store is down or the object is gone: say so, never a bare 500

@@ -58,6 +58,8 @@ async def watch(
                             return
                     case Listen(seconds):
                         status = await feed.next(seconds)
+                        if feed.resubscribed():  # redis-py reconnected it: events may have been lost
+                            plan.missed_events(time.monotonic())
                     case TimedOut():
                         return
                 plan.answered()

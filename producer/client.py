@@ -316,6 +316,8 @@ class Client:
                             statuses = self.statuses.get_many(sorted(line.pending))
                         case Listen(seconds):
                             event = feed.next(seconds)
+                            if feed.resubscribed():  # redis-py reconnected it: events may have been lost
+                                plan.missed_events(time.monotonic())
                         case TimedOut():
                             raise TimeoutError(f"{len(line.pending)} job(s) not finished after {timeout}s")
                     plan.answered()
@@ -340,12 +342,16 @@ class Client:
 
     def result(self, job_id: str, timeout: float | None = None) -> JobResult:
         """Wait for the job (up to `timeout`), then read its result JSON from the store."""
-        status = next(self.wait(job_id, timeout=timeout))
+        return self.stored_result(next(self.wait(job_id, timeout=timeout)))
+
+    def stored_result(self, status: JobStatus) -> JobResult:
+        """The result of a job whose final status the caller holds, read from the store without asking Redis
+        again (the gateway has just watched the job end); JobFailed or JobCancelled as `result()` raises them."""
         if status.state is JobState.FAILED:
-            raise JobFailed(job_id, status.error)
+            raise JobFailed(status.job_id, status.error)
         if status.state is JobState.CANCELLED:
-            raise JobCancelled(f"job {job_id} was cancelled")
-        uri = status.result_uri or self.store.uri_for(job_id)
+            raise JobCancelled(f"job {status.job_id} was cancelled")
+        uri = status.result_uri or self.store.uri_for(status.job_id)
         return JobResult.model_validate_json(self.store.read(uri))
 
     def stream(self, job_id: str, timeout: float | None = None) -> Iterator[str]:

@@ -7,6 +7,7 @@ scripts); this side only reads, so a waiting HTTP request holds no thread.
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
@@ -18,11 +19,27 @@ from varco.tasks.schemas import JobStatus
 from varco.tasks.status import owned_status, parse_event
 
 
+class CountingAsyncPubSub(PubSub):
+    """A subscription that counts its connections (as `status.CountingPubSub`, for asyncio)."""
+
+    connects = 0
+
+    async def on_connect(self, connection: Any) -> None:
+        self.connects += 1
+        await super().on_connect(connection)
+
+
 class AsyncEventFeed:
     """The events channel, subscribed (asyncio), as `AsyncStatusStore.events` opens it."""
 
-    def __init__(self, pubsub: PubSub) -> None:
+    def __init__(self, pubsub: CountingAsyncPubSub) -> None:
         self._pubsub = pubsub
+        self._connects = pubsub.connects
+
+    def resubscribed(self) -> bool:
+        """Whether the subscription reconnected since the last call (events published meanwhile are lost)."""
+        seen, self._connects = self._connects, self._pubsub.connects
+        return self._connects != seen
 
     async def next(self, timeout_s: float) -> JobStatus | None:
         """The next status published, or None: nothing within `timeout_s`, or a message that is no status."""
@@ -48,7 +65,7 @@ class AsyncStatusStore:
 
     async def events(self) -> AsyncEventFeed:
         """Subscribe to every status change; subscribe before reading records, so no change slips between."""
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = CountingAsyncPubSub(self.redis.connection_pool, ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(EVENTS_CHANNEL)
         except BaseException:

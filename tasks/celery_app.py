@@ -109,8 +109,8 @@ def create_app(settings: Settings) -> Celery:
         task_publish_retry_policy=PUBLISH_RETRY_POLICY,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
-        # Task events for `celery events` and Flower cost a PUBLISH each, 4 per job: VARCO_TASK_EVENTS=false
-        # turns them off where nobody watches.
+        # Task events cost a PUBLISH each, 4 per job: off unless VARCO_TASK_EVENTS=true, and turned on at run time
+        # by Flower or `celery control enable_events` (the worker keeps its dispatcher up: runtime/main.py).
         worker_send_task_events=settings.task_events,
         task_send_sent_event=settings.task_events,
     )

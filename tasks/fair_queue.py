@@ -41,7 +41,7 @@ from varco.tasks.tenants import check_tenant
 TENANT_QUEUE = "{prefix}:{q}:t:{tenant}"  # ZSET job id -> lane * 2^40 + sequence (priority, then FIFO)
 ACTIVE_TENANTS = "{prefix}:{q}:active"  # ZSET tenant -> pass, tenants with queued jobs only
 IDLE_PASSES = "{prefix}:{q}:pass"  # HASH tenant -> pass it had when its queue ran empty
-VIRTUAL_TIME = "{prefix}:{q}:vt"  # the pass of the last job picked: where a tenant joins an empty queue
+VIRTUAL_TIME = "{prefix}:{q}:vt"  # the pass the last active tenant was served at: where a tenant joins an empty queue
 PICKED = "{prefix}:{q}:picked"  # HASH ticket id -> job id, from pick to release
 JOB = "{prefix}:job:{job_id}"  # global HASH: body (the task's args as JSON), queue, tenant, deadline_at
 DEPTH = "{prefix}:depth"  # global HASH tenant -> queued jobs, every queue together
@@ -145,18 +145,20 @@ while true do
     late = expired(f[2])
     if redis.call('HINCRBY', p .. ':depth', t, -1) <= 0 then redis.call('HDEL', p .. ':depth', t) end
     -- An expired job uses no GPU slot: it does not count against its tenant's share.
-    if late == 0 then
-      next_pass = pass + 1 / (weights[t] or 1)
-      redis.call('SET', p .. ':' .. q .. ':vt', tostring(pass))
-    end
+    if late == 0 then next_pass = pass + 1 / (weights[t] or 1) end
   end
   if redis.call('ZCARD', tq) == 0 then
     redis.call('ZREM', active, t)
     redis.call('HSET', p .. ':' .. q .. ':pass', t, tostring(next_pass))
     if #top < 6 then waiting = waiting - 1 end  -- with 3 or more before, 2 or more are left
-  else
+    -- vt is read only when no tenant is active, so it is written only when the last one leaves: the pass it
+    -- was served at (one SET per emptied queue, not per pick).
+    if #top == 2 then redis.call('SET', p .. ':' .. q .. ':vt', tostring(pass)) end
+  elseif #top > 2 then
     redis.call('ZADD', active, tostring(next_pass), t)
   end
+  -- A tenant alone keeps its pass while it stays alone (one ZADD a pick saved): passes only order tenants
+  -- against each other, and one that joins starts at the lowest pass waiting, this one's, as it would have.
   if body then
     redis.call('HSET', picked, ticket, job)
     return {job, body, t, late, waiting}

@@ -95,11 +95,12 @@ class Settings(BaseSettings):
     # Seconds a result may answer a repeat job (same image bytes, task, prompt, region, label,
     # max_new_tokens and model) without inference; 0: no result cache.
     result_cache_ttl: int = Field(default=0, ge=0)
-    # Celery task events (task-sent/received/started/succeeded: one Redis PUBLISH each, 4 per job). On by default:
-    # Flower and `celery events` need them, and Flower's own enable_events broadcast did not reach `varco worker`
-    # in tests/integration/test_celery_tools.py. false saves the 4 PUBLISHes where nobody watches
-    # (docs/redis.md#cost-per-job).
-    task_events: bool = True
+    # Celery task events from the start (task-sent/received/started/succeeded: one Redis PUBLISH each, 4 per job,
+    # a tenth of a job's Redis commands). Off by default: Flower turns them on by itself (its enable_events
+    # broadcast, every 5 s, reaches `varco worker`, which keeps its event dispatcher up for it), and
+    # `celery control enable_events` does the same for `celery events`. true sends them from the first job
+    # (and the producer's task-sent too) (docs/redis.md#cost-per-job).
+    task_events: bool = False
     # HTTP gateway (`varco gateway`): port, API keys (comma-separated, or one per line in a file), an
     # optional per-key rate limit in requests/s (a token bucket per gateway process), the request body
     # cap and read timeout, the most jobs one batch may hold, and the connections uvicorn serves at once.

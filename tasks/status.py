@@ -248,12 +248,30 @@ def owned_status(record: dict[str, str], owner: str | None) -> JobStatus | None:
     return record_to_status(record)
 
 
+class CountingPubSub(redis.client.PubSub):
+    """A subscription that counts its connections. redis-py reconnects and subscribes again on its own when a
+    read fails and a retry succeeds; what was published in between is lost, so a wait reads the records
+    again when this count moves (`EventFeed.resubscribed`) instead of re-reading them every second."""
+
+    connects = 0
+
+    def on_connect(self, connection: Any) -> None:
+        self.connects += 1
+        super().on_connect(connection)
+
+
 class EventFeed:
     """The events channel, subscribed (sync): each status published there, as `StatusStore.events` opens it."""
 
     def __init__(self, client: redis.Redis) -> None:
-        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self._pubsub = CountingPubSub(client.connection_pool, ignore_subscribe_messages=True)
         self._pubsub.subscribe(EVENTS_CHANNEL)
+        self._connects = self._pubsub.connects
+
+    def resubscribed(self) -> bool:
+        """Whether the subscription reconnected since the last call (events published meanwhile are lost)."""
+        seen, self._connects = self._connects, self._pubsub.connects
+        return self._connects != seen
 
     def next(self, timeout_s: float) -> JobStatus | None:
         """The next status published, or None: nothing within `timeout_s`, or a message that is no status."""

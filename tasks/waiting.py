@@ -3,9 +3,11 @@ the wait has timed out, which statuses are news, and how long a Redis outage is 
 
 Two thin loops run it: `Client.wait` (sync; many jobs, each one's final status once) and
 `gateway/sse.watch` (asyncio; one job, every newer status). Each subscribes to the events channel before
-its first read, so no change slips between; it then asks `WaitPlan.next_step` what to do. Records are
-read again every POLL_INTERVAL_S as well, because a pub/sub message can be missed (reconnects): a missed
-event only delays a wait.
+its first read, so no change slips between; it then asks `WaitPlan.next_step` what to do. Events carry every
+change, so the records are read again only when events may have been missed: at once after the subscription
+reconnected (the feeds count their connections: `resubscribed`), after a Redis outage, once more before a
+wait times out, and every REREAD_S besides, in case a reconnect went unseen. That was one read per pending
+job per second before (issue 24: most of a waiting client's Redis commands).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from datetime import UTC, datetime
 from varco.tasks.schemas import JobStatus
 
 POLL_INTERVAL_S = 1.0
-"""How often a wait reads the records, events or not."""
+"""How long a wait pauses after Redis failed a step, before it subscribes and reads again."""
+REREAD_S = 30.0
+"""How often a wait reads the records again while its subscription holds (it follows the events)."""
 OUTAGE_GRACE_S = 60.0
 """How long a wait that has reached Redis rides out losing it (a restart, or a sentinel failover:
 down-after-milliseconds, 30 s by default, plus the election) before it gives up."""
@@ -53,24 +57,32 @@ class WaitPlan:
         timeout: float | None,
         *,
         poll_interval_s: float = POLL_INTERVAL_S,
+        reread_s: float = REREAD_S,
         outage_grace_s: float = OUTAGE_GRACE_S,
     ) -> None:
         self.deadline = None if timeout is None else now + timeout
         self.poll_interval_s = poll_interval_s
+        self.reread_s = reread_s
         self.outage_grace_s = outage_grace_s
         self._next_read = now  # the first step reads
+        self._last_read = -float("inf")
         self._outage_since: float | None = None
 
     def next_step(self, now: float) -> Step:
-        """What to do at `now`. A read that is due comes first, even past the deadline: a wait always sees
-        the records once more before it times out."""
-        if now >= self._next_read:
-            self._next_read = now + self.poll_interval_s
+        """What to do at `now`. A read that is due comes first, even past the deadline, and a wait reads the
+        records once more at its deadline: it never times out on a job whose end it only missed hearing."""
+        final = self.deadline is not None and now >= self.deadline and self._last_read < self.deadline
+        if now >= self._next_read or final:
+            self._next_read, self._last_read = now + self.reread_s, now
             return Read()
         if self.deadline is not None and now >= self.deadline:
             return TimedOut()
         until = self._next_read if self.deadline is None else min(self._next_read, self.deadline)
         return Listen(until - now)
+
+    def missed_events(self, now: float) -> None:
+        """The subscription reconnected: events published meanwhile are lost, so the next step reads."""
+        self._next_read = now
 
     def answered(self) -> None:
         """Redis answered the step: an outage, if there was one, is over."""

@@ -32,6 +32,9 @@ class Feed:
     async def next(self, timeout_s: float) -> JobStatus | None:
         return self.store.answer("event")
 
+    def resubscribed(self) -> bool:
+        return self.store.resubscribes.popleft() if self.store.resubscribes else False
+
     async def aclose(self) -> None:
         self.closed = True
 
@@ -41,6 +44,7 @@ class Store:
 
     def __init__(self, reads: list[Any], events: list[Any]) -> None:
         self.reads, self.events_left = deque(reads), deque(events)
+        self.resubscribes: deque[bool] = deque()  # what each event's feed.resubscribed() answers (then False)
         self.feeds: list[Feed] = []
         self.calls: list[str] = []
 
@@ -94,6 +98,15 @@ def test_a_redis_outage_is_ridden_out_and_the_record_read_again() -> None:
     assert [s.state for s in run(store) if s is not None] == [JobState.STARTED, JobState.SUCCEEDED]
     assert store.calls == ["read", "event", "read", "read"]  # the failed read is followed by another
     assert len(store.feeds) == 3 and all(f.closed for f in store.feeds)  # subscribed again after each failure
+
+
+def test_a_feed_that_redis_py_subscribed_again_makes_the_watch_read_the_record() -> None:
+    # Events published while the subscription was down are lost: the end is found by the read after it.
+    store = Store([status(JobState.STARTED, 1), status(JobState.SUCCEEDED, 5)], [None, None])
+    store.resubscribes.extend([False, True])
+    assert [s.state for s in run(store) if s is not None] == [JobState.STARTED, JobState.SUCCEEDED]
+    assert store.calls == ["read", "event", "event", "read"]  # not the next periodic read, 30 s on
+    assert len(store.feeds) == 1
 
 
 def test_an_outage_past_the_timeout_is_raised() -> None:

@@ -165,9 +165,11 @@ def test_a_celery_revoke_of_queued_jobs_with_task_events_watched(
     # worker that published its events with confirms read its event connection from two threads and could
     # stall (tasks/brokers.UnconfirmedEventDispatcher); the jobs after the revokes must all run.
     url = http_files.add("/rabbit-events.png", CAT)
+    events_on = create_app(settings_from_env(rabbit_env)).control  # task events are off by default:
     deadline = time.monotonic() + 60
     while not any(e.get("type") == "task-succeeded" for e in task_events):  # the receiver listens
         assert time.monotonic() < deadline, "no task events reached the receiver"
+        events_on.enable_events()  # turned on at run time, as Flower does every 5 s
         next(rabbit_client.wait(rabbit_client.submit(url, "caption"), timeout=60))
     # The jobs wait on a queue no worker reads yet, so the revokes land before their delivery (queued jobs).
     settings = settings_from_env({**rabbit_env, "VARCO_TASK_ROUTES": json.dumps({"caption": "varco.revoke-rabbit"})})

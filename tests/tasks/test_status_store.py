@@ -4,6 +4,7 @@ and AsyncStatusStore reading the same records from asyncio."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -518,3 +519,17 @@ def test_the_terminal_webhook_mark(store: StatusStore) -> None:
     store.mark_terminal_webhook("gone")
     assert 0 < store.redis.ttl(store.key("gone")) <= 120
     assert not store.terminal_webhook_sent("never")
+
+
+def test_an_event_feed_says_once_when_redis_py_subscribed_it_again(store: StatusStore) -> None:
+    feed = store.events()
+    assert not feed.resubscribed()
+    store.redis.client_kill_filter(_type="pubsub")  # the subscription drops
+    deadline = time.monotonic() + 30
+    while store.redis.pubsub_numsub(EVENTS_CHANNEL)[0][1] == 0:  # redis-py reconnects it on a later read
+        assert time.monotonic() < deadline, "redis-py never subscribed again"
+        with contextlib.suppress(redis.ConnectionError):
+            feed.next(0.1)
+    assert feed.resubscribed()  # what was published while it was down is lost: a wait reads the records
+    assert not feed.resubscribed()
+    feed.close()

@@ -18,7 +18,7 @@ def status(job_id: str, state: JobState, at_s: float | None = 0.0) -> JobStatus:
 
 
 def test_a_wait_reads_first_then_listens_until_the_next_read() -> None:
-    plan = WaitPlan(100.0, None, poll_interval_s=1.0)
+    plan = WaitPlan(100.0, None, reread_s=1.0)
     assert plan.next_step(100.0) == Read()
     assert plan.next_step(100.25) == Listen(0.75)
     assert plan.next_step(100.9) == Listen(pytest.approx(0.1))
@@ -27,19 +27,42 @@ def test_a_wait_reads_first_then_listens_until_the_next_read() -> None:
 
 
 def test_without_a_timeout_a_wait_never_times_out() -> None:
-    plan = WaitPlan(0.0, None, poll_interval_s=1.0)
+    plan = WaitPlan(0.0, None, reread_s=1.0)
     steps = [plan.next_step(t / 2) for t in range(10_000)]
     assert TimedOut() not in steps and steps.count(Read()) == 5_000
 
 
 def test_listening_stops_at_the_deadline_and_a_due_read_comes_before_the_timeout() -> None:
-    plan = WaitPlan(0.0, 2.5, poll_interval_s=1.0)
+    plan = WaitPlan(0.0, 2.5, reread_s=1.0)
     assert plan.next_step(0.0) == Read()
     assert plan.next_step(2.2) == Read()  # late, but due: the records are seen once more
     assert plan.next_step(2.3) == Listen(pytest.approx(0.2))  # not to the next read at 3.2
+    assert plan.next_step(2.5) == Read()  # the last look, at the deadline
     assert plan.next_step(2.5) == TimedOut()
-    assert plan.next_step(3.2) == Read()
-    assert plan.next_step(3.3) == TimedOut()
+    assert plan.next_step(3.5) == Read()
+    assert plan.next_step(3.6) == TimedOut()
+
+
+def test_a_wait_follows_the_events_and_reads_only_at_the_reread_interval() -> None:
+    plan = WaitPlan(0.0, None)  # the default interval: events carry every change
+    steps = [plan.next_step(t / 10) for t in range(600)]  # a minute of steps
+    assert steps.count(Read()) == 2  # at 0 and at REREAD_S (30 s), not once a second
+
+
+def test_a_resubscribed_feed_makes_the_next_step_a_read() -> None:
+    plan = WaitPlan(0.0, None)
+    assert plan.next_step(0.0) == Read()
+    assert plan.next_step(5.0) == Listen(25.0)
+    plan.missed_events(5.5)  # the subscription reconnected: what was published meanwhile is lost
+    assert plan.next_step(5.5) == Read()
+    assert plan.next_step(6.0) == Listen(29.5)
+
+
+def test_a_wait_that_heard_nothing_reads_once_at_its_deadline_before_timing_out() -> None:
+    plan = WaitPlan(0.0, 10.0)
+    assert plan.next_step(0.0) == Read()
+    assert plan.next_step(1.0) == Listen(9.0)
+    assert [plan.next_step(10.0), plan.next_step(10.0)] == [Read(), TimedOut()]
 
 
 def test_a_zero_timeout_reads_once_then_times_out() -> None:

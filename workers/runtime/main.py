@@ -168,7 +168,9 @@ def _run_celery(app: Celery, hostname: str, queues: list[str], concurrency: int)
         loglevel="INFO",
         without_gossip=True,
         without_mingle=True,
-        without_heartbeat=True,
+        # Worker heartbeat events (one PUBLISH per 2 s per process) keep the event dispatcher up when task events
+        # are off, so a remote enable_events (Flower does it every 5 s) turns them on; Flower shows the worker too.
+        without_heartbeat=False,
         optimization="fair",
         quiet=True,  # no banner on stdout: every line of the log is a record (JSON when asked)
     )
