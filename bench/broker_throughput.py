@@ -1,9 +1,12 @@
 """Jobs/s and CPU per job of every process, on Redis and on RabbitMQ, against bare Celery (issue 24 §3).
 
-Run: .venv/bin/python bench/broker_throughput.py [--jobs 1500] [--threads 16] [--brokers redis,rabbitmq,rabbitmq-3]
+Run: .venv/bin/python bench/broker_throughput.py [--jobs 1500] [--threads 16] [--http-threads 16]
+     [--brokers redis,rabbitmq,rabbitmq-3]   (defaults shown; about 5 minutes on 2 cores)
 
-In one run, on private servers it starts itself (a redis-server; a RabbitMQ node whose status records go
-to a second redis-server), each broker gets three sides, one after another, each `--jobs` jobs:
+In one run, on private servers it starts itself for each broker (`redis`: one redis-server, broker and
+status; `rabbitmq`: one RabbitMQ node, status on its own redis-server; `rabbitmq-3`: three RabbitMQ nodes
+clustered on this machine, quorum queues replicated to all three, status on a redis-server), each broker
+gets three sides, one after another, each `--jobs` jobs:
 - bare Celery: a task that only counts itself (one INCR on a kept connection), sent with `send_task`,
   one worker process with the queue's own Celery configuration (JSON, late acks, prefetch 1; on RabbitMQ
   quorum queues and publisher confirms), `--threads` threads: what the broker and Celery cost by themselves;
@@ -11,7 +14,9 @@ to a second redis-server), each broker gets three sides, one after another, each
   asked for 1 token (VARCO_MAX_NEW_TOKENS=1) through `varco worker --gpus cpu --no-callbacks` to a file
   result store, waited on with `Client.wait` (as bench/queue_overhead.py);
 - gateway: the same jobs through `varco gateway` (one uvicorn process): `POST /v1/jobs`, then
-  `GET /v1/jobs/{id}/result?wait=60`, from 16 client threads.
+  `GET /v1/jobs/{id}/result?wait=60`, from `--http-threads` client threads (16). Each waiting request
+  subscribes to the one events channel, so every status event reaches every waiter: Redis CPU per job
+  grows with the number of concurrent waits (run with more threads to see it).
 
 CPU is user + system time over the timed part: the Redis server's (`INFO cpu`; the whole server, idle
 housekeeping included), the RabbitMQ node's (its process tree from /proc via psutil: beam.smp and its
@@ -60,7 +65,6 @@ VARCO_CLI = [sys.executable, "-m", "varco.producer.cli"]
 BARE_TASK = "bench.count"
 COUNTER = "bench:done"
 KEY = "bench-key-0123456789abcdef"
-HTTP_THREADS = 16
 IDLE_S = 3.0
 
 
@@ -198,23 +202,27 @@ def run_varco(side: Side, client: Client, meters: Meters) -> Side:
     return meters.timed(side, run)
 
 
-def run_gateway(side: Side, base_url: str, meters: Meters) -> Side:
+def run_gateway(side: Side, base_url: str, meters: Meters, http_threads: int) -> Side:
     headers = {"Authorization": f"Bearer {KEY}"}
     job = request()
-    limits = httpx.Limits(max_connections=HTTP_THREADS, max_keepalive_connections=HTTP_THREADS)
+    limits = httpx.Limits(max_connections=http_threads, max_keepalive_connections=http_threads)
     with httpx.Client(base_url=base_url, headers=headers, limits=limits, timeout=90) as http:
 
         def one(_: int) -> str:
             response = http.post("/v1/jobs", json=job)
             response.raise_for_status()
             result = http.get(f"/v1/jobs/{response.json()['job_id']}/result", params={"wait": 60})
-            return "succeeded" if result.status_code == 200 else str(result.status_code)
+            if result.status_code == 200:
+                return "succeeded"
+            return f"{result.status_code} {result.text[150:300]}"
 
         one(0)  # warm-up: connections, the gateway's first request
 
         def run() -> int:
-            with ThreadPoolExecutor(HTTP_THREADS) as pool:
+            with ThreadPoolExecutor(http_threads) as pool:
                 states = Counter(pool.map(one, range(side.jobs)))
+            if set(states) != {"succeeded"}:
+                print(f"  gateway answers: {dict(states)}", flush=True)
             return states["succeeded"]
 
         return meters.timed(side, run)
@@ -247,7 +255,7 @@ def start_worker(env: dict[str, str], threads: int, log: Path, stack: ExitStack)
     return worker
 
 
-def run_broker(broker: str, root: Path, model: Path, jobs: int, threads: int) -> tuple[list[Side], dict[str, float]]:
+def run_broker(broker: str, root: Path, model: Path, args: argparse.Namespace) -> tuple[list[Side], dict[str, float]]:
     """The three sides on one broker, each on servers started for this broker only."""
     with ExitStack() as stack:
         (root / f"redis-{broker}").mkdir()
@@ -285,6 +293,7 @@ def run_broker(broker: str, root: Path, model: Path, jobs: int, threads: int) ->
         if broker != "redis":
             env["VARCO_STATUS_URL"] = status.url
         print(f"{broker}: bare Celery", flush=True)
+        jobs, threads = args.jobs, args.threads
         sides = [run_bare(Side(broker, "bare Celery", jobs), broker_url, status.url, threads, meters)]
 
         worker = start_worker(env, threads, root / f"worker-{broker}.log", stack)
@@ -298,7 +307,8 @@ def run_broker(broker: str, root: Path, model: Path, jobs: int, threads: int) ->
         url, gateway = start_gateway(env, stack)
         meters.readers["gateway"] = lambda: tree_cpu_s(gateway.pid)
         print(f"{broker}: gateway", flush=True)
-        sides.append(run_gateway(Side(broker, "varco-queue via gateway", jobs), url, meters))
+        side = Side(broker, f"varco-queue via gateway ({args.http_threads} waits)", jobs)
+        sides.append(run_gateway(side, url, meters, args.http_threads))
         return sides, idle
 
 
@@ -324,6 +334,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=16, help="worker threads (as `varco worker` runs for hf)")
     parser.add_argument("--brokers", default="redis,rabbitmq,rabbitmq-3",
                         help="comma-separated: redis, rabbitmq (one node), rabbitmq-3 (a 3-node cluster)")  # fmt: skip
+    parser.add_argument("--http-threads", type=int, default=16, help="gateway clients, each POST then GET ?wait")
     parser.add_argument("--bare-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--counter", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -337,7 +348,7 @@ def main() -> None:
         root = Path(tmp)
         model = make_tiny_model(root / "model")
         for broker in args.brokers.split(","):
-            done, idles[broker] = run_broker(broker, root, model, args.jobs, args.threads)
+            done, idles[broker] = run_broker(broker, root, model, args)
             sides += done
     print_table(sides, args.threads)
     for s in sides:
