@@ -214,7 +214,11 @@ def run_gateway(side: Side, base_url: str, meters: Meters, http_threads: int) ->
             result = http.get(f"/v1/jobs/{response.json()['job_id']}/result", params={"wait": 60})
             if result.status_code == 200:
                 return "succeeded"
-            return f"{result.status_code} {result.text[150:300]}"
+            try:
+                detail = str(result.json().get("detail", ""))[:160]
+            except ValueError:
+                detail = result.text[:160]
+            return f"{result.status_code} {detail}"
 
         one(0)  # warm-up: connections, the gateway's first request
 
