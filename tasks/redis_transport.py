@@ -70,12 +70,15 @@ class QoS(kombu_redis.QoS):
         kombu_redis.virtual.QoS.ack(self, delivery_tag)
 
     def _forget(self, delivery_tag: str) -> None:
-        member = _MEMBERS.pop(delivery_tag, None)
+        member = _MEMBERS.get(delivery_tag)
         if member is None:  # not written by this QoS (cannot happen on one channel): the stock layout
             self._remove_from_indices(delivery_tag).execute()
             return
         with self.channel.conn_or_acquire() as client:
             client.zrem(self.messages_key, member)
+        # Only now: an ack that failed leaves the tag held, and `restore_unacked` restores it at shutdown
+        # (as in kombu, whose ack raises before its in-memory bookkeeping too).
+        _MEMBERS.pop(delivery_tag, None)
 
     def restore_by_tag(self, tag: str, client: Any = None, leftmost: bool = False) -> None:
         """A message this process holds (requeue, shutdown: `restore_unacked` calls this for each), or a
