@@ -172,3 +172,20 @@ def test_the_lease_keeper_rescores_a_running_message_and_never_brings_back_an_ac
         message.ack()
         keeper._touch_messages([message.delivery_tag])
     assert raw.zcard(UNACKED_MESSAGES) == 0 and raw.zcard(UNACKED_INDEX) == 0
+
+
+def test_a_stock_kombu_workers_sweep_leaves_the_new_entries_alone(server: LocalRedis) -> None:
+    """Mid-way through a rolling upgrade (or after a rollback) old workers sweep too: they must not drop what
+    they cannot restore. The entry waits for a sweep that understands it."""
+    raw = redis.Redis.from_url(server.url)
+    app = create_app(settings(server.url))
+    with app.connection_for_write() as conn:
+        conn.SimpleQueue(QUEUE).put({"job": 1})
+    take_and_die(server.url, "new")
+    [member] = raw.zrange(UNACKED_MESSAGES, 0, -1)
+    raw.zadd(UNACKED_MESSAGES, {member: time.time() - 60})
+    with kombu.Connection(server.url, transport_options=app.conf.broker_transport_options) as stock:
+        stock.default_channel.qos.restore_visible(num=100, interval=1)
+    assert raw.zcard(UNACKED_MESSAGES) == 1 and raw.llen(QUEUE) == 0
+    sweep(server.url)
+    assert raw.zcard(UNACKED_MESSAGES) == 0 and raw.llen(QUEUE) == 1
