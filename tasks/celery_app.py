@@ -18,6 +18,7 @@ from celery.app.amqp import AMQP
 from celery.utils.saferepr import saferepr
 from kombu import Queue
 
+from varco.tasks import redis_transport
 from varco.tasks.brokers import (
     BROKER_ERRORS,
     AmqpQueueDepth,
@@ -54,7 +55,12 @@ class RedactingAMQP(AMQP):
     """Every task message this app publishes (a ticket, a webhook, a retry, a put-back) carries its
     `argsrepr`/`kwargsrepr` redacted (tasks/redaction.py): `celery inspect active`, Flower and task
     events show them, and a callback URL's password or `?token=` must not be there. The arguments
-    themselves are the task's input and go unchanged."""
+    themselves are the task's input and go unchanged.
+
+    Its `Connection` (every connection Celery opens goes through it) gives Redis URLs the transport of
+    tasks/redis_transport.py: one Redis command per delivery and one per ack; RabbitMQ's is kombu's."""
+
+    Connection = redis_transport.Connection
 
     def as_task_v2(
         self, task_id: str, name: str, args: Any = None, kwargs: Any = None, *rest: Any,

@@ -44,8 +44,14 @@ CALLBACK_QUEUE = "varco.callbacks"
 """Celery's webhook queue, consumed by the node's callback process (priority steps as above)."""
 DEAD_LETTER_QUEUE = "varco.dead"
 """RabbitMQ only: the quorum queue a message goes to after tasks/brokers.DELIVERY_LIMIT deliveries."""
+UNACKED_MESSAGES = "varco:unacked"
+"""Unacknowledged Redis-broker messages, each member the message itself, scored by delivery time
+(`tasks/redis_transport.py`; re-scored by `runtime/leases.py`, counted by `runtime/fair_pick.py`)."""
 UNACKED_INDEX = "unacked_index"
-"""kombu's sorted set of unacknowledged messages by delivery time (its default name; `runtime/leases.py`)."""
+"""kombu's own sorted set of unacknowledged delivery tags (payloads in its `unacked` hash): only a stock
+kombu worker writes it now; `tasks/redis_transport.py`'s sweep restores what is left there."""
+UNACKED_HASH = "unacked"
+"""kombu's hash of unacknowledged payloads by delivery tag, alongside UNACKED_INDEX (stock workers only)."""
 
 
 def job(job_id: str) -> str:

@@ -23,6 +23,7 @@ from test_crash_recovery import children_of
 
 from varco.producer import Client
 from varco.tasks.celery_app import INFER_QUEUE, create_app
+from varco.tasks.keys import UNACKED_MESSAGES
 from varco.tasks.schemas import ErrorInfo, JobState
 from varco.tasks.settings import settings_from_env
 from varco.workers.devtools.local_redis import LocalRedis, start_redis
@@ -165,10 +166,10 @@ def test_a_copy_delivered_while_the_job_runs_waits_and_is_neither_run_nor_counte
     with create_app(settings_from_env(lease_env)).connection_for_write() as connection:
         channel = connection.default_channel
         ticket = lease_client.fair.picked_by(INFER_QUEUE, job_id)  # the message that picked the job
-        tags = [tag for tag, raw in lease_client.redis.hgetall("unacked").items()
-                if json.loads(raw)[0]["headers"]["id"] == ticket]  # fmt: skip
-        assert len(tags) == 1
-        channel.qos.restore_by_tag(tags[0])
+        members = [member for member in lease_client.redis.zrange(UNACKED_MESSAGES, 0, -1)
+                   if json.loads(member)[0]["headers"]["id"] == ticket]  # fmt: skip
+        assert len(members) == 1
+        channel.qos.restore_member(members[0])
     wait_logged(nodes, f"job {job_id} is running under a live lease; this delivery waits")
     [status] = lease_client.wait(job_id, timeout=120)
     assert status.state.value == "succeeded" and status.attempts == 1, status

@@ -21,6 +21,7 @@ from typing import Any
 import redis
 from celery import Celery
 
+from varco.tasks import keys
 from varco.tasks.brokers import is_amqp
 from varco.tasks.celery_app import depth_reader
 from varco.tasks.errors import DeadlineExceeded
@@ -130,22 +131,23 @@ class TicketRefill:
     inserting its jobs and publishing their tickets, or a ticket the broker transport loses in a crash (kombu
     pops a message before it records it as unacknowledged), leaves jobs that no ticket will pick. Every
     `interval_s`, per queue: deficit = jobs queued in the fair queue - tickets waiting on its lists - every
-    message in flight (kombu's `unacked` hash, all queues: an overestimate of the tickets, so the deficit is
-    never overstated). A deficit seen on two checks in a row gets that many tickets (the smaller of the two),
-    so a producer between its insert and its publishes is not answered. A spare ticket finds nothing and
-    costs one pick; a missing one would strand a job."""
+    message in flight (the transport's `varco:unacked` set and a stock kombu worker's `unacked` hash, all
+    queues: an overestimate of the tickets, so the deficit is never overstated). A deficit seen on two
+    checks in a row gets that many tickets (the smaller of the two), so a producer between its insert and
+    its publishes is not answered. A spare ticket finds nothing and costs one pick; a missing one would strand a job."""
 
     def __init__(self, app: Celery, client: redis.Redis, queues: Iterable[str], interval_s: float) -> None:
         self.app, self.redis, self.queues, self.interval_s = app, client, list(queues), interval_s
         self.fair = FairQueue(client)
         self.depth = depth_reader(app, client)
-        options = app.conf.broker_transport_options or {}
-        # RabbitMQ has no such hash: a ticket is in flight there only between its delivery and its pick (a
+        # RabbitMQ has no such set: a ticket is in flight there only between its delivery and its pick (a
         # task thread takes one message at a time), so none is counted, and a spare ticket costs one pick.
-        self.unacked_key = (
+        options = app.conf.broker_transport_options or {}
+        prefix = options.get("global_keyprefix", "")
+        self.unacked_keys = (
             None
             if is_amqp(app.conf.broker_url)
-            else f"{options.get('global_keyprefix', '')}{options.get('unacked_key', 'unacked')}"
+            else (f"{prefix}{keys.UNACKED_MESSAGES}", f"{prefix}{options.get('unacked_key', keys.UNACKED_HASH)}")
         )
         self._seen: dict[str, int] = {}
         self._stop = threading.Event()
@@ -158,9 +160,17 @@ class TicketRefill:
     def stop(self) -> None:
         self._stop.set()
 
+    def _in_flight(self) -> int:
+        """Messages delivered and not acked: the transport's set, plus what stock kombu workers hold."""
+        if not self.unacked_keys:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zcard(self.unacked_keys[0]).hlen(self.unacked_keys[1])
+        return sum(pipe.execute())
+
     def check(self) -> int:
         """One round over the queues; how many tickets it published."""
-        in_flight = self.redis.hlen(self.unacked_key) if self.unacked_key else 0
+        in_flight = self._in_flight()
         published = 0
         for queue in self.queues:
             deficit = self.fair.queued_in(queue) - self.depth(queue) - in_flight

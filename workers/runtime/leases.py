@@ -1,12 +1,14 @@
 """Keeps running jobs theirs: one heartbeat thread per worker process renews, for every job it runs,
 the lease in the job's status record and the job's message visibility in the broker.
 
-kombu's Redis transport keeps each unacknowledged message in the `unacked` hash and the `unacked_index`
-sorted set, scored by delivery time; its restore sweep re-queues entries scored older than the visibility
-timeout. Re-scoring a running job's entry to "now" (ZADD XX: only if it is still there, so an acked or
-already restored message is never brought back) keeps a long job from being delivered again while its
-worker lives. A worker killed -9 stops beating: its message comes back after the visibility timeout and its
-lease has lapsed by then (leases last half of it), so the job runs again elsewhere.
+The Redis transport (tasks/redis_transport.py) keeps each unacknowledged message as a member of the
+`varco:unacked` sorted set, scored by delivery time; its restore sweep re-queues entries scored older than
+the visibility timeout. Re-scoring a running job's member to "now" (ZADD XX: only if it is still there, so
+an acked or already restored message is never brought back) keeps a long job from being delivered again
+while its worker lives. The task thread knows its delivery tag; the transport's in-process map gives the
+member (a message a stock kombu consumer delivered is re-scored by tag in kombu's `unacked_index`). A
+worker killed -9 stops beating: its message comes back after the visibility timeout and its lease has lapsed
+by then (leases last half of it), so the job runs again elsewhere.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from celery import Celery
 
 from varco.tasks import keys
 from varco.tasks.brokers import is_amqp
+from varco.tasks.redis_transport import unacked_member
 from varco.tasks.status import StatusStore
 
 log = logging.getLogger(__name__)
@@ -33,17 +36,19 @@ class Held:
     thread: int  # the task thread running it: only that thread releases it
 
 
-def unacked_index_key(app: Celery) -> str:
-    """The sorted set kombu's Redis transport scores unacknowledged messages in (as configured)."""
+def unacked_keys(app: Celery) -> tuple[str, str]:
+    """The sorted sets unacknowledged messages are scored in: the transport's (members are messages) and
+    kombu's stock one (members are delivery tags), with the broker's key prefix."""
     options = app.conf.broker_transport_options or {}
-    return f"{options.get('global_keyprefix', '')}{options.get('unacked_index_key', keys.UNACKED_INDEX)}"
+    prefix = options.get("global_keyprefix", "")
+    return f"{prefix}{keys.UNACKED_MESSAGES}", f"{prefix}{options.get('unacked_index_key', keys.UNACKED_INDEX)}"
 
 
 class LeaseKeeper:
     def __init__(self, client: redis.Redis, statuses: StatusStore, app: Celery, visibility_timeout: float) -> None:
         self.redis, self.statuses = client, statuses
         # RabbitMQ keeps a message unacked for as long as its consumer's channel lives: nothing to re-score.
-        self.index_key = None if is_amqp(app.conf.broker_url) else unacked_index_key(app)
+        self.index_keys = None if is_amqp(app.conf.broker_url) else unacked_keys(app)
         # A lease lasts half the visibility timeout and is renewed six times per timeout, so a live job's
         # message and lease never come near expiry, and a dead worker's lease is gone before its message returns.
         self.lease_s = visibility_timeout / 2
@@ -91,9 +96,15 @@ class LeaseKeeper:
         self._touch_messages([h.delivery_tag for h in held.values() if h.delivery_tag])
 
     def _touch_messages(self, tags: list[str]) -> None:
-        if tags and self.index_key:
-            now = time.time()  # kombu scores deliveries with the worker's clock, and its sweep compares with it
-            self.redis.zadd(self.index_key, dict.fromkeys(tags, now), xx=True)
+        if not tags or not self.index_keys:
+            return
+        now = time.time()  # deliveries are scored with the worker's clock, and the sweep compares with it
+        members = {tag: unacked_member(tag) for tag in tags}
+        messages_key, stock_key = self.index_keys
+        if any(members.values()):
+            self.redis.zadd(messages_key, dict.fromkeys(filter(None, members.values()), now), xx=True)
+        if stock := [tag for tag, member in members.items() if member is None]:
+            self.redis.zadd(stock_key, dict.fromkeys(stock, now), xx=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

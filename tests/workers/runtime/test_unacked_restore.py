@@ -11,6 +11,7 @@ from pathlib import Path
 import redis
 
 from varco.tasks.celery_app import create_app
+from varco.tasks.keys import UNACKED_MESSAGES
 from varco.tasks.settings import Settings
 from varco.workers.devtools.local_redis import start_redis
 
@@ -37,8 +38,8 @@ def test_a_sweep_mutex_left_by_a_restart_does_not_hold_dead_jobs_for_minutes(tmp
             conn.SimpleQueue(QUEUE).put({"job": 1})
         subprocess.run([sys.executable, "-c", TAKE_AND_DIE, server.url, QUEUE], check=True, timeout=60)
         raw = redis.Redis.from_url(server.url)
-        assert raw.llen(QUEUE) == 0 and raw.zcard("unacked_index") == 1
-        raw.zadd("unacked_index", {raw.zrange("unacked_index", 0, 0)[0]: time.time() - 60})  # long dead
+        assert raw.llen(QUEUE) == 0 and raw.zcard(UNACKED_MESSAGES) == 1
+        raw.zadd(UNACKED_MESSAGES, {raw.zrange(UNACKED_MESSAGES, 0, 0)[0]: time.time() - 60})  # long dead
         with app.connection_for_read() as conn:
             channel = conn.default_channel
             # A worker took the sweep mutex as configured and lost Redis before releasing it.
