@@ -166,6 +166,7 @@ def test_the_lease_keeper_rescores_a_running_message_and_never_brings_back_an_ac
         [member] = raw.zrange(UNACKED_MESSAGES, 0, -1)
         raw.zadd(UNACKED_MESSAGES, {member: time.time() - 60})  # about to be swept
         keeper.hold("job-1", "token", message.delivery_tag)
+        keeper._touch_messages([message.delivery_tag])  # a beat's re-scoring of what it holds
         assert raw.zscore(UNACKED_MESSAGES, member) > time.time() - 10  # renewed: the sweep leaves it
         sweep(server.url)
         assert raw.llen(QUEUE) == 0

@@ -66,10 +66,12 @@ class LeaseKeeper:
         self._stop.set()
 
     def hold(self, job_id: str, token: str, delivery_tag: str | None) -> None:
-        """Keep renewing this run's lease and message until the calling thread releases it."""
+        """Keep renewing this run's lease and message until the calling thread releases it. The message is not
+        re-scored here (a ZADD per job saved): it was scored at its delivery, milliseconds ago (a worker holds
+        no more messages than it has task threads), and the next beat, at most visibility_timeout / 6 away,
+        re-scores it long before the sweep's visibility_timeout."""
         with self._lock:
             self._held[job_id] = Held(token, delivery_tag, threading.get_ident())
-        self._touch_messages([delivery_tag] if delivery_tag else [])
 
     def release(self, job_id: str) -> None:
         """The calling thread's run of `job_id` is over: stop renewing and give the lease up. A no-op for a
