@@ -323,6 +323,11 @@ class StatusStore:
         record = self.record(job_id)
         return record_to_status(record) if record else None
 
+    def state(self, job_id: str) -> JobState | None:
+        """Only the job's state (one HGET: a check before a write needs no more than this)."""
+        state = self.redis.hget(self.key(job_id), "state")
+        return JobState(state) if state else None
+
     def get_owned(self, job_id: str, owner: str | None) -> JobStatus | None:
         """The status if the job exists and `owner` submitted it (None: anyone's); else None, the same answer
         as for an unknown job, so ids cannot be probed across owners."""

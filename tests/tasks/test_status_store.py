@@ -533,3 +533,12 @@ def test_an_event_feed_says_once_when_redis_py_subscribed_it_again(store: Status
     assert feed.resubscribed()  # what was published while it was down is lost: a wait reads the records
     assert not feed.resubscribed()
     feed.close()
+
+
+def test_the_state_alone_is_read_for_a_check(store: StatusStore) -> None:
+    assert store.state("nope") is None
+    store.create("st", "caption")
+    assert store.state("st") is JobState.QUEUED
+    store.claim("st", "w", 3, token="t", lease_s=30)
+    store.transition("st", JobState.CANCELLED)
+    assert store.state("st") is JobState.CANCELLED

@@ -45,8 +45,8 @@ def write_result(
     """
 
     def attempt() -> str:
-        status = statuses.get(job_id)
-        if status is not None and status.state.finished:
+        state = statuses.state(job_id)  # the state alone: HGET, not the whole record
+        if state is not None and state.finished:
             raise _JobEnded
         return write()
 

@@ -553,7 +553,7 @@ def test_a_result_written_while_the_job_failed_is_removed(world: World) -> None:
 
 
 def test_a_result_whose_record_vanished_meanwhile_is_removed(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    reads = iter([world.statuses.get(JOB), None, None])  # the write's check finds it; then it expired
+    reads = iter([None, None])  # the write's check (`state`) found it; then it expired
     monkeypatch.setattr(world.statuses, "get", lambda job_id: next(reads))
     world.store.during_write = lambda: world.statuses.transition(
         JOB, JobState.FAILED, error=ErrorInfo(type="X", message="x")
