@@ -1,9 +1,10 @@
 """Watching a job's status without blocking the event loop, and Server-Sent Events of it.
 
-`watch` is the asyncio loop over tasks/waiting.py, as `Client.wait` is the sync one: it subscribes to
-`varco:events` before it reads the record, so no change slips between; it yields the current status first,
-then every newer one, until the job is finished. It re-reads the record every second as well, so a missed
-event only delays it, and rides out a Redis outage as `Client.wait` does.
+`watch` is the asyncio loop over tasks/waiting.py, as `Client.wait` is the sync one: it takes a feed of its
+job's events (from the process's one subscription to `varco:events`, `EventHub`) before it reads the
+record, so no change slips between; it yields the current status first, then every newer one, until the
+job is finished. It reads the record again when events may have been missed, and rides out a Redis outage
+as `Client.wait` does.
 """
 
 from __future__ import annotations
