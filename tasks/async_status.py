@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import deque
 from typing import Any
 
@@ -20,6 +21,8 @@ from varco.tasks import keys
 from varco.tasks.keys import EVENTS_CHANNEL
 from varco.tasks.schemas import JobStatus
 from varco.tasks.status import owned_status, parse_event
+
+log = logging.getLogger(__name__)
 
 FEED_QUEUE = 100
 """Statuses a feed holds unread; past it the oldest is dropped and the feed says `resubscribed` (read again)."""
@@ -65,6 +68,8 @@ class HubFeed:
         `resubscribed`). Raises redis.ConnectionError while the hub has no subscription."""
         if not self._items:
             self._hub.check_subscribed()
+            if self._dropped or self._seen != self._hub.subscriptions:
+                return None  # a resubscribe (or a drop) the caller has not asked about yet: it reads first
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, timeout_s)):
@@ -147,7 +152,11 @@ class EventHub:
                         self._nudge_all()  # each waiter asks `resubscribed` and reads its record
                     elif message["type"] == "message":
                         self._route(message["data"])
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # Redis lost, or anything unforeseen: the hub must not die silently
+                if not isinstance(exc, (RedisError, OSError)):
+                    log.exception("the events subscription failed; subscribing again")
+                elif self._down is None:
+                    log.warning("the events subscription lost Redis: %s: %s", type(exc).__name__, exc)
                 self._down = exc
                 self._settled.set()
                 self._nudge_all()  # waiters see the outage (watch rides it out)
