@@ -1,8 +1,9 @@
 """The gateway's open event streams: a cap per API key, and a clean end for each when it cannot go on.
 
-Both kinds of stream (`/v1/jobs/{id}/events` and a streamed chat completion) hold a Redis connection for
-as long as they are open, so one key may hold at most VARCO_GATEWAY_MAX_STREAMS_PER_KEY of them in this
-process (over it: 429 `too-many-streams`). A stream ends with its own last event, the client's hang-up,
+Both kinds of stream (`/v1/jobs/{id}/events` and a streamed chat completion) hold gateway resources for
+as long as they are open (a feed of the process's one events subscription; for a job with streamed text, a
+Redis connection blocked on its deltas), so one key may hold at most VARCO_GATEWAY_MAX_STREAMS_PER_KEY of
+them in this process (over it: 429 `too-many-streams`). A stream ends with its own last event, the client's hang-up,
 or one of two interruptions, each written as the stream's own kind of last event before the chunked body
 is ended properly, so no client sees a truncated transfer:
 - `shutdown`: the gateway got SIGTERM (`GatewayServer` calls `close_all`), so uvicorn's graceful shutdown

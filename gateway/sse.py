@@ -1,9 +1,10 @@
 """Watching a job's status without blocking the event loop, and Server-Sent Events of it.
 
-`watch` is the asyncio loop over tasks/waiting.py, as `Client.wait` is the sync one: it subscribes to
-`varco:events` before it reads the record, so no change slips between; it yields the current status first,
-then every newer one, until the job is finished. It re-reads the record every second as well, so a missed
-event only delays it, and rides out a Redis outage as `Client.wait` does.
+`watch` is the asyncio loop over tasks/waiting.py, as `Client.wait` is the sync one: it takes a feed of its
+job's events (from the process's one subscription to `varco:events`, `EventHub`) before it reads the
+record, so no change slips between; it yields the current status first, then every newer one, until the
+job is finished. It reads the record again when events may have been missed, and rides out a Redis outage
+as `Client.wait` does.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import redis
 
 from varco.gateway.job_deltas import follow
 from varco.gateway.public_view import public_status
-from varco.tasks.async_status import AsyncEventFeed, AsyncStatusStore
+from varco.tasks.async_status import AsyncStatusStore, HubFeed
 from varco.tasks.delta_stream import START, AsyncDeltaStream, Delta
 from varco.tasks.schemas import JobStatus
 from varco.tasks.waiting import OUTAGE_GRACE_S, Follow, Listen, Read, TimedOut, WaitPlan
@@ -44,13 +45,13 @@ async def watch(
     Ends early if the record disappears (expired). A Redis outage is ridden out for `outage_grace_s`."""
     plan = WaitPlan(time.monotonic(), timeout, outage_grace_s=outage_grace_s)
     follow = Follow(job_id, time.monotonic(), heartbeat_s)
-    feed: AsyncEventFeed | None = await statuses.events()
+    feed: HubFeed | None = await statuses.events(job_id)
     try:
         while not follow.finished:
             status: JobStatus | None = None
             try:
                 if feed is None:
-                    feed = await statuses.events()
+                    feed = await statuses.events(job_id)
                 match plan.next_step(time.monotonic()):
                     case Read():
                         status = await statuses.get(job_id)
@@ -58,7 +59,7 @@ async def watch(
                             return
                     case Listen(seconds):
                         status = await feed.next(seconds)
-                        if feed.resubscribed():  # redis-py reconnected it: events may have been lost
+                        if feed.resubscribed():  # the hub subscribed again: events may have been lost
                             plan.missed_events(time.monotonic())
                     case TimedOut():
                         return

@@ -59,7 +59,7 @@ class Store:
     async def get(self, job_id: str) -> JobStatus | None:
         return self.answer("read")
 
-    async def events(self) -> Feed:
+    async def events(self, job_id: str) -> Feed:
         self.feeds.append(Feed(self))
         return self.feeds[-1]
 

@@ -492,8 +492,10 @@ def test_events_are_the_published_statuses(server: LocalRedis, store: StatusStor
     store.create("e", "caption")
 
     async def follow(statuses: AsyncStatusStore) -> list[JobStatus]:
-        feed = await statuses.events()
+        feed = await statuses.events("e")
         try:
+            await asyncio.to_thread(store.create, "other", "caption")
+            await asyncio.to_thread(store.begin_attempt, "other", "gpu0@a", 3)  # another job's: not in this feed
             await asyncio.to_thread(store.transition, "e", JobState.SUCCEEDED, result_uri="file:///r/e.json")
             await asyncio.to_thread(store.redis.publish, EVENTS_CHANNEL, "[1]")  # anyone may publish there
             seen = [await feed.next(1.0) for _ in range(4)]
