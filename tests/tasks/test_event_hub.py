@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis
@@ -17,22 +17,9 @@ from varco.tasks import async_status
 from varco.tasks.async_status import AsyncStatusStore
 from varco.tasks.schemas import JobState, JobStatus
 from varco.tasks.status import EVENTS_CHANNEL, StatusStore
-from varco.workers.devtools.local_redis import LocalRedis, free_port, start_redis
+from varco.workers.devtools.local_redis import LocalRedis, free_port
 
 WAITS = 300  # three times redis-py's pool of 100 connections
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    with start_redis(tmp_path_factory.mktemp("redis-hub")) as s:
-        yield s
-
-
-@pytest.fixture
-def store(server: LocalRedis) -> StatusStore:
-    client = redis.Redis.from_url(server.url, decode_responses=True)
-    client.flushdb()
-    return StatusStore(client, ttl=120)
 
 
 def statuses_of(server: LocalRedis) -> AsyncStatusStore:

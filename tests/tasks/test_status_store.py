@@ -8,7 +8,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TypeVar
 
@@ -20,22 +20,9 @@ from varco.tasks.async_status import AsyncStatusStore
 from varco.tasks.requests import IdempotencyKeyReused
 from varco.tasks.schemas import ErrorInfo, JobState, JobStatus
 from varco.tasks.status import CANCEL_CHANNEL, EVENTS_CHANNEL, StatusStore, parse_event, record_to_status
-from varco.workers.devtools.local_redis import LocalRedis, start_redis
+from varco.workers.devtools.local_redis import LocalRedis
 
 T = TypeVar("T")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    with start_redis(tmp_path_factory.mktemp("redis-status")) as s:
-        yield s
-
-
-@pytest.fixture
-def store(server: LocalRedis) -> StatusStore:
-    client = redis.Redis.from_url(server.url, decode_responses=True)
-    client.flushdb()
-    return StatusStore(client, ttl=120)
 
 
 def test_forward_only(store: StatusStore) -> None:
