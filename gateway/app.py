@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import redis.asyncio as aioredis
 import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
@@ -67,6 +68,14 @@ def _instrument(app: FastAPI) -> None:
     )
 
 
+def gateway_redis(settings: Settings) -> aioredis.Redis:
+    """The gateway's asyncio Redis client. A streamed job's reader holds a connection while it blocks on the
+    job's text (XREAD), beside a record read at times: two per request at most, so the pool never runs out
+    before uvicorn's own limit (VARCO_GATEWAY_MAX_CONNECTIONS, a 503 at once). redis-py's default of 100 failed
+    the 101st stream with MaxConnectionsError."""
+    return async_redis_client(settings, max_connections=2 * settings.gateway_max_connections + 1)
+
+
 def create_app(settings: Settings, keys: list[str] | None, *, client: Client | None = None) -> FastAPI:
     """`keys=None` serves without authentication (`varco gateway --no-auth`)."""
     metrics = HttpMetrics()
@@ -74,7 +83,7 @@ def create_app(settings: Settings, keys: list[str] | None, *, client: Client | N
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        statuses = AsyncStatusStore(async_redis_client(settings))
+        statuses = AsyncStatusStore(gateway_redis(settings))
         sync_client = client or Client(settings)
         app.state.gateway = GatewayState(
             client=sync_client,

@@ -155,10 +155,15 @@ def redis_client(
     )
 
 
-def async_redis_client(settings: Settings, *, retries: int = RETRIES) -> aioredis.Redis:
+def async_redis_client(
+    settings: Settings, *, retries: int = RETRIES, max_connections: int | None = None
+) -> aioredis.Redis:
     """`redis_client`'s asyncio twin, for the gateway: watching jobs holds no thread. The same URL forms,
-    Sentinel included (it follows a failover the same way), timeouts and retries."""
+    Sentinel included (it follows a failover the same way), timeouts and retries. `max_connections` sizes
+    its pool (redis-py's asyncio default is 100; connections are opened only when needed)."""
     options = connection_options(settings.redis_timeout_s, retries, asyncio=True)
+    if max_connections is not None:
+        options["max_connections"] = max_connections
     client: aioredis.Redis = _client_for(
         settings.status_redis_url, settings.sentinel_master, options, True, aioredis.Redis, AsyncSentinel
     )

@@ -15,9 +15,9 @@ import redis
 from conftest import running_worker
 from redis.sentinel import MasterNotFoundError, Sentinel
 
+from varco.gateway.app import gateway_redis
 from varco.producer import Client
 from varco.tasks.async_status import AsyncStatusStore
-from varco.tasks.connections import async_redis_client
 from varco.tasks.schemas import JobState, JobStatus
 from varco.tasks.settings import Settings, settings_from_env
 from varco.workers.devtools.local_redis import LocalRedis, free_port, start_redis, start_replica, start_sentinel
@@ -67,7 +67,7 @@ def redis_ha(tmp_path: Path) -> Iterator[dict[str, LocalRedis]]:
 
 
 async def read_as_the_gateway_does(settings: Settings, job_id: str) -> JobStatus | None:
-    statuses = AsyncStatusStore(async_redis_client(settings))
+    statuses = AsyncStatusStore(gateway_redis(settings))
     try:
         return await statuses.get(job_id)
     finally:
