@@ -44,7 +44,7 @@ def uvicorn_config(app: object, settings: Settings, host: str, port: int) -> uvi
         app,
         host=host,
         port=port,
-        timeout_keep_alive=5,  # idle keep-alive connections are closed after 5 s
+        timeout_keep_alive=settings.gateway_keep_alive_s,  # idle keep-alive connections closed after it
         limit_concurrency=settings.gateway_max_connections,  # beyond: 503 at once, instead of piling up
         http=CappedH11Protocol,  # h11 even where httptools is installed: only h11 caps the request head
         h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES,  # request line + headers; over it: 431

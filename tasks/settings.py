@@ -111,6 +111,10 @@ class Settings(BaseSettings):
     gateway_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     gateway_max_batch: int = Field(default=100, ge=1, le=10_000)
     gateway_max_connections: int = Field(default=1000, ge=1)
+    # Seconds an idle keep-alive connection stays open. Above the 5 s after which httpx (and the OpenAI SDK)
+    # stop reusing one, so a client never sends on a connection the gateway is closing (a reset); behind a
+    # load balancer, set it above the balancer's idle timeout (75 for an AWS ALB's 60).
+    gateway_keep_alive_s: int = Field(default=15, ge=1)
     gateway_body_timeout_s: float = Field(default=30.0, gt=0)  # a request body must be in within this (408)
     # Overlays the gateway draws at once (each holds its image decoded at full size, up to ~200 MB at the
     # pixel limit); more requests wait, holding no thread, and most then find the overlay in the store.
