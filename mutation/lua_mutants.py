@@ -17,10 +17,12 @@ from typing import NamedTuple
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "tasks" / "status.py"
 SCHEMAS = ROOT / "tasks" / "schemas.py"
-_PUBLISH = 'publish(record, \'"""\n    + EVENTS_CHANNEL\n    + """\')'  # an event, as the source spells it
+_CHANNEL = '\'"""\n    + EVENTS_CHANNEL\n    + """\')'  # the events channel, as the source spells it
+_PUBLISH_W = "publish(write(KEYS[1], record, ARGV[2]), " + _CHANNEL  # write the record, publish what was written
+_PUBLISH = "publish(json, " + _CHANNEL
 _FINISH = "  add(change, 'finished_at', ARGV[3])\n"
 _END_LEASE = "  add(gone, 'lease_owner', 'lease_until')"
-_RELEASE_LEASE = "redis.call('HDEL', KEYS[1], 'lease_owner', 'lease_until')"
+_WRITE = "redis.call('SET', key, json, 'EX', tonumber(ttl))"
 
 
 class Mutation(NamedTuple):
@@ -38,8 +40,9 @@ MUTATIONS: list[Mutation | tuple[str, str]] = [  # a pair: a text of tasks/statu
     Mutation("JobState.SUCCEEDED: FINISHED_RANK,", "JobState.SUCCEEDED: 1,", SCHEMAS),
     ("record[flat[i]] = flat[i + 1]", "record[flat[i]] = flat[i]"),
     ("  for i = 1, #pairs, 2 do record[pairs[i]] = pairs[i + 1] end\n", ""),
-    ("      record[name] = nil\n", ""),
-    ("  if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end", ""),
+    ("for _, name in ipairs(names) do record[name] = nil end", ""),
+    (_WRITE, "redis.call('SET', key, json)"),
+    (_WRITE, "redis.call('SET', key, json, 'EX', 3600)"),
     # _TRANSITION
     (
         "if ARGV[4] ~= '1' or rank[ARGV[1]] ~= FINISHED then return {0, ''} end",
@@ -68,12 +71,9 @@ MUTATIONS: list[Mutation | tuple[str, str]] = [  # a pair: a text of tasks/statu
     (_FINISH + _END_LEASE, _END_LEASE),
     (_FINISH + _END_LEASE, _FINISH + "  add(gone, 'lease_owner')"),
     (_FINISH + _END_LEASE, _FINISH + "  add(gone, 'lease_until')"),
-    ("set(KEYS[1], record, change)\ndrop(KEYS[1], record, gone)", "set(KEYS[1], record, change)"),
-    (
-        "redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))\n" + _PUBLISH + "\nreturn {1, ARGV[1]}",
-        _PUBLISH + "\nreturn {1, ARGV[1]}",
-    ),
-    (_PUBLISH + "\nreturn {1, ARGV[1]}", "return {1, ARGV[1]}"),
+    ("set(record, change)\ndrop(record, gone)", "set(record, change)"),
+    (_PUBLISH_W + "\nreturn {1, ARGV[1]}", "write(KEYS[1], record, ARGV[2])\nreturn {1, ARGV[1]}"),
+    (_PUBLISH_W + "\nreturn {1, ARGV[1]}", "return {1, ARGV[1]}"),
     # _BEGIN
     (
         "add(change, 'job_id', ARGV[6], 'state', 'queued', 'created_at', ARGV[3])",
@@ -110,44 +110,28 @@ MUTATIONS: list[Mutation | tuple[str, str]] = [  # a pair: a text of tasks/statu
     ("'lease_until', tostring(now + tonumber(ARGV[8])))", "'lease_until', tostring(now))"),
     ("'lease_until', tostring(now + tonumber(ARGV[8])))", "'lease_until', tostring(now + 2 * tonumber(ARGV[8])))"),
     ("add(change, 'state', state, 'updated_at', ARGV[3])", "add(change, 'state', state)"),
-    (
-        "redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))\n" + _PUBLISH + "\nreturn {state, n, '0'}",
-        _PUBLISH + "\nreturn {state, n, '0'}",
-    ),
-    (
-        "redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))\n" + _PUBLISH + "\nreturn {state, n, '0'}",
-        "redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))\nreturn {state, n, '0'}",
-    ),
+    (_PUBLISH_W + "\nreturn {state, n, '0'}", "return {state, n, '0'}"),
+    (_PUBLISH_W + "\nreturn {state, n, '0'}", "write(KEYS[1], record, ARGV[2])\nreturn {state, n, '0'}"),
     ("tonumber(t[1]) + tonumber(t[2]) / 1e6", "tonumber(t[1])"),
     ("tonumber(t[1]) + tonumber(t[2]) / 1e6", "tonumber(t[1]) + tonumber(t[2]) / 1e3"),
     # _RENEW
-    ("if (state == 'started' or state == 'retrying') and", "if"),
-    ("if (state == 'started' or state == 'retrying') and", "if (state == 'started') and"),
-    ("if (state == 'started' or state == 'retrying') and", "if (state == 'retrying') and"),
-    (
-        "redis.call('HGET', key, 'lease_owner') == ARGV[i + 2] then",
-        "redis.call('HGET', key, 'lease_owner') == ARGV[i + 2] or true then",
-    ),
-    ("    redis.call('EXPIRE', key, tonumber(ARGV[2]))\n", ""),
-    ("    redis.call('HSET', key, 'lease_until', expiry)\n", ""),
+    ("if (record.state == 'started' or record.state == 'retrying') and", "if"),
+    ("if (record.state == 'started' or record.state == 'retrying') and", "if (record.state == 'started') and"),
+    ("if (record.state == 'started' or record.state == 'retrying') and", "if (record.state == 'retrying') and"),
+    ("record.lease_owner == ARGV[i + 2] then", "record.lease_owner == ARGV[i + 2] or true then"),
+    ("    write(key, record, ARGV[2])\n", ""),
+    ("    record.lease_until = expiry\n", ""),
     (
         "local expiry = tostring(clock() + tonumber(ARGV[1]))",
         "local expiry = tostring(clock() + 2 * tonumber(ARGV[1]))",
     ),
     ("    extended = extended + 1", "    extended = 1"),
     # _RELEASE
-    (
-        "if redis.call('HGET', KEYS[1], 'lease_owner') == ARGV[1] then\n  " + _RELEASE_LEASE,
-        "if true then\n  " + _RELEASE_LEASE,
-    ),
-    (
-        "  redis.call('HDEL', KEYS[1], 'lease_owner', 'lease_until')\n  return 1",
-        "  redis.call('HDEL', KEYS[1], 'lease_owner')\n  return 1",
-    ),
-    (
-        "  redis.call('HDEL', KEYS[1], 'lease_owner', 'lease_until')\n  return 1",
-        "  redis.call('HDEL', KEYS[1], 'lease_until')\n  return 1",
-    ),
+    ("if record.lease_owner == ARGV[1] then", "if true then"),
+    ("drop(record, {'lease_owner', 'lease_until'})", "drop(record, {'lease_owner'})"),
+    ("drop(record, {'lease_owner', 'lease_until'})", "drop(record, {'lease_until'})"),
+    ("  redis.call('SET', KEYS[1], cjson.encode(record), 'KEEPTTL')\n", ""),
+    ("cjson.encode(record), 'KEEPTTL')", "cjson.encode(record))"),
     # _CANCEL
     ("if not cur then return '' end\nif rank[cur] == FINISHED then return cur end", "if not cur then return '' end"),
     (
@@ -167,7 +151,7 @@ MUTATIONS: list[Mutation | tuple[str, str]] = [  # a pair: a text of tasks/statu
     ),
     ("  cur = 'cancelled'\nend", "end"),
     ("if cur == 'cancelled' then\n  " + _PUBLISH + "\nend\n", ""),
-    ("end\nredis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))\nredis.call('PUBLISH'", "end\nredis.call('PUBLISH'"),
+    ("local json = write(KEYS[1], record, ARGV[1])", "local json = cjson.encode(record)"),
     ('redis.call(\'PUBLISH\', \'"""\n    + CANCEL_CHANNEL\n    + """\', ARGV[3])\nreturn cur', "return cur"),
 ]
 

@@ -15,12 +15,12 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from varco.tasks import keys
 from varco.tasks.keys import EVENTS_CHANNEL
 from varco.tasks.schemas import JobStatus
-from varco.tasks.status import owned_status, parse_event
+from varco.tasks.status import decode_record, is_wrong_type, owned_status, parse_event
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,14 @@ class AsyncStatusStore:
     async def get_owned(self, job_id: str, owner: str | None) -> JobStatus | None:
         """The status if the job exists and `owner` submitted it (None: anyone's); else None, the same answer
         as for an unknown job, so ids cannot be probed across owners."""
-        return owned_status(await self.redis.hgetall(keys.job(job_id)), owner)
+        key = keys.job(job_id)
+        try:
+            record = decode_record(await self.redis.get(key))
+        except ResponseError as exc:
+            if not is_wrong_type(exc):
+                raise
+            record = await self.redis.hgetall(key)  # the hash layout (a rolling upgrade)
+        return owned_status(record, owner)
 
     async def events(self, job_id: str) -> HubFeed:
         """Follow one job's status changes; subscribed before it returns, so read the record after it and

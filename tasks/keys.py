@@ -10,7 +10,9 @@ from __future__ import annotations
 from varco.tasks.job_ids import check_job_id
 
 JOB_PREFIX = "varco:job:"
-"""A job's status record, a hash (`tasks/status.py`); expires VARCO_STATUS_TTL after its last change."""
+"""A job's status record, JSON in a string (`tasks/status.py`); expires VARCO_STATUS_TTL after its last change."""
+TERMINAL_WEBHOOK_PREFIX = "varco:terminal-webhook:"
+"""A job whose terminal webhook was queued (`tasks/status.py`), for VARCO_STATUS_TTL."""
 IDEMPOTENCY_PREFIX = "varco:idem:"
 """An idempotency key -> the first job's id (`tasks/status.py`), for VARCO_STATUS_TTL."""
 EVENTS_CHANNEL = "varco:events"
@@ -57,6 +59,11 @@ UNACKED_HASH = "unacked"
 def job(job_id: str) -> str:
     """The status record of `job_id`; a malformed id never becomes a key (InvalidJobId)."""
     return JOB_PREFIX + check_job_id(job_id)
+
+
+def terminal_webhook(job_id: str) -> str:
+    """The mark that `job_id`'s terminal webhook was queued."""
+    return TERMINAL_WEBHOOK_PREFIX + check_job_id(job_id)
 
 
 def deltas(job_id: str) -> str:

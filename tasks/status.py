@@ -1,9 +1,14 @@
 """Job status records in Redis: forward-only transitions, attempt counting, cancel flags, events.
 
-A record is a Redis hash `varco:job:{id}` (`tasks/keys.py`). Every change runs as one Lua script, so a
-redelivered message or two workers racing can never move a job backwards (`queued -> started/retrying ->
-succeeded | failed | cancelled`), and each change is published on `varco:events` in the same step.
-Records expire `VARCO_STATUS_TTL` seconds after their last change.
+A record is a JSON object of string fields in one Redis string, `varco:job:{id}` (`tasks/keys.py`). Every
+change runs as one Lua script, so a redelivered message or two workers racing can never move a job backwards
+(`queued -> started/retrying -> succeeded | failed | cancelled`), and each change is published on
+`varco:events` in the same step. Records expire `VARCO_STATUS_TTL` seconds after their last change.
+
+Why a string and not a hash (a hash until 2026-12-06): a change is then one GET and one `SET … EX`, the TTL
+riding on the write, and the JSON written is the JSON published; a hash needed HSET, HDEL and EXPIRE apart
+(docs/redis.md#cost-per-job), and a wait reads many records with one MGET. Records of the hash layout (a
+rolling upgrade) are still read, and the next change rewrites them as JSON.
 
 A running job holds a lease in its record (`lease_owner`, `lease_until` on Redis's own clock), renewed by
 its worker's heartbeat: a redelivery while the lease lives is told to wait, neither run nor counted.
@@ -27,10 +32,6 @@ from varco.tasks.keys import CANCEL_CHANNEL, EVENTS_CHANNEL  # also importable f
 from varco.tasks.requests import IdempotencyKeyReused
 from varco.tasks.schemas import FINISHED_RANK, ErrorInfo, JobState, JobStatus
 
-# Set on a job's record once its terminal webhook was queued (or was not wanted): a later delivery of the
-# finished job sends it only when this is missing (the run that ended the job died before queueing it).
-TERMINAL_WEBHOOK_FIELD = "terminal_webhook"
-
 # Leases (and the fair queue's deadlines) are timed on the Redis server's clock, so clocks need not agree.
 LUA_CLOCK = """
 local function clock()
@@ -49,39 +50,41 @@ _COMMON = (
     _RANKS
     + """
 local function read(key)
-  local flat = redis.call('HGETALL', key)
-  local record = {}
-  for i = 1, #flat, 2 do record[flat[i]] = flat[i + 1] end
-  return record
+  local raw = redis.pcall('GET', key)
+  if type(raw) == 'table' then  -- WRONGTYPE: a hash, as records were before 2026-12-06 (a rolling upgrade)
+    local flat = redis.call('HGETALL', key)
+    local record = {}
+    for i = 1, #flat, 2 do record[flat[i]] = flat[i + 1] end
+    return record
+  end
+  if not raw then return {} end
+  return cjson.decode(raw)
 end
 local function add(list, ...)
   for _, v in ipairs({...}) do table.insert(list, v) end
 end
--- Writes field/value pairs to the record, in Redis (one HSET) and in the table the event is made from.
-local function set(key, record, pairs)
+-- Field/value pairs into the record's table; nothing reaches Redis until `write`.
+local function set(record, pairs)
   for i = 1, #pairs, 2 do record[pairs[i]] = pairs[i + 1] end
-  redis.call('HSET', key, unpack(pairs))
 end
--- Removes those of the fields the record has (one HDEL, none when it has none).
-local function drop(key, record, names)
-  local gone = {}
-  for _, name in ipairs(names) do
-    if record[name] then
-      record[name] = nil
-      table.insert(gone, name)
-    end
-  end
-  if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
+local function drop(record, names)
+  for _, name in ipairs(names) do record[name] = nil end
 end
--- The record as it now is, from the table the script read and changed: no second read.
-local function publish(record, channel)
-  redis.call('PUBLISH', channel, cjson.encode(record))
+-- The record whole, with its TTL, in one SET (a hash of the old layout is replaced); returns the JSON written.
+local function write(key, record, ttl)
+  local json = cjson.encode(record)
+  redis.call('SET', key, json, 'EX', tonumber(ttl))
+  return json
+end
+-- The record as just written: the same JSON, no second read or encode.
+local function publish(json, channel)
+  redis.call('PUBLISH', channel, json)
 end
 """
 )
 
-# Each script reads the record once (HGETALL), writes its changes in one HSET (and at most one HDEL), sets the
-# TTL and publishes the record it holds: 5 commands and the script call (docs/redis.md#cost-per-job).
+# Each script reads the record once (GET), writes it whole with its TTL (one SET … EX) and publishes the JSON it
+# wrote: 3 commands and the script call (docs/redis.md#cost-per-job).
 
 # KEYS[1] record; ARGV: new state, ttl, now, recreate ('1': a terminal move makes a missing record anew from
 # the fields, which then carry job_id and task), then field/value pairs. Returns {changed, state}.
@@ -105,10 +108,9 @@ if rank[ARGV[1]] == FINISHED then
   add(change, 'finished_at', ARGV[3])
   add(gone, 'lease_owner', 'lease_until')
 end
-set(KEYS[1], record, change)
-drop(KEYS[1], record, gone)
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
-publish(record, '"""
+set(record, change)
+drop(record, gone)
+publish(write(KEYS[1], record, ARGV[2]), '"""
     + EVENTS_CHANNEL
     + """')
 return {1, ARGV[1]}
@@ -153,9 +155,8 @@ else
   end
 end
 add(change, 'state', state, 'updated_at', ARGV[3])
-set(KEYS[1], record, change)
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
-publish(record, '"""
+set(record, change)
+publish(write(KEYS[1], record, ARGV[2]), '"""
     + EVENTS_CHANNEL
     + """')
 return {state, n, '0'}
@@ -165,15 +166,16 @@ return {state, n, '0'}
 # KEYS: records; ARGV: lease seconds, ttl, then one token per key. Extends each lease its token still holds on
 # a running job; returns how many it extended. Not published: a heartbeat is no state change.
 _RENEW = (
-    LUA_CLOCK
+    _COMMON
+    + LUA_CLOCK
     + """
 local extended = 0
 local expiry = tostring(clock() + tonumber(ARGV[1]))
 for i, key in ipairs(KEYS) do
-  local state = redis.call('HGET', key, 'state')
-  if (state == 'started' or state == 'retrying') and redis.call('HGET', key, 'lease_owner') == ARGV[i + 2] then
-    redis.call('HSET', key, 'lease_until', expiry)
-    redis.call('EXPIRE', key, tonumber(ARGV[2]))
+  local record = read(key)
+  if (record.state == 'started' or record.state == 'retrying') and record.lease_owner == ARGV[i + 2] then
+    record.lease_until = expiry
+    write(key, record, ARGV[2])
     extended = extended + 1
   end
 end
@@ -182,13 +184,18 @@ return extended
 )
 
 # KEYS[1] record; ARGV[1] token. Ends the lease if this token holds it (a job handing itself to a retry).
-_RELEASE = """
-if redis.call('HGET', KEYS[1], 'lease_owner') == ARGV[1] then
-  redis.call('HDEL', KEYS[1], 'lease_owner', 'lease_until')
+_RELEASE = (
+    _COMMON
+    + """
+local record = read(KEYS[1])
+if record.lease_owner == ARGV[1] then
+  drop(record, {'lease_owner', 'lease_until'})
+  redis.call('SET', KEYS[1], cjson.encode(record), 'KEEPTTL')
   return 1
 end
 return 0
 """
+)
 
 # KEYS[1] record; ARGV: ttl, now, job id. A queued or retrying job is cancelled at once; a started
 # one is flagged and told over pub/sub so its worker stops generating. Returns the state after.
@@ -204,13 +211,13 @@ if cur == 'queued' or cur == 'retrying' then
   add(change, 'state', 'cancelled', 'finished_at', ARGV[2])
   cur = 'cancelled'
 end
-set(KEYS[1], record, change)
+set(record, change)
+local json = write(KEYS[1], record, ARGV[1])
 if cur == 'cancelled' then
-  publish(record, '"""
+  publish(json, '"""
     + EVENTS_CHANNEL
     + """')
 end
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
 redis.call('PUBLISH', '"""
     + CANCEL_CHANNEL
     + """', ARGV[3])
@@ -230,6 +237,22 @@ class Claim(NamedTuple):
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat()
+
+
+def decode_record(raw: str | bytes | None) -> dict[str, str]:
+    """A record as stored (JSON of string fields) -> its fields; {} for none, or for what is no record."""
+    if not raw:
+        return {}
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in record.items()} if isinstance(record, dict) else {}
+
+
+def is_wrong_type(exc: redis.ResponseError) -> bool:
+    """Whether a GET failed on a key of another type: a record of the hash layout (before 2026-12-06)."""
+    return str(exc).startswith("WRONGTYPE")
 
 
 def record_to_status(record: dict[str, str]) -> JobStatus:
@@ -306,26 +329,28 @@ class StatusStore:
                   "created_at": now, "updated_at": now, **fields}  # fmt: skip
         if owner:
             record["owner"] = owner
-        # Not a MULTI (2 commands saved): the two go out in one write, and a submit that fails in between
-        # deletes the record again (`Client._forget`).
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(self.key(job_id), mapping=record)
-            pipe.expire(self.key(job_id), self.ttl)
-            pipe.execute()
+        # One command, the TTL with it; a submit that fails later deletes the record again (`Client._forget`).
+        self.redis.set(self.key(job_id), json.dumps(record, separators=(",", ":")), ex=self.ttl)
 
     def delete(self, job_id: str) -> None:
         self.redis.delete(self.key(job_id))
 
     def record(self, job_id: str) -> dict[str, str]:
-        return self.redis.hgetall(self.key(job_id))
+        key = self.key(job_id)
+        try:
+            return decode_record(self.redis.get(key))
+        except redis.ResponseError as exc:
+            if not is_wrong_type(exc):
+                raise
+            return self.redis.hgetall(key)  # the hash layout (a rolling upgrade)
 
     def get(self, job_id: str) -> JobStatus | None:
         record = self.record(job_id)
         return record_to_status(record) if record else None
 
     def state(self, job_id: str) -> JobState | None:
-        """Only the job's state (one HGET: a check before a write needs no more than this)."""
-        state = self.redis.hget(self.key(job_id), "state")
+        """Only the job's state (a check before a write needs no more than this)."""
+        state = self.record(job_id).get("state")
         return JobState(state) if state else None
 
     def get_owned(self, job_id: str, owner: str | None) -> JobStatus | None:
@@ -334,11 +359,18 @@ class StatusStore:
         return owned_status(self.record(job_id), owner)
 
     def get_many(self, job_ids: list[str]) -> dict[str, JobStatus | None]:
-        """Several records in one round trip."""
-        with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hgetall(self.key(job_id))
-            records = pipe.execute()
+        """Several records in one command (MGET)."""
+        if not job_ids:
+            return {}
+        raws = self.redis.mget([self.key(j) for j in job_ids])
+        records = [decode_record(raw) for raw in raws]
+        if absent := [i for i, raw in enumerate(raws) if raw is None]:
+            # MGET answers None for a key of another type too: a record of the hash layout, or none at all.
+            with self.redis.pipeline(transaction=False) as pipe:
+                for i in absent:
+                    pipe.hgetall(self.key(job_ids[i]))
+                for i, record in zip(absent, pipe.execute(), strict=True):
+                    records[i] = record
         return {j: record_to_status(r) if r else None for j, r in zip(job_ids, records, strict=True)}
 
     def transition(
@@ -410,23 +442,21 @@ class StatusStore:
         return JobState(state) if state else None
 
     def cancel_requested(self, job_id: str) -> bool:
-        return self.redis.hget(self.key(job_id), "cancel_requested") == "1"
+        return self.record(job_id).get("cancel_requested") == "1"
 
     def events(self) -> EventFeed:
         """Subscribe to every status change; subscribe before reading records, so no change slips between."""
         return EventFeed(self.redis)
 
     def mark_terminal_webhook(self, job_id: str) -> None:
-        """Note that the job's terminal webhook was queued (or not wanted). The TTL is set again with it, so
-        a record that expired meanwhile leaves no hash without one (the two go out in one write: no MULTI)."""
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(self.key(job_id), TERMINAL_WEBHOOK_FIELD, "1")
-            pipe.expire(self.key(job_id), self.ttl)
-            pipe.execute()
+        """Note that the job's terminal webhook was queued: a later delivery of the finished job sends it only
+        when this mark is missing (the run that ended the job died before queueing it). A key of its own, one
+        SET with the record's TTL: in the record it would take a script's read and write."""
+        self.redis.set(keys.terminal_webhook(job_id), "1", ex=self.ttl)
 
     def terminal_webhook_sent(self, job_id: str) -> bool:
         """Whether a run already queued the job's terminal webhook (`mark_terminal_webhook`)."""
-        return self.redis.hget(self.key(job_id), TERMINAL_WEBHOOK_FIELD) == "1"
+        return bool(self.redis.exists(keys.terminal_webhook(job_id)))
 
     # An idempotency key's value is "{job_id}:{request fingerprint}" (job ids hold no colon); a value of a
     # job id alone (written before fingerprints were kept) matches any request.

@@ -16,6 +16,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from varco.tasks import keys
 from varco.tasks.async_status import AsyncStatusStore
 from varco.tasks.requests import IdempotencyKeyReused
 from varco.tasks.schemas import ErrorInfo, JobState, JobStatus
@@ -68,8 +69,7 @@ def test_cancel_queued_and_running(store: StatusStore) -> None:
 
 
 def test_cancel_before_first_delivery_wins(store: StatusStore) -> None:
-    store.create("c", "caption")
-    store.redis.hset(store.key("c"), "cancel_requested", "1")
+    store.create("c", "caption", cancel_requested="1")  # a cancel's flag on a record still queued
     assert store.begin_attempt("c", "w", 3)[0] is JobState.CANCELLED
 
 
@@ -333,8 +333,7 @@ def test_a_delivery_that_fails_or_is_cancelled_at_its_claim_is_stamped_finished(
     for _ in range(2):
         store.begin_attempt("pf", "w", 1)
     assert store.get("pf").state is JobState.FAILED and store.get("pf").finished_at is not None
-    store.create("cf", "caption")
-    store.redis.hset(store.key("cf"), "cancel_requested", "1")
+    store.create("cf", "caption", cancel_requested="1")
     store.begin_attempt("cf", "w", 3)
     assert store.get("cf").state is JobState.CANCELLED and store.get("cf").finished_at is not None
 
@@ -498,15 +497,14 @@ def test_events_are_the_published_statuses(server: LocalRedis, store: StatusStor
 def test_the_terminal_webhook_mark(store: StatusStore) -> None:
     store.create("tw", "caption")
     store.transition("tw", JobState.SUCCEEDED, result_uri="s3://b/tw.json")
-    store.redis.expire(store.key("tw"), 5)
+    before = store.record("tw")
     assert not store.terminal_webhook_sent("tw")
     store.mark_terminal_webhook("tw")
-    assert store.terminal_webhook_sent("tw") and store.record("tw")["terminal_webhook"] == "1"
-    assert store.get("tw").state is JobState.SUCCEEDED  # nothing else changed
-    assert store.redis.ttl(store.key("tw")) > 60  # the record's TTL, set again with the mark
-    # A record that expired meanwhile leaves no hash without a TTL behind.
-    store.mark_terminal_webhook("gone")
-    assert 0 < store.redis.ttl(store.key("gone")) <= 120
+    assert store.terminal_webhook_sent("tw")
+    assert store.record("tw") == before  # the record is not rewritten: the mark is a key of its own
+    assert 0 < store.redis.ttl(keys.terminal_webhook("tw")) <= 120  # it expires with the status TTL
+    store.mark_terminal_webhook("gone")  # a record that expired meanwhile: the mark still expires
+    assert 0 < store.redis.ttl(keys.terminal_webhook("gone")) <= 120
     assert not store.terminal_webhook_sent("never")
 
 
@@ -531,3 +529,61 @@ def test_the_state_alone_is_read_for_a_check(store: StatusStore) -> None:
     store.claim("st", "w", 3, token="t", lease_s=30)
     store.transition("st", JobState.CANCELLED)
     assert store.state("st") is JobState.CANCELLED
+
+
+def _calls(client: redis.Redis) -> dict[str, int]:
+    stats = client.info("commandstats")
+    return {k.removeprefix("cmdstat_").upper(): v["calls"] for k, v in stats.items() if "config" not in k}
+
+
+def test_each_change_of_a_record_is_one_read_and_one_write_with_its_ttl(store: StatusStore) -> None:
+    """The record is one JSON string: its creation is one SET with the TTL, a claim or an end one GET and one
+    SET (no HSET, HDEL, EXPIRE apart), and a wait's read of many records one MGET (docs/redis.md#cost-per-job)."""
+    store.redis.config_resetstat()
+    store.create("one", "caption")
+    store.create("two", "caption")
+    assert store.claim("one", "w", 3, token="t", lease_s=30).state is JobState.STARTED
+    assert store.transition("one", JobState.SUCCEEDED, result_uri="s3://b/one.json")
+    assert store.get_many(["one", "two"])["one"].state is JobState.SUCCEEDED
+    calls = _calls(store.redis)
+    calls.pop("INFO", None)
+    assert calls == {"SET": 4, "GET": 2, "EVALSHA": 2, "TIME": 1, "PUBLISH": 2, "MGET": 1}
+    assert 0 < store.redis.ttl(store.key("one")) <= 120 and 0 < store.redis.ttl(store.key("two")) <= 120
+
+
+def test_a_record_of_the_hash_layout_is_read_and_moved_on_as_before(store: StatusStore, server: LocalRedis) -> None:
+    """A rolling upgrade: records a Client before 2026-12-06 made are hashes. Every reader and script still takes
+    them, and the first change writes them as JSON."""
+
+    def old_record(job_id: str, **fields: str) -> None:
+        record = {"job_id": job_id, "state": "queued", "task": "caption", "attempts": "0",
+                  "created_at": "2026-12-05T00:00:00+00:00", "updated_at": "2026-12-05T00:00:00+00:00"}  # fmt: skip
+        store.redis.hset(store.key(job_id), mapping=record | fields)
+        store.redis.expire(store.key(job_id), 120)
+
+    old_record("h1", owner="team-a")
+    assert store.get("h1").state is JobState.QUEUED and store.state("h1") is JobState.QUEUED
+    assert store.get_owned("h1", "team-a") is not None and store.get_owned("h1", "team-b") is None
+    assert store.get_many(["h1", "nope"])["h1"].job_id == "h1"
+    assert store.claim("h1", "w", 3, token="t1", lease_s=30) == (JobState.STARTED, 1, 0.0)
+    assert store.redis.type(store.key("h1")) == "string" and store.record("h1")["owner"] == "team-a"
+    old_record("h2", state="started", attempts="1", lease_owner="t2", lease_until="9999999999")
+    assert store.renew_leases({"h2": "t2"}, 30) == 1
+    old_record("h3", state="started", attempts="1", lease_owner="t3", lease_until="9999999999")
+    store.release_lease("h3", "t3")
+    assert "lease_owner" not in store.record("h3")
+    old_record("h4")
+    assert store.request_cancel("h4") is JobState.CANCELLED
+    old_record("h5", state="started", attempts="1")
+    assert store.transition("h5", JobState.SUCCEEDED, result_uri="s3://b/h5.json") and store.get("h5").result_uri
+    assert asyncio.run(_async_get(server.url, "h6")) is None
+    old_record("h6")
+    assert asyncio.run(_async_get(server.url, "h6")).state is JobState.QUEUED
+
+
+async def _async_get(url: str, job_id: str) -> JobStatus | None:
+    client = aioredis.Redis.from_url(url, decode_responses=True)
+    try:
+        return await AsyncStatusStore(client).get(job_id)
+    finally:
+        await client.aclose()
