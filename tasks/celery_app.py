@@ -36,6 +36,8 @@ from varco.tasks.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 INFER_TASK = "varco.infer"
 CALLBACK_TASK = "varco.callback"
+# Many webhook events in one message: what a worker's task threads queue together (output/webhooks.py).
+CALLBACK_BATCH_TASK = "varco.callback.batch"
 # Redis lists per priority; kombu consumes lane 0 first, so API priority p (higher = sooner) maps to 9 - p.
 PRIORITY_STEPS = list(range(10))
 UNACKED_MUTEX_EXPIRE_S = 15
@@ -93,7 +95,7 @@ def create_app(settings: Settings) -> Celery:
         result_expires=settings.status_ttl,
         task_default_queue=INFER_QUEUE,
         task_queues=[Queue(INFER_QUEUE), Queue(CALLBACK_QUEUE)],
-        task_routes={CALLBACK_TASK: {"queue": CALLBACK_QUEUE}},
+        task_routes={CALLBACK_TASK: {"queue": CALLBACK_QUEUE}, CALLBACK_BATCH_TASK: {"queue": CALLBACK_QUEUE}},
         task_default_priority=broker_priority(None),
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout,
