@@ -176,7 +176,9 @@ def register_callback_task(app: Celery, settings: Settings, delivered: Delivered
             log.warning("callback %s to %s refused with HTTP %d; not retried", msg_id, url, response.status_code)
         return Attempt(outcome, response.status_code)
 
-    @app.task(name=CALLBACK_TASK, bind=True, max_retries=max_retries, acks_late=True)
+    # shared=False: Celery would otherwise add these closures (this app's settings and log) to every app the
+    # process finalizes later, ahead of that app's own registration (which it then ignores).
+    @app.task(name=CALLBACK_TASK, bind=True, max_retries=max_retries, acks_late=True, shared=False)
     def deliver(self: Task, url: str, payload: dict[str, Any], msg_id: str) -> int:
         if delivered is not None and delivered.seen(msg_id):
             log.info("callback %s was delivered already; not sent again", msg_id)
@@ -204,7 +206,7 @@ def register_callback_task(app: Celery, settings: Settings, delivered: Delivered
             args=[item.url, item.payload, item.msg_id], countdown=countdown, retries=retries, headers=item.trace or None
         )
 
-    @app.task(name=CALLBACK_BATCH_TASK, bind=True, acks_late=True)
+    @app.task(name=CALLBACK_BATCH_TASK, bind=True, acks_late=True, shared=False)
     def deliver_batch(self: Task, items: list[dict[str, Any]]) -> list[int]:
         batch = [WebhookItem.model_validate(item) for item in items]
         seen = delivered.seen_many([i.msg_id for i in batch]) if delivered is not None else [False] * len(batch)
