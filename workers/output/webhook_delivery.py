@@ -248,9 +248,11 @@ def register_callback_task(app: Celery, settings: Settings, delivered: Delivered
                     else:
                         resend(item, countdown=backoff_s(0), retries=1)
 
-        run_lanes(lane, lanes)
-        if delivered is not None:
-            delivered.mark_many(done)
+        try:
+            run_lanes(lane, lanes)
+        finally:  # a lane that failed (the broker away for a put-back) loses no other lane's marks
+            if delivered is not None:
+                delivered.mark_many(done)
         return statuses
 
     return deliver

@@ -207,3 +207,28 @@ def test_events_queued_together_through_a_broker_outage_all_get_out(tmp_path: Pa
         assert sorted(ids) == sorted(f"j{n}.job.succeeded" for n in range(6))
     finally:
         restarted.stop()
+
+
+def test_a_slow_receiver_holds_a_batch_for_one_attempt_then_the_rest_is_put_back(
+    module_redis, flushed_redis, receiver: WebhookReceiver
+) -> None:
+    """A batch's events to a receiver that does not answer in time: the first attempt is cut at the
+    timeout and retried alone; the batch starts no more after it, and puts the others back untried."""
+    settings = Settings(
+        broker_url=module_redis.url, allow_private_urls=True, callback_timeout_s=0.5, callback_host_concurrency=1,
+        callback_max_retries=3, _env_file=None,
+    )  # fmt: skip
+    callbacks = create_app(settings)
+    register_callback_task(callbacks, settings, DeliveredLog(redis_from_url(module_redis.url), ttl=60))
+    receiver.status_for = lambda p: time.sleep(1.5) or 204
+    batch = [item(receiver, "/slow", job) for job in ("s1", "s2", "s3")]
+    started = time.monotonic()
+    callbacks.tasks[CALLBACK_BATCH_TASK].apply(args=[batch])
+    assert time.monotonic() - started < 1.4  # one attempt's timeout, not three
+    with callbacks.connection_for_read() as conn:
+        simple = conn.SimpleQueue(CALLBACK_QUEUE, no_ack=True)
+        back = [simple.get(timeout=5) for _ in range(3)]
+    assert sorted((m.payload[0][2], m.headers["retries"]) for m in back) == [
+        ("s1.job.succeeded", 1), ("s2.job.succeeded", 0), ("s3.job.succeeded", 0)
+    ]  # fmt: skip
+    assert all(m.headers["task"] == CALLBACK_TASK and m.headers["eta"] for m in back)
