@@ -98,7 +98,14 @@ def _group(app: Celery) -> GroupCommit[WebhookItem, None]:
     with _groups_lock:
         group = _groups.get(app)
         if group is None:
-            group = _groups[app] = GroupCommit(lambda items: publish(app, items), MAX_BATCH)
+            ref = weakref.ref(app)  # the group must not keep its app (its key here) alive
+
+            def flush(items: list[WebhookItem]) -> list[None]:
+                live = ref()
+                assert live is not None  # a caller holds the app
+                return publish(live, items)
+
+            group = _groups[app] = GroupCommit(flush, MAX_BATCH)
         return group
 
 
