@@ -9,6 +9,7 @@ import json
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import TypeVar
 
@@ -20,7 +21,7 @@ from varco.tasks import keys
 from varco.tasks.async_status import AsyncStatusStore
 from varco.tasks.requests import IdempotencyKeyReused
 from varco.tasks.schemas import ErrorInfo, JobState, JobStatus
-from varco.tasks.status import CANCEL_CHANNEL, EVENTS_CHANNEL, StatusStore, parse_event, record_to_status
+from varco.tasks.status import CANCEL_CHANNEL, EVENTS_CHANNEL, StatusStore, parse_events, record_to_status
 from varco.workers.devtools.local_redis import LocalRedis
 
 T = TypeVar("T")
@@ -223,12 +224,12 @@ def test_a_published_event_parses_to_the_status_and_anything_else_to_none(store:
     for _ in range(20):
         if message := pubsub.get_message(timeout=1):
             break
-    event = parse_event(message["data"])
+    [event] = parse_events(message["data"])
     assert (event.job_id, event.task, event.state, event.error.type) == (
         "ev", "caption", JobState.FAILED, "ImageFetchError")  # fmt: skip
     # Anyone who can reach Redis can publish on the channel: a stray message is skipped, not a crash.
-    for stray in ("not json", "1", "null", "[]", '{"job_id": "ev"}', '{"job_id": "ev", "state": "lost"}'):
-        assert parse_event(stray) is None, stray
+    for stray in ("not json", "1", "null", "[]", '{"job_id": "ev"}', '{"job_id": "ev", "state": "lost"}', "[1, null]"):
+        assert parse_events(stray) == [], stray
 
 
 def test_a_poison_message_says_why_it_failed(store: StatusStore) -> None:
@@ -403,7 +404,7 @@ def test_a_waiting_job_is_cancelled_at_once_and_waiters_are_told(store: StatusSt
     pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(EVENTS_CHANNEL)
     assert store.request_cancel("w") is JobState.CANCELLED
-    event = parse_event(_next_message(pubsub))
+    [event] = parse_events(_next_message(pubsub))
     assert (event.job_id, event.state) == ("w", JobState.CANCELLED)
     status = store.get("w")
     assert status.state is JobState.CANCELLED and status.finished_at is not None
@@ -587,3 +588,68 @@ async def _async_get(url: str, job_id: str) -> JobStatus | None:
         return await AsyncStatusStore(client).get(job_id)
     finally:
         await client.aclose()
+
+
+def test_claims_and_ends_of_many_jobs_share_one_script_call_and_one_event_message(store: StatusStore) -> None:
+    """What the GroupCommit hands the store from many threads at once: one EVALSHA, one clock read and one
+    PUBLISH (a JSON array) for all of them, and each job's own answer, as a call of its own would give it."""
+    for job in ("b1", "b2", "b3", "b4"):
+        store.create(job, "caption")
+    store.claim("b3", "w", 3, token="other", lease_s=30)  # a live lease elsewhere: b3 must wait
+    store.transition("b4", JobState.CANCELLED)  # finished: neither run nor counted
+    pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(EVENTS_CHANNEL)
+    store.redis.config_resetstat()
+    poison = ErrorInfo(type="PoisonMessageError", message="x").model_dump_json()
+    claims = store._claim_many([
+        [store.key(job), "3", "120", "2026-12-06T00:00:00+00:00", "w", poison, job, "mine", "30"]
+        for job in ("b1", "b2", "b3", "b4")
+    ])  # fmt: skip
+    assert [c[:2] for c in claims] == [("started", 1), ("started", 1), ("leased", 1), ("cancelled", 0)]
+    assert float(claims[2][2]) > 0
+    ends = store._transition_many([
+        (store.key("b1"), ["succeeded", "120", "2026-12-06T00:00:01+00:00", "0", "result_uri", "s3://b/b1.json"]),
+        (store.key("b2"), ["failed", "120", "2026-12-06T00:00:01+00:00", "0"]),
+        (store.key("b1"), ["failed", "120", "2026-12-06T00:00:01+00:00", "0"]),  # the same job again: it has ended
+    ])  # fmt: skip
+    assert ends == [(1, "succeeded"), (1, "failed"), (0, "succeeded")]
+    calls = _calls(store.redis)
+    assert (calls["EVALSHA"], calls["TIME"], calls["PUBLISH"]) == (2, 1, 2)
+    claimed, ended = parse_events(_next_message(pubsub)), parse_events(_next_message(pubsub))
+    assert [(s.job_id, s.state) for s in claimed] == [("b1", JobState.STARTED), ("b2", JobState.STARTED)]
+    assert [(s.job_id, s.state) for s in ended] == [("b1", JobState.SUCCEEDED), ("b2", JobState.FAILED)]
+    assert store.get("b1").result_uri == "s3://b/b1.json" and "lease_owner" not in store.record("b1")
+
+
+def test_threads_that_claim_and_end_at_once_go_out_together(store: StatusStore) -> None:
+    jobs = [f"t{i}" for i in range(24)]
+    for job in jobs:
+        store.create(job, "caption")
+    barrier = threading.Barrier(len(jobs))
+
+    def run(job: str) -> tuple[JobState | None, bool]:
+        barrier.wait()
+        claim = store.claim(job, "w", 3, token=f"tok-{job}", lease_s=30)
+        barrier.wait()
+        return claim.state, store.transition(job, JobState.SUCCEEDED, result_uri=f"s3://b/{job}.json")
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        outcomes = list(pool.map(run, jobs))
+    assert outcomes == [(JobState.STARTED, True)] * len(jobs)
+    assert all(store.get(j).result_uri == f"s3://b/{j}.json" for j in jobs)
+    # Each claim and each end got its own answer; together they took fewer script calls than jobs.
+    assert store._claims.items == len(jobs) and store._moves.items == len(jobs)
+    assert store._claims.flushes + store._moves.flushes < 2 * len(jobs)
+
+
+def test_an_event_feed_yields_each_status_of_a_batch_message(store: StatusStore) -> None:
+    feed = store.events()
+    try:
+        at = "2026-12-06T00:00:00+00:00"
+        records = [{"job_id": j, "state": "succeeded", "task": "caption", "attempts": "1", "created_at": at,
+                    "updated_at": at} for j in ("f1", "f2")]  # fmt: skip
+        store.redis.publish(EVENTS_CHANNEL, json.dumps(records))
+        seen = [s.job_id for _ in range(5) if (s := feed.next(1.0)) is not None]  # the subscribe confirmation: None
+        assert seen == ["f1", "f2"]
+    finally:
+        feed.close()
