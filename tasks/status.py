@@ -34,6 +34,8 @@ from varco.tasks.keys import CANCEL_CHANNEL, EVENTS_CHANNEL  # also importable f
 from varco.tasks.requests import IdempotencyKeyReused
 from varco.tasks.schemas import FINISHED_RANK, ErrorInfo, JobState, JobStatus
 
+LINGER_S = 0.002  # how long a claim or an end waits for the others of its engine batch (tasks/group_commit.py)
+
 # Leases (and the fair queue's deadlines) are timed on the Redis server's clock, so clocks need not agree.
 LUA_CLOCK = """
 local function clock()
@@ -360,9 +362,12 @@ class StatusStore:
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._ended = threading.local()  # the job this thread last moved to a terminal state, since its last claim
-        # Claims and transitions from many threads at once share one script call (tasks/group_commit.py).
-        self._claims: GroupCommit[list[str], tuple[str, int, str]] = GroupCommit(self._claim_many)
-        self._moves: GroupCommit[tuple[str, list[str]], tuple[int, str]] = GroupCommit(self._transition_many)
+        # Claims and transitions from many threads at once share one script call (tasks/group_commit.py); the 2 ms
+        # linger gathers the jobs of one engine batch, whose threads end a little apart.
+        self._claims: GroupCommit[list[str], tuple[str, int, str]] = GroupCommit(self._claim_many, linger_s=LINGER_S)
+        self._moves: GroupCommit[tuple[str, list[str]], tuple[int, str]] = GroupCommit(
+            self._transition_many, linger_s=LINGER_S
+        )
 
     def key(self, job_id: str) -> str:
         return keys.job(job_id)
