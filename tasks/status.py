@@ -53,9 +53,14 @@ _RANKS = (
 _COMMON = (
     _RANKS
     + """
+-- Records read as hashes, the layout before 2026-12-06: written back as hashes, so that clients and gateways
+-- of the older version, which read them with HGETALL, can still follow the jobs they submitted (a rolling
+-- upgrade: workers first).
+local hashes = {}
 local function read(key)
   local raw = redis.pcall('GET', key)
-  if type(raw) == 'table' then  -- WRONGTYPE: a hash, as records were before 2026-12-06 (a rolling upgrade)
+  if type(raw) == 'table' then  -- WRONGTYPE: a hash
+    hashes[key] = true
     local flat = redis.call('HGETALL', key)
     local record = {}
     for i = 1, #flat, 2 do record[flat[i]] = flat[i + 1] end
@@ -74,9 +79,17 @@ end
 local function drop(record, names)
   for _, name in ipairs(names) do record[name] = nil end
 end
--- The record whole, with its TTL, in one SET (a hash of the old layout is replaced); returns the JSON written.
+-- The record whole, with its TTL, in one SET; returns the JSON written (and published).
 local function write(key, record, ttl)
   local json = cjson.encode(record)
+  if hashes[key] then  -- a hash stays a hash: replaced whole, as the SET replaces a string
+    local flat = {}
+    for k, v in pairs(record) do add(flat, k, v) end
+    redis.call('DEL', key)
+    redis.call('HSET', key, unpack(flat))
+    redis.call('EXPIRE', key, tonumber(ttl))
+    return json
+  end
   redis.call('SET', key, json, 'EX', tonumber(ttl))
   return json
 end
@@ -230,7 +243,11 @@ _RELEASE = (
 local record = read(KEYS[1])
 if record.lease_owner == ARGV[1] then
   drop(record, {'lease_owner', 'lease_until'})
-  redis.call('SET', KEYS[1], cjson.encode(record), 'KEEPTTL')
+  if hashes[KEYS[1]] then
+    redis.call('HDEL', KEYS[1], 'lease_owner', 'lease_until')
+  else
+    redis.call('SET', KEYS[1], cjson.encode(record), 'KEEPTTL')
+  end
   return 1
 end
 return 0

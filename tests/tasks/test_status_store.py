@@ -377,6 +377,7 @@ def test_releasing_a_lease_clears_it_from_the_record(store: StatusStore) -> None
     store.release_lease("rl", "run-1")
     record = store.record("rl")
     assert "lease_owner" not in record and "lease_until" not in record and record["state"] == "started"
+    assert 0 < store.redis.ttl(store.key("rl")) <= 120  # the record keeps its TTL
 
 
 def test_a_claim_refreshes_the_record_ttl(store: StatusStore) -> None:
@@ -553,8 +554,9 @@ def test_each_change_of_a_record_is_one_read_and_one_write_with_its_ttl(store: S
 
 
 def test_a_record_of_the_hash_layout_is_read_and_moved_on_as_before(store: StatusStore, server: LocalRedis) -> None:
-    """A rolling upgrade: records a Client before 2026-12-06 made are hashes. Every reader and script still takes
-    them, and the first change writes them as JSON."""
+    """A rolling upgrade (workers first): records a Client before 2026-12-06 made are hashes. Every reader and
+    script still takes them, and writes them back as hashes, so the older Client that submitted the job (which
+    reads with HGETALL) still follows it."""
 
     def old_record(job_id: str, **fields: str) -> None:
         record = {"job_id": job_id, "state": "queued", "task": "caption", "attempts": "0",
@@ -567,16 +569,19 @@ def test_a_record_of_the_hash_layout_is_read_and_moved_on_as_before(store: Statu
     assert store.get_owned("h1", "team-a") is not None and store.get_owned("h1", "team-b") is None
     assert store.get_many(["h1", "nope"])["h1"].job_id == "h1"
     assert store.claim("h1", "w", 3, token="t1", lease_s=30) == (JobState.STARTED, 1, 0.0)
-    assert store.redis.type(store.key("h1")) == "string" and store.record("h1")["owner"] == "team-a"
+    assert store.redis.type(store.key("h1")) == "hash" and store.record("h1")["owner"] == "team-a"
+    assert store.redis.hgetall(store.key("h1"))["state"] == "started"  # what the older Client reads
+    assert 0 < store.redis.ttl(store.key("h1")) <= 120
     old_record("h2", state="started", attempts="1", lease_owner="t2", lease_until="9999999999")
     assert store.renew_leases({"h2": "t2"}, 30) == 1
     old_record("h3", state="started", attempts="1", lease_owner="t3", lease_until="9999999999")
     store.release_lease("h3", "t3")
-    assert "lease_owner" not in store.record("h3")
+    assert "lease_owner" not in store.record("h3") and store.redis.ttl(store.key("h3")) > 0
     old_record("h4")
     assert store.request_cancel("h4") is JobState.CANCELLED
-    old_record("h5", state="started", attempts="1")
+    old_record("h5", state="started", attempts="1", lease_owner="t5", lease_until="9999999999")
     assert store.transition("h5", JobState.SUCCEEDED, result_uri="s3://b/h5.json") and store.get("h5").result_uri
+    assert store.redis.hget(store.key("h5"), "state") == "succeeded" and "lease_owner" not in store.record("h5")
     assert asyncio.run(_async_get(server.url, "h6")) is None
     old_record("h6")
     assert asyncio.run(_async_get(server.url, "h6")).state is JobState.QUEUED
@@ -653,3 +658,14 @@ def test_an_event_feed_yields_each_status_of_a_batch_message(store: StatusStore)
         assert seen == ["f1", "f2"]
     finally:
         feed.close()
+
+
+def test_a_stalled_holder_renews_nothing_on_a_job_another_delivery_has_ended(store: StatusStore) -> None:
+    """A worker stalled past its lease; another delivery failed the job as poison (which leaves the old lease's
+    fields in the record). The stalled worker's next heartbeat must not renew a lease on the finished job."""
+    store.create("st", "caption")
+    store.claim("st", "gpu0@a", 1, token="stalled", lease_s=0.05)
+    time.sleep(0.1)
+    assert store.claim("st", "gpu0@b", 1, token="next", lease_s=30).state is JobState.FAILED
+    assert store.renew_leases({"st": "stalled"}, 60) == 0
+    assert store.get("st").state is JobState.FAILED
