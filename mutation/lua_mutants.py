@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "tasks" / "status.py"
 SCHEMAS = ROOT / "tasks" / "schemas.py"
 _CHANNEL = '\'"""\n    + EVENTS_CHANNEL\n    + """\')'  # the events channel, as the source spells it
-_PUBLISH_W = "publish(write(KEYS[1], record, ARGV[2]), " + _CHANNEL  # write the record, publish what was written
+_WRITE_EVENT = "table.insert(events, write(key, record, A[2]))"  # write the record, publish it with the batch
 _PUBLISH = "publish(json, " + _CHANNEL
-_FINISH = "  add(change, 'finished_at', ARGV[3])\n"
+_FINISH = "  add(change, 'finished_at', A[3])\n  "
 _END_LEASE = "  add(gone, 'lease_owner', 'lease_until')"
 _WRITE = "redis.call('SET', key, json, 'EX', tonumber(ttl))"
 
@@ -42,56 +42,63 @@ MUTATIONS: list[Mutation | tuple[str, str]] = [  # a pair: a text of tasks/statu
     ("  for i = 1, #pairs, 2 do record[pairs[i]] = pairs[i + 1] end\n", ""),
     ("for _, name in ipairs(names) do record[name] = nil end", ""),
     (_WRITE, "redis.call('SET', key, json)"),
+    ("    hashes[key] = true\n", ""),
+    ("    redis.call('DEL', key)\n", ""),
+    ("    redis.call('EXPIRE', key, tonumber(ttl))\n", ""),
+    ("    redis.call('HDEL', KEYS[1], 'lease_owner', 'lease_until')\n", ""),
     (_WRITE, "redis.call('SET', key, json, 'EX', 3600)"),
+    ("  if #events == 1 then\n    publish(events[1], channel)\n  elseif", "  if false then\n  elseif"),
+    ("publish('[' .. table.concat(events, ',') .. ']', channel)", "publish(events[1], channel)"),
+    ("    i = i + n + 1\n", "    i = i + n\n"),
     # _TRANSITION
     (
-        "if ARGV[4] ~= '1' or rank[ARGV[1]] ~= FINISHED then return {0, ''} end",
-        "if ARGV[4] ~= '1' then return {0, ''} end",
+        "if A[4] ~= '1' or rank[A[1]] ~= FINISHED then return {0, ''} end",
+        "if A[4] ~= '1' then return {0, ''} end",
     ),
     (
-        "if ARGV[4] ~= '1' or rank[ARGV[1]] ~= FINISHED then return {0, ''} end",
-        "if rank[ARGV[1]] ~= FINISHED then return {0, ''} end",
+        "if A[4] ~= '1' or rank[A[1]] ~= FINISHED then return {0, ''} end",
+        "if rank[A[1]] ~= FINISHED then return {0, ''} end",
     ),
-    ("add(change, 'created_at', ARGV[3], 'recreated', '1')", "add(change, 'recreated', '1')"),
+    ("add(change, 'created_at', A[3], 'recreated', '1')", "add(change, 'recreated', '1')"),
     (
-        "if rank[cur] == FINISHED or rank[ARGV[1]] < rank[cur] then return {0, cur} end",
-        "if rank[ARGV[1]] < rank[cur] then return {0, cur} end",
-    ),
-    (
-        "if rank[cur] == FINISHED or rank[ARGV[1]] < rank[cur] then return {0, cur} end",
-        "if rank[cur] == FINISHED or rank[ARGV[1]] <= rank[cur] then return {0, cur} end",
+        "if rank[cur] == FINISHED or rank[A[1]] < rank[cur] then return {0, cur} end",
+        "if rank[A[1]] < rank[cur] then return {0, cur} end",
     ),
     (
-        "if rank[cur] == FINISHED or rank[ARGV[1]] < rank[cur] then return {0, cur} end",
+        "if rank[cur] == FINISHED or rank[A[1]] < rank[cur] then return {0, cur} end",
+        "if rank[cur] == FINISHED or rank[A[1]] <= rank[cur] then return {0, cur} end",
+    ),
+    (
+        "if rank[cur] == FINISHED or rank[A[1]] < rank[cur] then return {0, cur} end",
         "if rank[cur] == FINISHED then return {0, cur} end",
     ),
-    ("add(change, 'state', ARGV[1], 'updated_at', ARGV[3])\nfor", "add(change, 'state', ARGV[1])\nfor"),
-    ("for i = 5, #ARGV, 2 do", "for i = 7, #ARGV, 2 do"),
-    ("if ARGV[1] == 'succeeded' then add(gone, 'error') end", ""),
+    ("add(change, 'state', A[1], 'updated_at', A[3])\n  for", "add(change, 'state', A[1])\n  for"),
+    ("for i = 5, #A, 2 do", "for i = 7, #A, 2 do"),
+    ("if A[1] == 'succeeded' then add(gone, 'error') end", ""),
     (_FINISH + _END_LEASE, _END_LEASE),
     (_FINISH + _END_LEASE, _FINISH + "  add(gone, 'lease_owner')"),
     (_FINISH + _END_LEASE, _FINISH + "  add(gone, 'lease_until')"),
-    ("set(record, change)\ndrop(record, gone)", "set(record, change)"),
-    (_PUBLISH_W + "\nreturn {1, ARGV[1]}", "write(KEYS[1], record, ARGV[2])\nreturn {1, ARGV[1]}"),
-    (_PUBLISH_W + "\nreturn {1, ARGV[1]}", "return {1, ARGV[1]}"),
+    ("set(record, change)\n  drop(record, gone)", "set(record, change)"),
+    (_WRITE_EVENT + "\n  return {1, A[1]}", "write(key, record, A[2])\n  return {1, A[1]}"),
+    (_WRITE_EVENT + "\n  return {1, A[1]}", "return {1, A[1]}"),
     # _BEGIN
     (
-        "add(change, 'job_id', ARGV[6], 'state', 'queued', 'created_at', ARGV[3])",
-        "add(change, 'state', 'queued', 'created_at', ARGV[3])",
+        "add(change, 'job_id', A[6], 'state', 'queued', 'created_at', A[3])",
+        "add(change, 'state', 'queued', 'created_at', A[3])",
     ),
     (
-        "add(change, 'job_id', ARGV[6], 'state', 'queued', 'created_at', ARGV[3])",
-        "add(change, 'job_id', ARGV[6], 'state', 'queued')",
+        "add(change, 'job_id', A[6], 'state', 'queued', 'created_at', A[3])",
+        "add(change, 'job_id', A[6], 'state', 'queued')",
     ),
     ("if rank[cur] == FINISHED then return {cur, tonumber(record.attempts or '0'), '0'} end", ""),
     (
         "if rank[cur] == FINISHED then return {cur, tonumber(record.attempts or '0'), '0'} end",
         "if rank[cur] == FINISHED then return {cur, 0, '0'} end",
     ),
-    ("if owner and owner ~= ARGV[7] and left > 0 then", "if owner and left > 0 then"),
-    ("if owner and owner ~= ARGV[7] and left > 0 then", "if owner and owner ~= ARGV[7] then"),
-    ("if owner and owner ~= ARGV[7] and left > 0 then", "if owner ~= ARGV[7] and left > 0 then"),
-    ("if owner and owner ~= ARGV[7] and left > 0 then", "if owner and owner ~= ARGV[7] and left > 1 then"),
+    ("if owner and owner ~= A[7] and left > 0 then", "if owner and left > 0 then"),
+    ("if owner and owner ~= A[7] and left > 0 then", "if owner and owner ~= A[7] then"),
+    ("if owner and owner ~= A[7] and left > 0 then", "if owner ~= A[7] and left > 0 then"),
+    ("if owner and owner ~= A[7] and left > 0 then", "if owner and owner ~= A[7] and left > 1 then"),
     (
         "  return {'leased', tonumber(record.attempts or '0'), tostring(left)}",
         "  return {'leased', 0, tostring(left)}",
@@ -99,19 +106,20 @@ MUTATIONS: list[Mutation | tuple[str, str]] = [  # a pair: a text of tasks/statu
     ("local left = tonumber(record.lease_until or '0') - now", "local left = tonumber(record.lease_until or '0')"),
     ("local n = tonumber(record.attempts or '0') + 1", "local n = tonumber(record.attempts or '0') + 2"),
     ("add(change, 'attempts', tostring(n))", ""),
-    ("if n > tonumber(ARGV[1]) then", "if n >= tonumber(ARGV[1]) then"),
-    ("add(change, 'error', ARGV[5], 'finished_at', ARGV[3])", "add(change, 'error', ARGV[5])"),
-    ("add(change, 'error', ARGV[5], 'finished_at', ARGV[3])", "add(change, 'finished_at', ARGV[3])"),
+    ("if n > tonumber(A[1]) then", "if n >= tonumber(A[1]) then"),
+    ("add(change, 'error', A[5], 'finished_at', A[3])", "add(change, 'error', A[5])"),
+    ("add(change, 'error', A[5], 'finished_at', A[3])", "add(change, 'finished_at', A[3])"),
     ("elseif record.cancel_requested == '1' then", "elseif false then"),
-    ("  state = 'cancelled'\n  add(change, 'finished_at', ARGV[3])", "  state = 'cancelled'"),
-    ("  add(change, 'started_at', ARGV[3], 'worker', ARGV[4])", "  add(change, 'worker', ARGV[4])"),
-    ("  add(change, 'started_at', ARGV[3], 'worker', ARGV[4])", "  add(change, 'started_at', ARGV[3])"),
-    ("  if ARGV[7] ~= '' then", "  if true then"),
-    ("'lease_until', tostring(now + tonumber(ARGV[8])))", "'lease_until', tostring(now))"),
-    ("'lease_until', tostring(now + tonumber(ARGV[8])))", "'lease_until', tostring(now + 2 * tonumber(ARGV[8])))"),
-    ("add(change, 'state', state, 'updated_at', ARGV[3])", "add(change, 'state', state)"),
-    (_PUBLISH_W + "\nreturn {state, n, '0'}", "return {state, n, '0'}"),
-    (_PUBLISH_W + "\nreturn {state, n, '0'}", "write(KEYS[1], record, ARGV[2])\nreturn {state, n, '0'}"),
+    ("  state = 'cancelled'\n    add(change, 'finished_at', A[3])", "  state = 'cancelled'"),
+    ("  add(change, 'started_at', A[3], 'worker', A[4])", "  add(change, 'worker', A[4])"),
+    ("  add(change, 'started_at', A[3], 'worker', A[4])", "  add(change, 'started_at', A[3])"),
+    ("  if A[7] ~= '' then", "  if true then"),
+    ("'lease_until', tostring(now + tonumber(A[8])))", "'lease_until', tostring(now))"),
+    ("'lease_until', tostring(now + tonumber(A[8])))", "'lease_until', tostring(now + 2 * tonumber(A[8])))"),
+    ("add(change, 'state', state, 'updated_at', A[3])", "add(change, 'state', state)"),
+    (_WRITE_EVENT + "\n  return {state, n, '0'}", "return {state, n, '0'}"),
+    (_WRITE_EVENT + "\n  return {state, n, '0'}", "write(key, record, A[2])\n  return {state, n, '0'}"),
+    ("now = now or clock()", "now = clock()"),
     ("tonumber(t[1]) + tonumber(t[2]) / 1e6", "tonumber(t[1])"),
     ("tonumber(t[1]) + tonumber(t[2]) / 1e6", "tonumber(t[1]) + tonumber(t[2]) / 1e3"),
     # _RENEW

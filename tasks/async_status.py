@@ -20,7 +20,7 @@ from redis.exceptions import RedisError, ResponseError
 from varco.tasks import keys
 from varco.tasks.keys import EVENTS_CHANNEL
 from varco.tasks.schemas import JobStatus
-from varco.tasks.status import decode_record, is_wrong_type, owned_status, parse_event
+from varco.tasks.status import decode_record, is_wrong_type, owned_status, parse_events
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +167,7 @@ class EventHub:
             pause = min(pause * 2, RECONNECT_S[1])
 
     def _route(self, data: Any) -> None:
-        status = parse_event(data)
-        if status is not None:
+        for status in parse_events(data):  # one record, or a worker batch's records
             for feed in self._feeds.get(status.job_id, ()):
                 feed._push(status)
 

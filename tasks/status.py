@@ -22,15 +22,19 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+from collections import deque
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import redis
 
 from varco.tasks import keys
+from varco.tasks.group_commit import GroupCommit
 from varco.tasks.keys import CANCEL_CHANNEL, EVENTS_CHANNEL  # also importable from here, as before
 from varco.tasks.requests import IdempotencyKeyReused
 from varco.tasks.schemas import FINISHED_RANK, ErrorInfo, JobState, JobStatus
+
+LINGER_S = 0.002  # how long a claim or an end waits for the others of its engine batch (tasks/group_commit.py)
 
 # Leases (and the fair queue's deadlines) are timed on the Redis server's clock, so clocks need not agree.
 LUA_CLOCK = """
@@ -49,9 +53,14 @@ _RANKS = (
 _COMMON = (
     _RANKS
     + """
+-- Records read as hashes, the layout before 2026-12-06: written back as hashes, so that clients and gateways
+-- of the older version, which read them with HGETALL, can still follow the jobs they submitted (a rolling
+-- upgrade: workers first).
+local hashes = {}
 local function read(key)
   local raw = redis.pcall('GET', key)
-  if type(raw) == 'table' then  -- WRONGTYPE: a hash, as records were before 2026-12-06 (a rolling upgrade)
+  if type(raw) == 'table' then  -- WRONGTYPE: a hash
+    hashes[key] = true
     local flat = redis.call('HGETALL', key)
     local record = {}
     for i = 1, #flat, 2 do record[flat[i]] = flat[i + 1] end
@@ -70,9 +79,17 @@ end
 local function drop(record, names)
   for _, name in ipairs(names) do record[name] = nil end
 end
--- The record whole, with its TTL, in one SET (a hash of the old layout is replaced); returns the JSON written.
+-- The record whole, with its TTL, in one SET; returns the JSON written (and published).
 local function write(key, record, ttl)
   local json = cjson.encode(record)
+  if hashes[key] then  -- a hash stays a hash: replaced whole, as the SET replaces a string
+    local flat = {}
+    for k, v in pairs(record) do add(flat, k, v) end
+    redis.call('DEL', key)
+    redis.call('HSET', key, unpack(flat))
+    redis.call('EXPIRE', key, tonumber(ttl))
+    return json
+  end
   redis.call('SET', key, json, 'EX', tonumber(ttl))
   return json
 end
@@ -80,86 +97,122 @@ end
 local function publish(json, channel)
   redis.call('PUBLISH', channel, json)
 end
+-- A batch's records as written, in one message: the record alone, or a JSON array of them (`parse_events`).
+local function publish_all(events, channel)
+  if #events == 1 then
+    publish(events[1], channel)
+  elseif #events > 1 then
+    publish('[' .. table.concat(events, ',') .. ']', channel)
+  end
+end
+-- KEYS: one record per job; ARGV: per job, its argument count, then its arguments. Runs `one(key, args)` for
+-- each job in order and returns their answers, flattened.
+local function each(one)
+  local out, i = {}, 1
+  for j = 1, #KEYS do
+    local n = tonumber(ARGV[i])
+    local A = {}
+    for k = 1, n do A[k] = ARGV[i + k] end
+    i = i + n + 1
+    for _, v in ipairs(one(KEYS[j], A)) do table.insert(out, v) end
+  end
+  return out
+end
 """
 )
 
-# Each script reads the record once (GET), writes it whole with its TTL (one SET … EX) and publishes the JSON it
-# wrote: 3 commands and the script call (docs/redis.md#cost-per-job).
+# Each script reads each record once (GET), writes it whole with its TTL (one SET … EX), and publishes the JSON
+# it wrote, every job of the call in one PUBLISH: per job 2 commands, per call the script and the PUBLISH
+# (docs/redis.md#cost-per-job). A worker's threads claim and end their jobs through a GroupCommit, so the jobs
+# of one engine batch share a call.
 
-# KEYS[1] record; ARGV: new state, ttl, now, recreate ('1': a terminal move makes a missing record anew from
-# the fields, which then carry job_id and task), then field/value pairs. Returns {changed, state}.
+# Per job (`each`): its record; new state, ttl, now, recreate ('1': a terminal move makes a missing record anew
+# from the fields, which then carry job_id and task), then field/value pairs. Answers {changed, state} per job.
 _TRANSITION = (
     _COMMON
     + """
-local record = read(KEYS[1])
-local cur = record.state
-local change = {}
-if not cur then
-  if ARGV[4] ~= '1' or rank[ARGV[1]] ~= FINISHED then return {0, ''} end
-  add(change, 'created_at', ARGV[3], 'recreated', '1')
-  cur = 'queued'
+local events = {}
+local function one(key, A)
+  local record = read(key)
+  local cur = record.state
+  local change = {}
+  if not cur then
+    if A[4] ~= '1' or rank[A[1]] ~= FINISHED then return {0, ''} end
+    add(change, 'created_at', A[3], 'recreated', '1')
+    cur = 'queued'
+  end
+  if rank[cur] == FINISHED or rank[A[1]] < rank[cur] then return {0, cur} end
+  add(change, 'state', A[1], 'updated_at', A[3])
+  for i = 5, #A, 2 do add(change, A[i], A[i + 1]) end
+  local gone = {}
+  if A[1] == 'succeeded' then add(gone, 'error') end
+  if rank[A[1]] == FINISHED then
+    add(change, 'finished_at', A[3])
+    add(gone, 'lease_owner', 'lease_until')
+  end
+  set(record, change)
+  drop(record, gone)
+  table.insert(events, write(key, record, A[2]))
+  return {1, A[1]}
 end
-if rank[cur] == FINISHED or rank[ARGV[1]] < rank[cur] then return {0, cur} end
-add(change, 'state', ARGV[1], 'updated_at', ARGV[3])
-for i = 5, #ARGV, 2 do add(change, ARGV[i], ARGV[i + 1]) end
-local gone = {}
-if ARGV[1] == 'succeeded' then add(gone, 'error') end
-if rank[ARGV[1]] == FINISHED then
-  add(change, 'finished_at', ARGV[3])
-  add(gone, 'lease_owner', 'lease_until')
-end
-set(record, change)
-drop(record, gone)
-publish(write(KEYS[1], record, ARGV[2]), '"""
+local out = each(one)
+publish_all(events, '"""
     + EVENTS_CHANNEL
     + """')
-return {1, ARGV[1]}
+return out
 """
 )
 
-# KEYS[1] record; ARGV: max attempts, ttl, now, worker, poison error JSON, job id, lease token ('' for
-# none), lease seconds. Returns {state, attempts, lease seconds left}: while another token's lease lives the
+# Per job (`each`): its record; max attempts, ttl, now, worker, poison error JSON, job id, lease token ('' for
+# none), lease seconds. Answers {state, attempts, lease seconds left} per job: while another token's lease lives the
 # delivery is neither run nor counted (state 'leased'); else it is counted, a poison message fails, a cancel
 # is honoured, or the job is marked started under this token's lease.
 _BEGIN = (
     _COMMON
     + LUA_CLOCK
     + """
-local record = read(KEYS[1])
-local cur = record.state
-local change = {}
-if not cur then
-  add(change, 'job_id', ARGV[6], 'state', 'queued', 'created_at', ARGV[3])
-  cur = 'queued'
-end
-if rank[cur] == FINISHED then return {cur, tonumber(record.attempts or '0'), '0'} end
-local now = clock()
-local owner = record.lease_owner
-local left = tonumber(record.lease_until or '0') - now
-if owner and owner ~= ARGV[7] and left > 0 then
-  return {'leased', tonumber(record.attempts or '0'), tostring(left)}
-end
-local n = tonumber(record.attempts or '0') + 1
-add(change, 'attempts', tostring(n))
-local state = 'started'
-if n > tonumber(ARGV[1]) then
-  state = 'failed'
-  add(change, 'error', ARGV[5], 'finished_at', ARGV[3])
-elseif record.cancel_requested == '1' then
-  state = 'cancelled'
-  add(change, 'finished_at', ARGV[3])
-else
-  add(change, 'started_at', ARGV[3], 'worker', ARGV[4])
-  if ARGV[7] ~= '' then
-    add(change, 'lease_owner', ARGV[7], 'lease_until', tostring(now + tonumber(ARGV[8])))
+local events = {}
+local now
+local function one(key, A)
+  local record = read(key)
+  local cur = record.state
+  local change = {}
+  if not cur then
+    add(change, 'job_id', A[6], 'state', 'queued', 'created_at', A[3])
+    cur = 'queued'
   end
+  if rank[cur] == FINISHED then return {cur, tonumber(record.attempts or '0'), '0'} end
+  now = now or clock()  -- one clock read for the batch
+  local owner = record.lease_owner
+  local left = tonumber(record.lease_until or '0') - now
+  if owner and owner ~= A[7] and left > 0 then
+    return {'leased', tonumber(record.attempts or '0'), tostring(left)}
+  end
+  local n = tonumber(record.attempts or '0') + 1
+  add(change, 'attempts', tostring(n))
+  local state = 'started'
+  if n > tonumber(A[1]) then
+    state = 'failed'
+    add(change, 'error', A[5], 'finished_at', A[3])
+  elseif record.cancel_requested == '1' then
+    state = 'cancelled'
+    add(change, 'finished_at', A[3])
+  else
+    add(change, 'started_at', A[3], 'worker', A[4])
+    if A[7] ~= '' then
+      add(change, 'lease_owner', A[7], 'lease_until', tostring(now + tonumber(A[8])))
+    end
+  end
+  add(change, 'state', state, 'updated_at', A[3])
+  set(record, change)
+  table.insert(events, write(key, record, A[2]))
+  return {state, n, '0'}
 end
-add(change, 'state', state, 'updated_at', ARGV[3])
-set(record, change)
-publish(write(KEYS[1], record, ARGV[2]), '"""
+local out = each(one)
+publish_all(events, '"""
     + EVENTS_CHANNEL
     + """')
-return {state, n, '0'}
+return out
 """
 )
 
@@ -190,7 +243,11 @@ _RELEASE = (
 local record = read(KEYS[1])
 if record.lease_owner == ARGV[1] then
   drop(record, {'lease_owner', 'lease_until'})
-  redis.call('SET', KEYS[1], cjson.encode(record), 'KEEPTTL')
+  if hashes[KEYS[1]] then
+    redis.call('HDEL', KEYS[1], 'lease_owner', 'lease_until')
+  else
+    redis.call('SET', KEYS[1], cjson.encode(record), 'KEEPTTL')
+  end
   return 1
 end
 return 0
@@ -290,6 +347,7 @@ class EventFeed:
         self._pubsub = CountingPubSub(client.connection_pool, ignore_subscribe_messages=True)
         self._pubsub.subscribe(EVENTS_CHANNEL)
         self._connects = self._pubsub.connects
+        self._ready: deque[JobStatus] = deque()  # the rest of a message that carried several
 
     def resubscribed(self) -> bool:
         """Whether the subscription reconnected since the last call (events published meanwhile are lost)."""
@@ -298,8 +356,11 @@ class EventFeed:
 
     def next(self, timeout_s: float) -> JobStatus | None:
         """The next status published, or None: nothing within `timeout_s`, or a message that is no status."""
-        message = self._pubsub.get_message(timeout=max(0.0, timeout_s))
-        return parse_event(message["data"]) if message is not None else None
+        if not self._ready:
+            message = self._pubsub.get_message(timeout=max(0.0, timeout_s))
+            if message is not None:
+                self._ready.extend(parse_events(message["data"]))
+        return self._ready.popleft() if self._ready else None
 
     def close(self) -> None:
         with contextlib.suppress(redis.RedisError):  # closing a feed whose Redis went away is no error
@@ -318,6 +379,12 @@ class StatusStore:
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._ended = threading.local()  # the job this thread last moved to a terminal state, since its last claim
+        # Claims and transitions from many threads at once share one script call (tasks/group_commit.py); the 2 ms
+        # linger gathers the jobs of one engine batch, whose threads end a little apart.
+        self._claims: GroupCommit[list[str], tuple[str, int, str]] = GroupCommit(self._claim_many, linger_s=LINGER_S)
+        self._moves: GroupCommit[tuple[str, list[str]], tuple[int, str]] = GroupCommit(
+            self._transition_many, linger_s=LINGER_S
+        )
 
     def key(self, job_id: str) -> str:
         return keys.job(job_id)
@@ -394,7 +461,7 @@ class StatusStore:
         args: list[str] = [state.value, str(self.ttl), now_iso(), "1" if recreate_task is not None else "0"]
         for name, value in fields.items():
             args += [name, value]
-        changed, _ = self._transition(keys=[self.key(job_id)], args=args)
+        changed, _ = self._moves.call((self.key(job_id), args))
         if changed and state.finished:
             self._ended.job_id = job_id
         return bool(changed)
@@ -419,13 +486,21 @@ class StatusStore:
             message=f"job was delivered more than {max_attempts} times without finishing "
             "(a worker crashed or ran out of memory on it)",
         )
-        state, attempts, left = self._begin(
-            keys=[self.key(job_id)],
-            args=[max_attempts, self.ttl, now_iso(), worker, poison.model_dump_json(), job_id, token, lease_s],
-        )
+        args = [max_attempts, self.ttl, now_iso(), worker, poison.model_dump_json(), job_id, token, lease_s]
+        state, attempts, left = self._claims.call([self.key(job_id), *map(str, args)])
         if state == "leased":
             return Claim(None, int(attempts), max(float(left), 0.001))
         return Claim(JobState(state), int(attempts))
+
+    def _claim_many(self, items: list[list[str]]) -> list[tuple[str, int, str]]:
+        """One script call for the claims of many threads: each item is its record's key, then its arguments."""
+        flat = self._begin(keys=[item[0] for item in items], args=_per_job([item[1:] for item in items]))
+        return [(str(flat[i]), int(flat[i + 1]), str(flat[i + 2])) for i in range(0, len(flat), 3)]
+
+    def _transition_many(self, items: list[tuple[str, list[str]]]) -> list[tuple[int, str]]:
+        """One script call for the transitions of many threads: (record key, arguments) each."""
+        flat = self._transition(keys=[key for key, _ in items], args=_per_job([args for _, args in items]))
+        return [(int(flat[i]), str(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     def renew_leases(self, leases: dict[str, str], lease_s: float) -> int:
         """Extend the leases of running jobs (job id -> token) for `lease_s` more seconds; how many were."""
@@ -489,9 +564,24 @@ class StatusStore:
             self.redis.delete(name)
 
 
-def parse_event(message: str) -> JobStatus | None:
-    """A status published on `varco:events`; None for a message that is not one (anyone may publish there)."""
+def _per_job(args: list[list[str]]) -> list[str]:
+    """A batch script's ARGV (`each` in the scripts): each job's argument count, then its arguments."""
+    return [x for job in args for x in (str(len(job)), *job)]
+
+
+def parse_events(message: str) -> list[JobStatus]:
+    """The statuses one message on `varco:events` carries: a record, or a JSON array of the records one script
+    changed together (a worker's batch). Items that are no status are skipped (anyone may publish there)."""
     try:
-        return record_to_status(json.loads(message))
+        data = json.loads(message)
+    except (ValueError, TypeError):
+        return []
+    statuses = [_status_of(item) for item in (data if isinstance(data, list) else [data])]
+    return [s for s in statuses if s is not None]
+
+
+def _status_of(item: Any) -> JobStatus | None:
+    try:
+        return record_to_status(item)
     except (ValueError, TypeError, AttributeError):  # AttributeError: JSON that is no object, e.g. `1`
         return None

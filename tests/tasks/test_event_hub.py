@@ -162,3 +162,23 @@ def test_a_feed_made_while_redis_is_down_raises_connection_error() -> None:
             await statuses.events("y")
 
     asyncio.run(run())
+
+
+def test_a_batch_message_reaches_each_of_its_jobs_feeds(server: LocalRedis, store: StatusStore) -> None:
+    """A worker's batch of claims or ends is one message, a JSON array: each record goes to its own job's feed."""
+
+    async def run() -> None:
+        statuses = statuses_of(server)
+        try:
+            a, b = await statuses.events("ba"), await statuses.events("bb")
+            for job in ("ba", "bb"):
+                await asyncio.to_thread(store.create, job, "ocr")
+            records = [await asyncio.to_thread(store.record, job) for job in ("bb", "ba")]
+            await asyncio.to_thread(store.redis.publish, EVENTS_CHANNEL, json.dumps(records))
+            heard_a, heard_b = await a.next(5.0), await b.next(5.0)
+            assert heard_a is not None and heard_a.job_id == "ba" and await a.next(0.0) is None
+            assert heard_b is not None and heard_b.job_id == "bb" and await b.next(0.0) is None
+        finally:
+            await statuses.aclose()
+
+    asyncio.run(run())

@@ -9,6 +9,7 @@ import json
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import TypeVar
 
@@ -20,7 +21,7 @@ from varco.tasks import keys
 from varco.tasks.async_status import AsyncStatusStore
 from varco.tasks.requests import IdempotencyKeyReused
 from varco.tasks.schemas import ErrorInfo, JobState, JobStatus
-from varco.tasks.status import CANCEL_CHANNEL, EVENTS_CHANNEL, StatusStore, parse_event, record_to_status
+from varco.tasks.status import CANCEL_CHANNEL, EVENTS_CHANNEL, StatusStore, parse_events, record_to_status
 from varco.workers.devtools.local_redis import LocalRedis
 
 T = TypeVar("T")
@@ -223,12 +224,12 @@ def test_a_published_event_parses_to_the_status_and_anything_else_to_none(store:
     for _ in range(20):
         if message := pubsub.get_message(timeout=1):
             break
-    event = parse_event(message["data"])
+    [event] = parse_events(message["data"])
     assert (event.job_id, event.task, event.state, event.error.type) == (
         "ev", "caption", JobState.FAILED, "ImageFetchError")  # fmt: skip
     # Anyone who can reach Redis can publish on the channel: a stray message is skipped, not a crash.
-    for stray in ("not json", "1", "null", "[]", '{"job_id": "ev"}', '{"job_id": "ev", "state": "lost"}'):
-        assert parse_event(stray) is None, stray
+    for stray in ("not json", "1", "null", "[]", '{"job_id": "ev"}', '{"job_id": "ev", "state": "lost"}', "[1, null]"):
+        assert parse_events(stray) == [], stray
 
 
 def test_a_poison_message_says_why_it_failed(store: StatusStore) -> None:
@@ -376,6 +377,7 @@ def test_releasing_a_lease_clears_it_from_the_record(store: StatusStore) -> None
     store.release_lease("rl", "run-1")
     record = store.record("rl")
     assert "lease_owner" not in record and "lease_until" not in record and record["state"] == "started"
+    assert 0 < store.redis.ttl(store.key("rl")) <= 120  # the record keeps its TTL
 
 
 def test_a_claim_refreshes_the_record_ttl(store: StatusStore) -> None:
@@ -403,7 +405,7 @@ def test_a_waiting_job_is_cancelled_at_once_and_waiters_are_told(store: StatusSt
     pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(EVENTS_CHANNEL)
     assert store.request_cancel("w") is JobState.CANCELLED
-    event = parse_event(_next_message(pubsub))
+    [event] = parse_events(_next_message(pubsub))
     assert (event.job_id, event.state) == ("w", JobState.CANCELLED)
     status = store.get("w")
     assert status.state is JobState.CANCELLED and status.finished_at is not None
@@ -552,8 +554,9 @@ def test_each_change_of_a_record_is_one_read_and_one_write_with_its_ttl(store: S
 
 
 def test_a_record_of_the_hash_layout_is_read_and_moved_on_as_before(store: StatusStore, server: LocalRedis) -> None:
-    """A rolling upgrade: records a Client before 2026-12-06 made are hashes. Every reader and script still takes
-    them, and the first change writes them as JSON."""
+    """A rolling upgrade (workers first): records a Client before 2026-12-06 made are hashes. Every reader and
+    script still takes them, and writes them back as hashes, so the older Client that submitted the job (which
+    reads with HGETALL) still follows it."""
 
     def old_record(job_id: str, **fields: str) -> None:
         record = {"job_id": job_id, "state": "queued", "task": "caption", "attempts": "0",
@@ -566,16 +569,19 @@ def test_a_record_of_the_hash_layout_is_read_and_moved_on_as_before(store: Statu
     assert store.get_owned("h1", "team-a") is not None and store.get_owned("h1", "team-b") is None
     assert store.get_many(["h1", "nope"])["h1"].job_id == "h1"
     assert store.claim("h1", "w", 3, token="t1", lease_s=30) == (JobState.STARTED, 1, 0.0)
-    assert store.redis.type(store.key("h1")) == "string" and store.record("h1")["owner"] == "team-a"
+    assert store.redis.type(store.key("h1")) == "hash" and store.record("h1")["owner"] == "team-a"
+    assert store.redis.hgetall(store.key("h1"))["state"] == "started"  # what the older Client reads
+    assert 0 < store.redis.ttl(store.key("h1")) <= 120
     old_record("h2", state="started", attempts="1", lease_owner="t2", lease_until="9999999999")
     assert store.renew_leases({"h2": "t2"}, 30) == 1
     old_record("h3", state="started", attempts="1", lease_owner="t3", lease_until="9999999999")
     store.release_lease("h3", "t3")
-    assert "lease_owner" not in store.record("h3")
+    assert "lease_owner" not in store.record("h3") and store.redis.ttl(store.key("h3")) > 0
     old_record("h4")
     assert store.request_cancel("h4") is JobState.CANCELLED
-    old_record("h5", state="started", attempts="1")
+    old_record("h5", state="started", attempts="1", lease_owner="t5", lease_until="9999999999")
     assert store.transition("h5", JobState.SUCCEEDED, result_uri="s3://b/h5.json") and store.get("h5").result_uri
+    assert store.redis.hget(store.key("h5"), "state") == "succeeded" and "lease_owner" not in store.record("h5")
     assert asyncio.run(_async_get(server.url, "h6")) is None
     old_record("h6")
     assert asyncio.run(_async_get(server.url, "h6")).state is JobState.QUEUED
@@ -587,3 +593,79 @@ async def _async_get(url: str, job_id: str) -> JobStatus | None:
         return await AsyncStatusStore(client).get(job_id)
     finally:
         await client.aclose()
+
+
+def test_claims_and_ends_of_many_jobs_share_one_script_call_and_one_event_message(store: StatusStore) -> None:
+    """What the GroupCommit hands the store from many threads at once: one EVALSHA, one clock read and one
+    PUBLISH (a JSON array) for all of them, and each job's own answer, as a call of its own would give it."""
+    for job in ("b1", "b2", "b3", "b4"):
+        store.create(job, "caption")
+    store.claim("b3", "w", 3, token="other", lease_s=30)  # a live lease elsewhere: b3 must wait
+    store.transition("b4", JobState.CANCELLED)  # finished: neither run nor counted
+    pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(EVENTS_CHANNEL)
+    store.redis.config_resetstat()
+    poison = ErrorInfo(type="PoisonMessageError", message="x").model_dump_json()
+    claims = store._claim_many([
+        [store.key(job), "3", "120", "2026-12-06T00:00:00+00:00", "w", poison, job, "mine", "30"]
+        for job in ("b1", "b2", "b3", "b4")
+    ])  # fmt: skip
+    assert [c[:2] for c in claims] == [("started", 1), ("started", 1), ("leased", 1), ("cancelled", 0)]
+    assert float(claims[2][2]) > 0
+    ends = store._transition_many([
+        (store.key("b1"), ["succeeded", "120", "2026-12-06T00:00:01+00:00", "0", "result_uri", "s3://b/b1.json"]),
+        (store.key("b2"), ["failed", "120", "2026-12-06T00:00:01+00:00", "0"]),
+        (store.key("b1"), ["failed", "120", "2026-12-06T00:00:01+00:00", "0"]),  # the same job again: it has ended
+    ])  # fmt: skip
+    assert ends == [(1, "succeeded"), (1, "failed"), (0, "succeeded")]
+    calls = _calls(store.redis)
+    assert (calls["EVALSHA"], calls["TIME"], calls["PUBLISH"]) == (2, 1, 2)
+    claimed, ended = parse_events(_next_message(pubsub)), parse_events(_next_message(pubsub))
+    assert [(s.job_id, s.state) for s in claimed] == [("b1", JobState.STARTED), ("b2", JobState.STARTED)]
+    assert [(s.job_id, s.state) for s in ended] == [("b1", JobState.SUCCEEDED), ("b2", JobState.FAILED)]
+    assert store.get("b1").result_uri == "s3://b/b1.json" and "lease_owner" not in store.record("b1")
+
+
+def test_threads_that_claim_and_end_at_once_go_out_together(store: StatusStore) -> None:
+    jobs = [f"t{i}" for i in range(24)]
+    for job in jobs:
+        store.create(job, "caption")
+    barrier = threading.Barrier(len(jobs))
+
+    def run(job: str) -> tuple[JobState | None, bool]:
+        barrier.wait()
+        claim = store.claim(job, "w", 3, token=f"tok-{job}", lease_s=30)
+        barrier.wait()
+        return claim.state, store.transition(job, JobState.SUCCEEDED, result_uri=f"s3://b/{job}.json")
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        outcomes = list(pool.map(run, jobs))
+    assert outcomes == [(JobState.STARTED, True)] * len(jobs)
+    assert all(store.get(j).result_uri == f"s3://b/{j}.json" for j in jobs)
+    # Each claim and each end got its own answer; together they took fewer script calls than jobs.
+    assert store._claims.items == len(jobs) and store._moves.items == len(jobs)
+    assert store._claims.flushes + store._moves.flushes < 2 * len(jobs)
+
+
+def test_an_event_feed_yields_each_status_of_a_batch_message(store: StatusStore) -> None:
+    feed = store.events()
+    try:
+        at = "2026-12-06T00:00:00+00:00"
+        records = [{"job_id": j, "state": "succeeded", "task": "caption", "attempts": "1", "created_at": at,
+                    "updated_at": at} for j in ("f1", "f2")]  # fmt: skip
+        store.redis.publish(EVENTS_CHANNEL, json.dumps(records))
+        seen = [s.job_id for _ in range(5) if (s := feed.next(1.0)) is not None]  # the subscribe confirmation: None
+        assert seen == ["f1", "f2"]
+    finally:
+        feed.close()
+
+
+def test_a_stalled_holder_renews_nothing_on_a_job_another_delivery_has_ended(store: StatusStore) -> None:
+    """A worker stalled past its lease; another delivery failed the job as poison (which leaves the old lease's
+    fields in the record). The stalled worker's next heartbeat must not renew a lease on the finished job."""
+    store.create("st", "caption")
+    store.claim("st", "gpu0@a", 1, token="stalled", lease_s=0.05)
+    time.sleep(0.1)
+    assert store.claim("st", "gpu0@b", 1, token="next", lease_s=30).state is JobState.FAILED
+    assert store.renew_leases({"st": "stalled"}, 60) == 0
+    assert store.get("st").state is JobState.FAILED
