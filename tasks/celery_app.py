@@ -28,7 +28,7 @@ from varco.tasks.brokers import (
     is_amqp,
 )
 from varco.tasks.connections import PUBLISH_RETRY_POLICY, broker_transport_options
-from varco.tasks.keys import CALLBACK_QUEUE, DEAD_LETTER_QUEUE, INFER_QUEUE, queue_lane
+from varco.tasks.keys import CALLBACK_BATCH_QUEUE, CALLBACK_QUEUE, DEAD_LETTER_QUEUE, INFER_QUEUE, queue_lane
 from varco.tasks.prompts import TaskType
 from varco.tasks.redaction import redact_value
 from varco.tasks.settings import Settings, get_settings
@@ -94,8 +94,8 @@ def create_app(settings: Settings) -> Celery:
         task_ignore_result=True,  # status lives in our own Redis records, results in the store
         result_expires=settings.status_ttl,
         task_default_queue=INFER_QUEUE,
-        task_queues=[Queue(INFER_QUEUE), Queue(CALLBACK_QUEUE)],
-        task_routes={CALLBACK_TASK: {"queue": CALLBACK_QUEUE}, CALLBACK_BATCH_TASK: {"queue": CALLBACK_QUEUE}},
+        task_queues=[Queue(INFER_QUEUE), Queue(CALLBACK_QUEUE), Queue(CALLBACK_BATCH_QUEUE)],
+        task_routes={CALLBACK_TASK: {"queue": CALLBACK_QUEUE}, CALLBACK_BATCH_TASK: {"queue": CALLBACK_BATCH_QUEUE}},
         task_default_priority=broker_priority(None),
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout,
@@ -129,7 +129,7 @@ def create_app(settings: Settings) -> Celery:
 
 def app_queues(settings: Settings) -> list[str]:
     """Every queue the app publishes to or consumes: inference (and VARCO_TASK_ROUTES's) and webhooks."""
-    return list(dict.fromkeys([INFER_QUEUE, *settings.task_routes.values(), CALLBACK_QUEUE]))
+    return list(dict.fromkeys([INFER_QUEUE, *settings.task_routes.values(), CALLBACK_QUEUE, CALLBACK_BATCH_QUEUE]))
 
 
 def queue_lanes(queue: str) -> list[str]:

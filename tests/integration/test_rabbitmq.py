@@ -24,7 +24,7 @@ from test_crash_recovery import inference_child
 from varco.producer import Client
 from varco.tasks.brokers import DELIVERY_LIMIT, dead_letter_queue, quorum_queue
 from varco.tasks.celery_app import create_app
-from varco.tasks.keys import CALLBACK_QUEUE, DEAD_LETTER_QUEUE, INFER_QUEUE
+from varco.tasks.keys import CALLBACK_BATCH_QUEUE, CALLBACK_QUEUE, DEAD_LETTER_QUEUE, INFER_QUEUE
 from varco.tasks.settings import settings_from_env
 from varco.workers.devtools.local_rabbitmq import LocalRabbitMQ, start_rabbitmq
 from varco.workers.devtools.local_redis import LocalRedis, start_redis
@@ -85,6 +85,7 @@ def test_a_job_submitted_before_any_worker_is_kept_on_quorum_queues(
     [status] = rabbit_client.wait(job_id, timeout=180)
     assert status.state.value == "succeeded" and status.attempts == 1
     assert rabbit.queue_types()[CALLBACK_QUEUE] == "quorum"
+    assert rabbit.queue_types()[CALLBACK_BATCH_QUEUE] == "quorum"
     assert rabbit.queue_types()[DEAD_LETTER_QUEUE] == "quorum"
 
 

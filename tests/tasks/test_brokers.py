@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from varco.tasks.brokers import DELIVERY_LIMIT, is_amqp
-from varco.tasks.celery_app import CALLBACK_QUEUE, INFER_QUEUE, create_app
+from varco.tasks.celery_app import CALLBACK_BATCH_QUEUE, CALLBACK_QUEUE, INFER_QUEUE, create_app
 from varco.tasks.keys import DEAD_LETTER_QUEUE
 from varco.tasks.settings import Settings
 
@@ -42,7 +42,7 @@ def test_rabbitmq_queues_are_quorum_queues_with_a_delivery_limit_and_confirms() 
     settings = Settings(broker_url=RABBIT, status_url=STATUS, task_routes={"ocr": "varco.ocr"})
     conf = create_app(settings).conf
     queues = {q.name: q for q in conf.task_queues}
-    assert set(queues) == {INFER_QUEUE, "varco.ocr", CALLBACK_QUEUE}
+    assert set(queues) == {INFER_QUEUE, "varco.ocr", CALLBACK_QUEUE, CALLBACK_BATCH_QUEUE}
     for queue in queues.values():
         assert queue.durable and queue.exchange.type == "topic"  # native delayed delivery needs a topic exchange
         assert queue.queue_arguments == {

@@ -3,7 +3,16 @@ from __future__ import annotations
 import pytest
 from kombu.exceptions import ContentDisallowed
 
-from varco.tasks.celery_app import CALLBACK_QUEUE, CALLBACK_TASK, INFER_QUEUE, broker_priority, create_app, infer_queue
+from varco.tasks.celery_app import (
+    CALLBACK_BATCH_QUEUE,
+    CALLBACK_BATCH_TASK,
+    CALLBACK_QUEUE,
+    CALLBACK_TASK,
+    INFER_QUEUE,
+    broker_priority,
+    create_app,
+    infer_queue,
+)
 from varco.tasks.settings import Settings
 
 
@@ -13,8 +22,10 @@ def test_json_only_late_acks_and_visibility_timeout() -> None:
     assert conf.task_serializer == "json" and list(conf.accept_content) == ["json"]
     assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
     assert conf.broker_transport_options["visibility_timeout"] == 7200
-    assert {q.name for q in conf.task_queues} == {INFER_QUEUE, CALLBACK_QUEUE}
+    assert {q.name for q in conf.task_queues} == {INFER_QUEUE, CALLBACK_QUEUE, CALLBACK_BATCH_QUEUE}
     assert conf.task_routes[CALLBACK_TASK] == {"queue": CALLBACK_QUEUE}
+    # Batches never reach the queue an older callback process reads: it would drop the task it does not know.
+    assert conf.task_routes[CALLBACK_BATCH_TASK] == {"queue": CALLBACK_BATCH_QUEUE} != {"queue": CALLBACK_QUEUE}
 
 
 def test_pickle_is_refused_by_the_apps_both_sides_build() -> None:

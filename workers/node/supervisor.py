@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from varco.tasks.celery_app import CALLBACK_QUEUE, create_app, depth_reader
+from varco.tasks.celery_app import CALLBACK_BATCH_QUEUE, CALLBACK_QUEUE, create_app, depth_reader
 from varco.tasks.connections import describe, redis_client
 from varco.tasks.settings import Settings
 from varco.workers.logs import configure_logging
@@ -214,7 +214,7 @@ def _serve_endpoint(
         return None
     inference = [c.name for c in children if not c.name.startswith("callbacks@")]
     health = NodeHealth(state_dir, lambda: inference, settings)
-    watched = [*queues, CALLBACK_QUEUE] if callbacks else queues
+    watched = [*queues, CALLBACK_QUEUE, CALLBACK_BATCH_QUEUE] if callbacks else queues
     try:
         client = redis_client(settings, timeout_s=PROBE_TIMEOUT_S, retries=0)
         return node_http.serve(settings.metrics_port, state_dir, health, client, watched, settings.tenant_weights,

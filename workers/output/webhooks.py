@@ -20,7 +20,7 @@ from celery import Celery
 from pydantic import BaseModel, Field
 
 from varco.tasks import tracing
-from varco.tasks.celery_app import CALLBACK_BATCH_TASK, CALLBACK_QUEUE, CALLBACK_TASK
+from varco.tasks.celery_app import CALLBACK_BATCH_QUEUE, CALLBACK_BATCH_TASK, CALLBACK_QUEUE, CALLBACK_TASK
 from varco.tasks.group_commit import GroupCommit
 from varco.tasks.requests import JobRequest
 from varco.tasks.schemas import ErrorInfo, JobState, WebhookEvent
@@ -85,7 +85,7 @@ def publish(app: Celery, items: list[WebhookItem]) -> list[None]:
         app.send_task(CALLBACK_TASK, args=args, queue=CALLBACK_QUEUE, headers=item.trace or None)
     else:
         batch = [item.model_dump() for item in items]
-        app.send_task(CALLBACK_BATCH_TASK, args=[batch], queue=CALLBACK_QUEUE)
+        app.send_task(CALLBACK_BATCH_TASK, args=[batch], queue=CALLBACK_BATCH_QUEUE)
     return [None] * len(items)
 
 

@@ -131,7 +131,7 @@ def _child_state(engine: Any | None) -> dict[str, Any]:
 def run_callback_worker(hostname: str, concurrency: int = 8) -> None:
     configure_logging(hostname)
     tracing.configure("varco-callbacks")
-    from varco.tasks.celery_app import CALLBACK_QUEUE
+    from varco.tasks.celery_app import CALLBACK_BATCH_QUEUE, CALLBACK_QUEUE
     from varco.workers.output.webhook_delivery import DeliveredLog, register_callback_task
 
     settings = Settings()
@@ -142,7 +142,7 @@ def run_callback_worker(hostname: str, concurrency: int = 8) -> None:
     # The Batch API's runner lives here too: every node runs one, a batch is leased to one at a time.
     runner = _batch_runner(settings)
     try:
-        _run_celery(app, hostname, [CALLBACK_QUEUE], concurrency)
+        _run_celery(app, hostname, [CALLBACK_QUEUE, CALLBACK_BATCH_QUEUE], concurrency)
     finally:
         if runner is not None:
             runner.stop()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +19,14 @@ from celery import Celery
 from helpers import WebhookReceiver
 
 from varco.tasks import tracing
-from varco.tasks.celery_app import CALLBACK_BATCH_TASK, CALLBACK_QUEUE, CALLBACK_TASK, create_app, queue_depth
+from varco.tasks.celery_app import (
+    CALLBACK_BATCH_QUEUE,
+    CALLBACK_BATCH_TASK,
+    CALLBACK_QUEUE,
+    CALLBACK_TASK,
+    create_app,
+    queue_depth,
+)
 from varco.tasks.connections import redis_from_url
 from varco.tasks.settings import Settings
 from varco.tasks.signing import verify
@@ -53,17 +59,17 @@ def apps(module_redis, flushed_redis) -> tuple[Celery, Celery, DeliveredLog]:
 
 
 def run_queued(callbacks: Celery) -> list[dict[str, Any]]:
-    """Take every message on the callback queue and run it as the callback worker would (its arguments,
+    """Take every message on the callback queues and run it as the callback worker would (its arguments,
     headers and retry count); what it publishes meanwhile waits for the next call. Returns the messages."""
     taken = []
     with callbacks.connection_for_read() as conn:
-        simple = conn.SimpleQueue(CALLBACK_QUEUE, no_ack=True)
-        while True:
-            try:
-                message = simple.get(timeout=0.5)
-            except queue.Empty:
-                break
-            taken.append({"headers": message.headers, "payload": message.payload})
+        for name in (CALLBACK_QUEUE, CALLBACK_BATCH_QUEUE):
+            with conn.SimpleQueue(name, no_ack=True) as simple:
+                # As many as the queue holds now: a short `get` timeout can miss a queue kombu's poller has
+                # not picked up yet.
+                for _ in range(queue_depth(redis_from_url(callbacks.conf.broker_url), name)):
+                    message = simple.get(timeout=10)
+                    taken.append({"headers": message.headers, "payload": message.payload})
     for m in taken:
         args, kwargs, _ = m["payload"]
         task = callbacks.tasks[m["headers"]["task"]]
@@ -199,11 +205,13 @@ def test_events_queued_together_through_a_broker_outage_all_get_out(tmp_path: Pa
         assert not any(t.is_alive() for t in senders)
         ids = []
         with app.connection_for_read() as conn:
-            simple = conn.SimpleQueue(CALLBACK_QUEUE, no_ack=True)
-            while queue_depth(redis_from_url(restarted.url), CALLBACK_QUEUE):
-                message = simple.get(timeout=10)
-                args = message.payload[0]
-                ids += [i["msg_id"] for i in args[0]] if message.headers["task"] == CALLBACK_BATCH_TASK else [args[2]]
+            for name in (CALLBACK_QUEUE, CALLBACK_BATCH_QUEUE):
+                with conn.SimpleQueue(name, no_ack=True) as simple:
+                    while queue_depth(redis_from_url(restarted.url), name):
+                        message = simple.get(timeout=10)
+                        args = message.payload[0]
+                        batch = message.headers["task"] == CALLBACK_BATCH_TASK
+                        ids += [i["msg_id"] for i in args[0]] if batch else [args[2]]
         assert sorted(ids) == sorted(f"j{n}.job.succeeded" for n in range(6))
     finally:
         restarted.stop()
