@@ -8,7 +8,7 @@ change runs as one Lua script, so a redelivered message or two workers racing ca
 Why a string and not a hash (a hash until 2026-12-06): a change is then one GET and one `SET … EX`, the TTL
 riding on the write, and the JSON written is the JSON published; a hash needed HSET, HDEL and EXPIRE apart
 (docs/redis.md#cost-per-job), and a wait reads many records with one MGET. Records of the hash layout (a
-rolling upgrade) are still read, and the next change rewrites them as JSON.
+rolling upgrade) are still read, and written back as hashes, so an older Client still reads them.
 
 A running job holds a lease in its record (`lease_owner`, `lease_until` on Redis's own clock), renewed by
 its worker's heartbeat: a redelivery while the lease lives is told to wait, neither run nor counted.
